@@ -1,0 +1,1 @@
+"""RAGFleet: a retrieval-augmented generation mesh of four gRPC services and their shared runtime."""

@@ -1,0 +1,153 @@
+"""Start RAGFleet services as real local processes on loopback and wait until they report SERVING.
+
+Used by `ragfleet up`, by the integration tests and by the benchmarks, so all three run the mesh the same way.
+
+    with LocalMesh(data_dir=tmp, env={"RAGFLEET_LLM_BASE_URL": sim_url}) as mesh:
+        mesh.start()                       # all four services, free ports, health-checked
+        channel = grpc.insecure_channel(mesh.address("gateway"))
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Iterable, Mapping
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+SERVICES = ("embedding", "retrieval", "generation", "gateway")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class ServiceProcess:
+    name: str
+    port: int
+    metrics_port: int
+    process: subprocess.Popen
+    log_path: Path
+    _log: IO[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+class MeshError(RuntimeError):
+    pass
+
+
+class LocalMesh:
+    """A set of service processes. Env passed in applies to all; `service_env[name]` to one service."""
+
+    def __init__(self, *, data_dir: str | os.PathLike, env: Mapping[str, str] | None = None,
+                 service_env: Mapping[str, Mapping[str, str]] | None = None, host: str = "127.0.0.1",
+                 log_dir: str | os.PathLike | None = None) -> None:
+        self.data_dir = Path(data_dir)
+        self.host = host
+        self.env = dict(env or {})
+        self.service_env = {k: dict(v) for k, v in (service_env or {}).items()}
+        self.log_dir = Path(log_dir) if log_dir else self.data_dir / "logs"
+        self.processes: dict[str, ServiceProcess] = {}
+        self.ports: dict[str, int] = {}
+
+    def address(self, name: str) -> str:
+        return f"{self.host}:{self.ports[name]}"
+
+    def _env_for(self, name: str, metrics_port: int) -> dict[str, str]:
+        env = dict(os.environ)
+        env.setdefault("RAGFLEET_DATA_DIR", str(self.data_dir))
+        env.update(self.env)
+        prefix = f"RAGFLEET_{name.upper()}_"
+        env[prefix + "HOST"] = self.host
+        env[prefix + "PORT"] = str(self.ports[name])
+        env[prefix + "METRICS_PORT"] = str(metrics_port)
+        for upstream in ("embedding", "retrieval", "generation"):
+            if upstream in self.ports:
+                env[f"RAGFLEET_GATEWAY_{upstream.upper()}_ADDRESS"] = self.address(upstream)
+        if "embedding" in self.ports:
+            env.setdefault("RAGFLEET_RETRIEVAL_EMBEDDING_ADDRESS", self.address("embedding"))
+        env.update(self.service_env.get(name, {}))
+        return env
+
+    def start(self, names: Iterable[str] = SERVICES, *, timeout: float = 120.0) -> "LocalMesh":
+        names = list(names)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            self.ports.setdefault(name, free_port(self.host))
+        for name in names:
+            metrics_port = free_port(self.host)
+            log_path = self.log_dir / f"{name}.log"
+            log = open(log_path, "ab")
+            process = subprocess.Popen([sys.executable, "-m", f"services.{name}"], env=self._env_for(name, metrics_port),
+                                       stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self.processes[name] = ServiceProcess(name, self.ports[name], metrics_port, process, log_path, log)
+        try:
+            for name in names:
+                self.wait_serving(name, timeout=timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_serving(self, name: str, *, timeout: float = 120.0) -> None:
+        proc = self.processes[name]
+        deadline = time.monotonic() + timeout
+        with grpc.insecure_channel(proc.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while True:
+                if proc.process.poll() is not None:
+                    raise MeshError(f"{name} exited with code {proc.process.returncode} during start-up:\n"
+                                    f"{proc.log_tail()}")
+                try:
+                    reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise MeshError(f"{name} not SERVING after {timeout:.0f}s:\n{proc.log_tail()}")
+                time.sleep(0.1)
+
+    def stop(self, *, timeout: float = 20.0) -> dict[str, int | None]:
+        """SIGTERM every process (graceful drain), SIGKILL what is left after `timeout`; returns exit codes."""
+        for proc in self.processes.values():
+            if proc.process.poll() is None:
+                proc.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        codes: dict[str, int | None] = {}
+        for name, proc in self.processes.items():
+            try:
+                codes[name] = proc.process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.process.kill()
+                codes[name] = proc.process.wait()
+            if proc._log is not None:
+                proc._log.close()
+        self.processes.clear()
+        return codes
+
+    def __enter__(self) -> "LocalMesh":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,260 @@
+"""`ragfleet sim-llm`: a simulated OpenAI-compatible server for tests and benchmarks.
+
+Speaks the real wire protocol the `openai` client uses: `POST /v1/chat/completions` (JSON or SSE streaming with
+`data: {...}` chunks, a usage chunk when `stream_options.include_usage` is set, then `data: [DONE]`),
+`POST /v1/embeddings` (float lists or base64 float32), `GET /v1/models`. Latency and faults are configurable:
+time to first token, tokens per second, failure rate (HTTP 500 before any byte), hang rate (accepts, never answers),
+and a fixed + per-text cost for embeddings.
+
+Control endpoints for tests: `GET /_sim/stats` (requests, active and completed streams, client disconnects seen
+mid-stream, the last chat request), `POST /_sim/config` (change settings live), `POST /_sim/reset`.
+
+    ragfleet sim-llm --port 8081 --ttft-ms 200 --tokens-per-second 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import hashlib
+import json
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+from aiohttp import web
+
+_WORDS = ("the evidence in the retrieved passages indicates that this claim is supported by the reported results "
+          "although further studies are needed to confirm the effect in larger cohorts").split()
+
+
+@dataclass
+class SimConfig:
+    ttft_ms: float = 50.0
+    tokens_per_second: float = 200.0
+    max_tokens: int = 40
+    failure_rate: float = 0.0
+    hang_rate: float = 0.0
+    embedding_dim: int = 384
+    embedding_call_ms: float = 10.0
+    embedding_per_text_ms: float = 0.2
+    model: str = "sim-llm"
+    seed: int = 0
+
+
+@dataclass
+class SimStats:
+    chat_requests: int = 0
+    stream_requests: int = 0
+    active_streams: int = 0
+    completed_streams: int = 0
+    disconnects: int = 0
+    failures_injected: int = 0
+    hangs_injected: int = 0
+    embedding_requests: int = 0
+    embedding_inputs: int = 0
+    max_embedding_batch: int = 0
+
+
+class SimLLM:
+    def __init__(self, config: SimConfig) -> None:
+        self.config = config
+        self.stats = SimStats()
+        self.last_chat_request: dict[str, Any] | None = None
+        self._rng = random.Random(config.seed)
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.add_routes([
+            web.post("/v1/chat/completions", self.chat_completions),
+            web.post("/v1/embeddings", self.embeddings),
+            web.get("/v1/models", self.models),
+            web.get("/_sim/stats", self.get_stats),
+            web.post("/_sim/config", self.set_config),
+            web.post("/_sim/reset", self.reset),
+        ])
+        return app
+
+    # -- faults ---------------------------------------------------------------------------------------------------
+
+    async def _maybe_fault(self) -> web.Response | None:
+        roll = self._rng.random()
+        if roll < self.config.failure_rate:
+            self.stats.failures_injected += 1
+            return web.json_response({"error": {"message": "simulated failure", "type": "server_error",
+                                                "code": "sim_failure"}}, status=500)
+        if roll < self.config.failure_rate + self.config.hang_rate:
+            self.stats.hangs_injected += 1
+            await asyncio.sleep(3600)
+        return None
+
+    # -- chat -----------------------------------------------------------------------------------------------------
+
+    def _answer_tokens(self, body: dict[str, Any]) -> list[str]:
+        """Deterministic text that depends on the prompt, cites passage [1], and honours max_tokens."""
+        messages = body.get("messages") or []
+        last_user = next((m.get("content", "") for m in reversed(messages) if m.get("role") == "user"), "")
+        digest = int(hashlib.sha256(str(last_user).encode()).hexdigest(), 16)
+        limit = int(body.get("max_tokens") or body.get("max_completion_tokens") or self.config.max_tokens)
+        limit = min(limit, self.config.max_tokens)
+        words = [_WORDS[(digest >> (i % 200)) % len(_WORDS)] if i else "According" for i in range(limit)]
+        if limit >= 3:
+            words[2] = "[1]"
+        return [w if i == 0 else " " + w for i, w in enumerate(words)]
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.stats.chat_requests += 1
+        self.last_chat_request = body
+        fault = await self._maybe_fault()
+        if fault is not None:
+            return fault
+        tokens = self._answer_tokens(body)
+        prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in body.get("messages") or [])
+        finish = "length" if len(tokens) >= int(body.get("max_tokens") or 10**9) else "stop"
+        created = int(time.time())
+        completion_id = f"chatcmpl-sim{self.stats.chat_requests}"
+        model = body.get("model") or self.config.model
+        await asyncio.sleep(self.config.ttft_ms / 1000)
+        if not body.get("stream"):
+            await asyncio.sleep(len(tokens) / max(self.config.tokens_per_second, 1e-6))
+            return web.json_response({
+                "id": completion_id, "object": "chat.completion", "created": created, "model": model,
+                "choices": [{"index": 0, "finish_reason": finish,
+                             "message": {"role": "assistant", "content": "".join(tokens)}}],
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(tokens),
+                          "total_tokens": prompt_tokens + len(tokens)},
+            })
+        self.stats.stream_requests += 1
+        self.stats.active_streams += 1
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        try:
+            await response.prepare(request)
+
+            async def send(payload: dict[str, Any] | str) -> None:
+                data = payload if isinstance(payload, str) else json.dumps(payload)
+                await response.write(f"data: {data}\n\n".encode())
+
+            base = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model}
+            interval = 1.0 / max(self.config.tokens_per_second, 1e-6)
+            for i, token in enumerate(tokens):
+                if i:
+                    await asyncio.sleep(interval)
+                delta = {"role": "assistant", "content": token} if i == 0 else {"content": token}
+                await send({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
+            await send({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
+            if (body.get("stream_options") or {}).get("include_usage"):
+                await send({**base, "choices": [], "usage": {
+                    "prompt_tokens": prompt_tokens, "completion_tokens": len(tokens),
+                    "total_tokens": prompt_tokens + len(tokens)}})
+            await send("[DONE]")
+            await response.write_eof()
+            self.stats.completed_streams += 1
+        except (ConnectionResetError, asyncio.CancelledError):
+            # The client went away mid-stream: this is what cancellation tests look for.
+            self.stats.disconnects += 1
+            raise
+        finally:
+            self.stats.active_streams -= 1
+        return response
+
+    # -- embeddings -----------------------------------------------------------------------------------------------
+
+    def _vector(self, text: str) -> np.ndarray:
+        seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+        vec = np.random.default_rng(seed).standard_normal(self.config.embedding_dim).astype(np.float32)
+        return vec / np.linalg.norm(vec)
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        inputs = body.get("input")
+        if isinstance(inputs, str):
+            inputs = [inputs]
+        if not isinstance(inputs, list) or not inputs or not all(isinstance(t, str) for t in inputs):
+            return web.json_response({"error": {"message": "input must be a string or a list of strings",
+                                                "type": "invalid_request_error"}}, status=400)
+        self.stats.embedding_requests += 1
+        self.stats.embedding_inputs += len(inputs)
+        self.stats.max_embedding_batch = max(self.stats.max_embedding_batch, len(inputs))
+        fault = await self._maybe_fault()
+        if fault is not None:
+            return fault
+        await asyncio.sleep((self.config.embedding_call_ms + self.config.embedding_per_text_ms * len(inputs)) / 1000)
+        as_base64 = body.get("encoding_format") == "base64"
+        data = []
+        for i, text in enumerate(inputs):
+            vec = self._vector(text)
+            embedding: Any = base64.b64encode(vec.tobytes()).decode() if as_base64 else vec.tolist()
+            data.append({"object": "embedding", "index": i, "embedding": embedding})
+        tokens = sum(len(t.split()) for t in inputs)
+        return web.json_response({"object": "list", "data": data, "model": body.get("model") or self.config.model,
+                                  "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+    # -- control --------------------------------------------------------------------------------------------------
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": self.config.model, "object": "model",
+                                                               "created": 0, "owned_by": "ragfleet"}]})
+
+    async def get_stats(self, request: web.Request) -> web.Response:
+        return web.json_response({**asdict(self.stats), "config": asdict(self.config),
+                                  "last_chat_request": self.last_chat_request})
+
+    async def set_config(self, request: web.Request) -> web.Response:
+        changes = await request.json()
+        known = {f.name: f.type for f in fields(SimConfig)}
+        for key, value in changes.items():
+            if key not in known:
+                return web.json_response({"error": f"unknown setting {key!r}"}, status=400)
+            setattr(self.config, key, type(getattr(self.config, key))(value))
+        return web.json_response(asdict(self.config))
+
+    async def reset(self, request: web.Request) -> web.Response:
+        self.stats = SimStats()
+        self.last_chat_request = None
+        return web.json_response({"ok": True})
+
+
+async def start(config: SimConfig, host: str = "127.0.0.1", port: int = 0) -> tuple[web.AppRunner, int]:
+    """Start in the running loop; returns the runner (call `cleanup()` to stop) and the bound port."""
+    runner = web.AppRunner(SimLLM(config).app(), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, backlog=4096)
+    await site.start()
+    bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return runner, bound
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8081, help="0 picks a free port (printed on the first line)")
+    for f in fields(SimConfig):
+        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = SimConfig(**{f.name: getattr(args, f.name) for f in fields(SimConfig)})
+
+    async def _serve() -> None:
+        runner, port = await start(config, args.host, args.port)
+        print(f"sim-llm listening on http://{args.host}:{port}/v1", flush=True)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await runner.cleanup()
+
+    try:
+        asyncio.run(_serve())
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    sys.exit(run(parser.parse_args()))

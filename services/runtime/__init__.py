@@ -1,0 +1,1 @@
+"""The runtime every RAGFleet service shares: config, telemetry, errors, server bootstrap, client channels, stubs."""

@@ -1,0 +1,72 @@
+"""Client channels: created once per process per target, traced, with keepalive and a retry service config.
+
+Unary, idempotent methods listed in ``retry_methods`` are retried by gRPC itself on UNAVAILABLE (transparent to
+the caller, capped backoff); streaming methods are never listed, so a started stream is never replayed.
+
+    pool = ChannelPool()
+    channel = pool.get("127.0.0.1:50051", retry_methods=[("ragfleet.v1.EmbeddingService", "Embed")])
+    stub = EmbeddingServiceStub(channel)
+    await stub.Embed(request, timeout=2.0)   # every call carries a deadline
+    await pool.close()
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Iterable, Sequence
+
+import grpc
+
+from services.runtime import telemetry
+
+DEFAULT_RETRY_POLICY = {
+    "maxAttempts": 3,
+    "initialBackoff": "0.02s",
+    "maxBackoff": "0.2s",
+    "backoffMultiplier": 2,
+    "retryableStatusCodes": ["UNAVAILABLE"],
+}
+
+
+def service_config(retry_methods: Iterable[tuple[str, str]]) -> str:
+    names = [{"service": service, "method": method} for service, method in retry_methods]
+    config: dict = {"loadBalancingConfig": [{"round_robin": {}}]}
+    if names:
+        config["methodConfig"] = [{"name": names, "retryPolicy": DEFAULT_RETRY_POLICY}]
+    return json.dumps(config)
+
+
+def channel_options(retry_methods: Sequence[tuple[str, str]] = (), max_message_mb: int = 64) -> list[tuple[str, object]]:
+    max_bytes = max_message_mb * 1024 * 1024
+    return [
+        ("grpc.service_config", service_config(retry_methods)),
+        ("grpc.enable_retries", 1),
+        ("grpc.max_send_message_length", max_bytes),
+        ("grpc.max_receive_message_length", max_bytes),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        # Fail fast when a peer is down instead of waiting out the whole reconnect backoff.
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 2_000),
+    ]
+
+
+class ChannelPool:
+    """One traced channel per target for the life of the process."""
+
+    def __init__(self) -> None:
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def get(self, target: str, *, retry_methods: Sequence[tuple[str, str]] = ()) -> grpc.aio.Channel:
+        channel = self._channels.get(target)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(target, options=channel_options(retry_methods),
+                                                interceptors=telemetry.client_interceptors())
+            self._channels[target] = channel
+        return channel
+
+    async def close(self) -> None:
+        channels, self._channels = self._channels, {}
+        for channel in channels.values():
+            await channel.close()

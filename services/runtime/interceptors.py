@@ -1,0 +1,143 @@
+"""The server interceptor that maps domain errors to statuses and records per-RPC Prometheus metrics.
+
+Runs inside the OpenTelemetry interceptor, so its aborts land on the RPC span. Anything unexpected is logged with
+its traceback and becomes INTERNAL; the process never dies of a handler bug.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+import grpc
+from prometheus_client import Counter, Gauge, Histogram
+
+from services.runtime.errors import RagfleetError, from_rpc_error
+
+log = logging.getLogger("ragfleet.rpc")
+
+RPC_REQUESTS = Counter("ragfleet_rpc_requests_total", "RPCs handled", ["method", "code"])
+RPC_LATENCY = Histogram("ragfleet_rpc_duration_seconds", "RPC handling time", ["method"],
+                        buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+RPC_IN_FLIGHT = Gauge("ragfleet_rpc_in_flight", "RPCs being handled", ["method"])
+
+_UNTRACKED = ("/grpc.health.", "/grpc.reflection.")
+
+
+class InFlight:
+    """Counts application RPCs in progress, so shutdown can wait for them to drain."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> None:
+        self.count += 1
+        self._idle.clear()
+
+    def exit(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+
+async def _abort_for(error: BaseException, context: grpc.aio.ServicerContext, method: str) -> None:
+    if isinstance(error, RagfleetError):
+        await context.abort(error.code, error.message)
+    if isinstance(error, grpc.aio.AioRpcError):
+        # A downstream call failed and the handler let it escape: keep its code, say who failed.
+        mapped = from_rpc_error("a downstream", error)
+        await context.abort(mapped.code, mapped.message)
+    log.exception("unhandled error in %s", method)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(error).__name__}: {error}")
+
+
+def _code_of(context: grpc.aio.ServicerContext, error: BaseException | None) -> str:
+    if isinstance(error, asyncio.CancelledError):
+        return "CANCELLED"
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    if error is not None and isinstance(error, RagfleetError):
+        return error.code.name
+    return "OK" if error is None else "UNKNOWN"
+
+
+class RpcInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, in_flight: InFlight) -> None:
+        self._in_flight = in_flight
+
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        method = details.method
+        if handler is None or method.startswith(_UNTRACKED):
+            return handler
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(handler.unary_unary, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(handler.unary_stream, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        return handler
+
+    def _wrap_unary(self, behavior: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Awaitable[Any]]:
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            start = time.perf_counter()
+            self._in_flight.enter()
+            RPC_IN_FLIGHT.labels(method).inc()
+            error: BaseException | None = None
+            try:
+                return await behavior(request, context)
+            except BaseException as exc:  # noqa: BLE001 - mapped below, re-raised as an abort
+                error = exc
+                if isinstance(exc, (asyncio.CancelledError, grpc.aio.AbortError)):
+                    raise
+                await _abort_for(exc, context, method)
+                raise
+            finally:
+                RPC_IN_FLIGHT.labels(method).dec()
+                self._in_flight.exit()
+                RPC_LATENCY.labels(method).observe(time.perf_counter() - start)
+                RPC_REQUESTS.labels(method, _code_of(context, error)).inc()
+
+        return unary
+
+    def _wrap_stream(self, behavior: Callable[..., AsyncIterator[Any]], method: str) -> Callable[..., AsyncIterator[Any]]:
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            start = time.perf_counter()
+            self._in_flight.enter()
+            RPC_IN_FLIGHT.labels(method).inc()
+            error: BaseException | None = None
+            try:
+                async for item in behavior(request, context):
+                    yield item
+            except BaseException as exc:  # noqa: BLE001
+                error = exc
+                if isinstance(exc, (asyncio.CancelledError, grpc.aio.AbortError, GeneratorExit)):
+                    raise
+                await _abort_for(exc, context, method)
+                raise
+            finally:
+                RPC_IN_FLIGHT.labels(method).dec()
+                self._in_flight.exit()
+                RPC_LATENCY.labels(method).observe(time.perf_counter() - start)
+                RPC_REQUESTS.labels(method, _code_of(context, error)).inc()
+
+        return stream

@@ -1,0 +1,152 @@
+"""gRPC server bootstrap shared by all services: health, reflection, interceptors, metrics, graceful shutdown.
+
+    server = GrpcServer(config, bindings=[Binding(SERVICE_NAME, add_servicer_fn, servicer)], on_stop=close_clients)
+    port = await server.start()        # binds; returns the real port (config.port may be 0)
+    await server.wait()                # until SIGTERM/SIGINT, then drains and stops
+
+Shutdown order (Kubernetes-friendly): health flips to NOT_SERVING while the server keeps answering, in-flight RPCs
+and streams drain for up to ``grace_seconds``, then the server stops, ``on_stop`` closes clients, spans flush.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Sequence
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from services.runtime import telemetry
+from services.runtime.config import ServerConfig
+from services.runtime.interceptors import InFlight, RpcInterceptor
+from services.runtime.logs import setup_logging
+
+log = logging.getLogger("ragfleet.serve")
+
+
+@dataclass(frozen=True)
+class Binding:
+    """One proto service to register: its full name, the generated add_*_to_server function, the servicer."""
+
+    service_name: str
+    add_to_server: Callable[[Any, grpc.aio.Server], None]
+    servicer: Any
+
+
+def server_options(config: ServerConfig) -> list[tuple[str, Any]]:
+    max_bytes = config.max_message_mb * 1024 * 1024
+    return [
+        ("grpc.max_send_message_length", max_bytes),
+        ("grpc.max_receive_message_length", max_bytes),
+        # Recycle connections so clients re-resolve DNS and spread over new replicas.
+        ("grpc.max_connection_age_ms", int(config.max_connection_age_seconds * 1000)),
+        ("grpc.max_connection_age_grace_ms", int(config.max_connection_age_grace_seconds * 1000)),
+        ("grpc.keepalive_time_ms", int(config.keepalive_seconds * 1000)),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+class GrpcServer:
+    def __init__(self, config: ServerConfig, *, bindings: Sequence[Binding],
+                 on_stop: Callable[[], Awaitable[None]] | None = None) -> None:
+        self.config = config
+        self.bindings = list(bindings)
+        self.health = HealthServicer()
+        self.in_flight = InFlight()
+        self._on_stop = on_stop
+        self._stopping: asyncio.Event | None = None
+        self._stopped = False
+        self.port = 0
+        self.server = grpc.aio.server(
+            interceptors=[*telemetry.server_interceptors(), RpcInterceptor(self.in_flight)],
+            options=server_options(config),
+        )
+        for binding in self.bindings:
+            binding.add_to_server(binding.servicer, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        names = [b.service_name for b in self.bindings]
+        reflection.enable_server_reflection([*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                                             reflection.SERVICE_NAME], self.server)
+
+    async def start(self) -> int:
+        self.port = self.server.add_insecure_port(self.config.address)
+        if self.port == 0:
+            raise OSError(f"could not bind {self.config.address}: is the port in use?")
+        if self.config.metrics_port:
+            from prometheus_client import start_http_server
+
+            try:
+                start_http_server(self.config.metrics_port, addr=self.config.host)
+            except OSError as exc:
+                log.warning("metrics port %s unavailable (%s); metrics disabled", self.config.metrics_port, exc)
+        await self.server.start()
+        await self._set_all(health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving", extra={"fields": {"address": f"{self.config.host}:{self.port}",
+                                              "services": [b.service_name for b in self.bindings],
+                                              "metrics_port": self.config.metrics_port}})
+        return self.port
+
+    async def _set_all(self, status: int) -> None:
+        await self.health.set("", status)
+        for binding in self.bindings:
+            await self.health.set(binding.service_name, status)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain and stop. Health reports NOT_SERVING throughout, so load balancers stop routing here first."""
+        if self._stopped:
+            return
+        self._stopped = True
+        grace = self.config.grace_seconds if grace is None else grace
+        started = time.monotonic()
+        await self._set_all(health_pb2.HealthCheckResponse.NOT_SERVING)
+        log.info("draining", extra={"fields": {"in_flight": self.in_flight.count, "grace_seconds": grace}})
+        drained = await self.in_flight.wait_idle(grace)
+        remaining = max(0.0, grace - (time.monotonic() - started))
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(remaining)
+        if self._on_stop is not None:
+            try:
+                await self._on_stop()
+            except Exception:  # noqa: BLE001 - shutdown must finish
+                log.exception("error while closing clients")
+        log.info("stopped", extra={"fields": {"drained": drained,
+                                              "seconds": round(time.monotonic() - started, 3)}})
+        telemetry.shutdown_tracing()
+
+    async def wait(self) -> None:
+        """Serve until SIGTERM or SIGINT, then shut down gracefully."""
+        self._stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        server_done = asyncio.create_task(self.server.wait_for_termination())
+        stop_requested = asyncio.create_task(self._stopping.wait())
+        await asyncio.wait({server_done, stop_requested}, return_when=asyncio.FIRST_COMPLETED)
+        stop_requested.cancel()
+        await self.stop()
+        server_done.cancel()
+
+
+def bootstrap(config: ServerConfig) -> None:
+    """Logging and tracing for a service process; call first in every service's main()."""
+    setup_logging(config.component, level=config.log_level, fmt=config.log_format)
+    telemetry.setup_tracing(config.component)
+
+
+async def run_server(config: ServerConfig, build: Callable[[], Awaitable[tuple[Sequence[Binding],
+                                                                            Callable[[], Awaitable[None]] | None]]],
+                     ) -> None:
+    """Build the service's servicers (async, e.g. to load a model), serve, and stop on a signal."""
+    bindings, on_stop = await build()
+    server = GrpcServer(config, bindings=bindings, on_stop=on_stop)
+    await server.start()
+    await server.wait()
