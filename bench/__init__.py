@@ -1,0 +1,1 @@
+"""Benchmark and evaluation scripts; each writes bench/results/<name>.{json,md,png}."""
