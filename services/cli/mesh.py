@@ -60,14 +60,17 @@ class LocalMesh:
 
     def __init__(self, *, data_dir: str | os.PathLike, env: Mapping[str, str] | None = None,
                  service_env: Mapping[str, Mapping[str, str]] | None = None, host: str = "127.0.0.1",
-                 log_dir: str | os.PathLike | None = None) -> None:
+                 log_dir: str | os.PathLike | None = None, ports: Mapping[str, int] | None = None,
+                 metrics_ports: Mapping[str, int] | None = None) -> None:
+        """`ports` / `metrics_ports` pin a service's gRPC / Prometheus port (`ragfleet up`); others get free ones."""
         self.data_dir = Path(data_dir)
         self.host = host
         self.env = dict(env or {})
         self.service_env = {k: dict(v) for k, v in (service_env or {}).items()}
         self.log_dir = Path(log_dir) if log_dir else self.data_dir / "logs"
         self.processes: dict[str, ServiceProcess] = {}
-        self.ports: dict[str, int] = {}
+        self.ports: dict[str, int] = dict(ports or {})
+        self.metrics_ports: dict[str, int] = dict(metrics_ports or {})
 
     def address(self, name: str) -> str:
         return f"{self.host}:{self.ports[name]}"
@@ -95,7 +98,7 @@ class LocalMesh:
         for name in names:
             self.ports.setdefault(name, free_port(self.host))
         for name in names:
-            metrics_port = free_port(self.host)
+            metrics_port = self.metrics_ports.setdefault(name, free_port(self.host))
             log_path = self.log_dir / f"{name}.log"
             log = open(log_path, "ab")
             process = subprocess.Popen([sys.executable, "-m", f"services.{name}"], env=self._env_for(name, metrics_port),
@@ -127,6 +130,10 @@ class LocalMesh:
                 if time.monotonic() > deadline:
                     raise MeshError(f"{name} not SERVING after {timeout:.0f}s:\n{proc.log_tail()}")
                 time.sleep(0.1)
+
+    def exited(self) -> ServiceProcess | None:
+        """The first service process that is no longer running, if any (a supervisor polls this)."""
+        return next((p for p in self.processes.values() if p.process.poll() is not None), None)
 
     def stop(self, *, timeout: float = 20.0) -> dict[str, int | None]:
         """SIGTERM every process (graceful drain), SIGKILL what is left after `timeout`; returns exit codes."""
