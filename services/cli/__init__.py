@@ -15,6 +15,7 @@ COMMANDS = {
     "up": ("services.cli.up", "start the whole mesh locally as separate processes"),
     "ingest": ("services.cli.ingest", "ingest .txt/.md files or a BEIR corpus.jsonl through the gateway"),
     "ask": ("services.cli.ask", "ask a question and stream the answer"),
+    "demo": ("services.cli.demo", "start the mesh, ingest the sample corpus, answer one question, stop"),
     "sim-llm": ("services.cli.sim_llm", "run a simulated OpenAI-compatible LLM/embeddings server"),
 }
 
