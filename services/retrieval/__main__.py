@@ -1,0 +1,5 @@
+import sys
+
+from services.retrieval.server import main
+
+sys.exit(main())

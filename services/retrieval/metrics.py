@@ -1,0 +1,17 @@
+"""Prometheus metrics of the retrieval service (one module so names stay consistent)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+STAGE_SECONDS = Histogram("ragfleet_retrieval_stage_seconds", "Time per search stage",
+                          ["stage"], buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+STAGE_CANDIDATES = Histogram("ragfleet_retrieval_stage_candidates", "Candidates leaving each search stage",
+                             ["stage"], buckets=(0, 1, 5, 10, 20, 50, 100, 200, 500))
+SEARCHES = Counter("ragfleet_retrieval_searches_total", "Searches by effective mode", ["mode"])
+CACHE = Counter("ragfleet_retrieval_cache_total", "Result cache lookups", ["result"])  # l1_hit, l2_hit, miss, bypass
+UPSERTED = Counter("ragfleet_retrieval_upserted_chunks_total", "Chunks written")
+UPSERT_FAILED = Counter("ragfleet_retrieval_upsert_failed_chunks_total", "Chunks a failed batch did not write")
+DELETED = Counter("ragfleet_retrieval_deleted_chunks_total", "Chunks deleted")
+INDEX_POINTS = Gauge("ragfleet_retrieval_index_points", "Points in the store")
+INDEX_INDEXED = Gauge("ragfleet_retrieval_index_indexed_vectors", "Dense vectors covered by HNSW")

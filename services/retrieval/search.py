@@ -1,0 +1,149 @@
+"""The search pipeline: embed (if needed) -> dense + sparse legs concurrently -> RRF -> rerank -> MMR -> cut.
+
+Each stage gets a span (with candidate counts in and out), a latency histogram and a candidates histogram, and
+its wall time lands in SearchResponse.timings_ms.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+
+from services.retrieval import metrics
+from services.retrieval.config import SearchSettings
+from services.retrieval.hybrid import mmr, rrf, token_budget
+from services.retrieval.models import Candidate, Condition
+from services.retrieval.query_embedder import QueryEmbedder
+from services.retrieval.rerank import Reranker, RerankQuery
+from services.retrieval.sparse import Bm25Encoder
+from services.retrieval.store.base import VectorStore
+from services.runtime.errors import InvalidArgument
+from services.runtime.telemetry import tracer
+
+_tracer = tracer(__name__)
+
+
+@dataclass(frozen=True)
+class SearchQuery:
+    tenant: str
+    text: str
+    vector: np.ndarray | None
+    top_k: int
+    conditions: tuple[Condition, ...] = ()
+    mode: str = "hybrid"
+    rerank: bool = True
+    mmr_lambda: float | None = None
+    max_tokens: int = 0
+    hnsw_ef: int | None = None
+
+
+@dataclass
+class SearchOutcome:
+    hits: list[Candidate]
+    mode: str
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+class SearchPipeline:
+    def __init__(self, *, store: VectorStore, encoder: Bm25Encoder, settings: SearchSettings,
+                 embedder: QueryEmbedder | None = None, reranker: Reranker | None = None) -> None:
+        self.store = store
+        self.encoder = encoder
+        self.settings = settings
+        self.embedder = embedder
+        self.reranker = reranker
+
+    @contextmanager
+    def _stage(self, name: str, timings: dict[str, float], **attributes: object) -> Iterator[dict[str, int]]:
+        """Times one stage; the body sets out["candidates"] so span and histogram record it."""
+        out: dict[str, int] = {}
+        started = time.perf_counter()
+        with _tracer.start_as_current_span(f"retrieval.{name}", attributes=attributes) as span:
+            yield out
+            elapsed = time.perf_counter() - started
+            count = out.get("candidates", 0)
+            span.set_attribute("ragfleet.candidates_out", count)
+        timings[name] = round(elapsed * 1000.0, 3)
+        metrics.STAGE_SECONDS.labels(name).observe(elapsed)
+        metrics.STAGE_CANDIDATES.labels(name).observe(count)
+
+    async def _query_vector(self, query: SearchQuery, timings: dict[str, float]) -> np.ndarray | None:
+        if query.vector is not None:
+            return query.vector
+        if query.mode == "sparse" or not query.text:
+            return None
+        if self.embedder is None:
+            if query.mode == "dense":
+                raise InvalidArgument("query_vector: required for mode DENSE because this retrieval service has no "
+                                      "embedding service configured (RAGFLEET_RETRIEVAL_EMBEDDING_ADDRESS)")
+            return None  # hybrid without an embedder degrades to BM25 only
+        with self._stage("embed", timings) as out:
+            vector = await self.embedder.embed(query.text)
+            out["candidates"] = 1
+        return vector
+
+    async def _dense(self, query: SearchQuery, vector: np.ndarray, limit: int,
+                     timings: dict[str, float]) -> list[Candidate]:
+        with self._stage("dense", timings, **{"ragfleet.limit": limit}) as out:
+            hits = await self.store.dense(query.tenant, vector.tolist(), limit, query.conditions,
+                                          hnsw_ef=query.hnsw_ef)
+            out["candidates"] = len(hits)
+        return hits
+
+    async def _sparse(self, query: SearchQuery, limit: int, timings: dict[str, float]) -> list[Candidate]:
+        with self._stage("sparse", timings, **{"ragfleet.limit": limit}) as out:
+            hits = await self.store.sparse(query.tenant, self.encoder.query(query.text), limit, query.conditions)
+            out["candidates"] = len(hits)
+        return hits
+
+    async def run(self, query: SearchQuery) -> SearchOutcome:
+        timings: dict[str, float] = {}
+        vector = await self._query_vector(query, timings)
+        use_dense = vector is not None and query.mode in ("dense", "hybrid")
+        use_sparse = bool(query.text) and query.mode in ("sparse", "hybrid")
+        mode = "hybrid" if use_dense and use_sparse else ("dense" if use_dense else "sparse")
+        metrics.SEARCHES.labels(mode).inc()
+        limit = max(self.settings.candidates, query.top_k)
+
+        dense_hits: list[Candidate] = []
+        sparse_hits: list[Candidate] = []
+        if use_dense and use_sparse:
+            assert vector is not None
+            dense_hits, sparse_hits = await asyncio.gather(self._dense(query, vector, limit, timings),
+                                                           self._sparse(query, limit, timings))
+        elif use_dense:
+            assert vector is not None
+            dense_hits = await self._dense(query, vector, limit, timings)
+        else:
+            sparse_hits = await self._sparse(query, limit, timings)
+
+        if use_dense and use_sparse:
+            with self._stage("fusion", timings, **{"ragfleet.rrf_k": self.settings.rrf_k}) as out:
+                ranked = rrf([dense_hits, sparse_hits], k=self.settings.rrf_k)
+                out["candidates"] = len(ranked)
+        else:
+            ranked = dense_hits or sparse_hits
+
+        if query.rerank and self.reranker is not None and ranked:
+            pool = ranked[:max(self.settings.rerank_candidates, query.top_k)]
+            with self._stage("rerank", timings, **{"ragfleet.reranker": self.reranker.name,
+                                                   "ragfleet.candidates_in": len(pool)}) as out:
+                lexical = {c.point_id: c.score for c in sparse_hits}
+                ranked = await self.reranker.rerank(RerankQuery(query.text, vector, lexical), pool)
+                out["candidates"] = len(ranked)
+
+        if query.mmr_lambda is not None and ranked:
+            pool = ranked[:max(self.settings.mmr_candidates, query.top_k)]
+            with self._stage("mmr", timings, **{"ragfleet.mmr_lambda": query.mmr_lambda,
+                                                "ragfleet.candidates_in": len(pool)}) as out:
+                ranked = mmr(vector, pool, lambda_=query.mmr_lambda, limit=query.top_k)
+                out["candidates"] = len(ranked)
+
+        hits = token_budget(ranked[:query.top_k], query.max_tokens)
+        return SearchOutcome(hits, mode, timings)
+

@@ -1,0 +1,70 @@
+"""Retrieval service process: config -> store -> pipeline -> gRPC server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+from services.retrieval.cache import ResultCache
+from services.retrieval.config import RetrievalConfig
+from services.retrieval.query_embedder import QueryEmbedder
+from services.retrieval.rerank import build_reranker
+from services.retrieval.search import SearchPipeline
+from services.retrieval.servicer import RetrievalServiceServicer
+from services.retrieval.sparse import Bm25Encoder
+from services.retrieval.store import StoreStartupError, open_store
+from services.retrieval.validation import Limits
+from services.runtime.channels import ChannelPool
+from services.runtime.errors import ConfigError
+from services.runtime.pb.ragfleet.v1 import retrieval_pb2, retrieval_pb2_grpc
+from services.runtime.serve import Binding, bootstrap, run_server
+
+SERVICE_NAME = retrieval_pb2.DESCRIPTOR.services_by_name["RetrievalService"].full_name
+log = logging.getLogger("ragfleet.retrieval")
+
+
+async def build(config: RetrievalConfig):  # type: ignore[no-untyped-def]
+    store = open_store(config)
+    await store.start()
+    pool = ChannelPool()
+    embedder = None
+    if config.embedding_address:
+        embedder = QueryEmbedder(pool, config.embedding_address, timeout_seconds=config.embedding_timeout_seconds,
+                                 dimension=config.index.dimension)
+    reranker = build_reranker(config.rerank)
+    encoder = Bm25Encoder(config.bm25)
+    cache = ResultCache(config.cache)
+    pipeline = SearchPipeline(store=store, encoder=encoder, settings=config.search, embedder=embedder,
+                              reranker=reranker)
+    servicer = RetrievalServiceServicer(store=store, pipeline=pipeline, cache=cache, encoder=encoder,
+                                        limits=Limits(config.index.dimension, config.search),
+                                        rerank_default=config.search.rerank_default)
+    status = await store.status()
+    log.info("store ready", extra={"fields": {"store": status.store, "points": status.points, "state": status.state,
+                                              "embedding": config.embedding_address, "reranker": config.rerank.kind}})
+
+    async def on_stop() -> None:
+        await pool.close()
+        if reranker is not None:
+            await reranker.close()
+        await cache.close()
+        await store.close()
+
+    return [Binding(SERVICE_NAME, retrieval_pb2_grpc.add_RetrievalServiceServicer_to_server, servicer)], on_stop
+
+
+def main() -> int:
+    try:
+        config = RetrievalConfig.from_env()
+    except ConfigError as exc:
+        print(f"retrieval: configuration error: {exc}", file=sys.stderr)
+        return 2
+    bootstrap(config.server)
+    try:
+        asyncio.run(run_server(config.server, lambda: build(config)))
+    except (StoreStartupError, ConfigError) as exc:
+        log.error("start-up failed: %s", exc)
+        print(f"retrieval: start-up failed: {exc}", file=sys.stderr)
+        return 3
+    return 0
