@@ -1,0 +1,5 @@
+import sys
+
+from services.generation.server import main
+
+sys.exit(main())

@@ -1,0 +1,223 @@
+"""The OpenAI-compatible streaming backend: one pooled AsyncOpenAI client per process.
+
+Retry rule: an attempt may be retried (capped backoff with jitter) only while no content token has been received;
+once a token is forwarded the stream is never replayed, because the caller already holds part of the answer.
+Each attempt must deliver its first token within ``timeouts.first_token`` (and within the caller's deadline);
+after that, ``timeouts.read`` bounds the silence between chunks. Closing the stream in ``finally`` closes the HTTP
+response, so a cancelled gRPC call cancels the upstream request (the LLM sees the disconnect and stops generating).
+
+    answerer = OpenAIAnswerer(config.llm, counter)
+    async for event in answerer.stream(prompt): ...
+    await answerer.close()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import random
+from collections import OrderedDict
+from typing import Any, AsyncIterator, Sequence
+
+import httpx2
+import openai
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from services.generation import metrics
+from services.generation.base import FINISH_LENGTH, FINISH_STOP, Delta, Done, Event, LLMStreamError, LLMUnavailable
+from services.generation.config import LLMConfig
+from services.generation.prompt import Prompt, TokenCounter
+from services.runtime.telemetry import tracer
+
+log = logging.getLogger("ragfleet.generation.llm")
+_tracer = tracer(__name__)
+
+MAX_RETRY_DELAY = 1.0
+_SUMMARY_CACHE_SIZE = 512
+_RETRYABLE_STATUS = {408, 409, 429}
+_FINISH = {"length": FINISH_LENGTH}
+_SUMMARY_INSTRUCTION = ("Summarise this earlier part of a conversation in a few sentences. Keep names, numbers and "
+                        "anything the user asked to remember.")
+
+
+def should_retry(error: BaseException) -> bool:
+    """Connection problems, timeouts, 408/409/429 and 5xx may succeed on another attempt; other 4xx will not."""
+    if isinstance(error, (TimeoutError, openai.APIConnectionError)):
+        return True
+    if isinstance(error, openai.APIStatusError):
+        return error.status_code in _RETRYABLE_STATUS or error.status_code >= 500
+    return isinstance(error, (openai.APIError, httpx2.TransportError))
+
+
+def retry_delay(attempt: int, base: float) -> float:
+    """Capped exponential backoff with jitter (attempt 1 -> ~base)."""
+    return min(base * 2 ** (attempt - 1), MAX_RETRY_DELAY) * (0.5 + random.random() / 2)
+
+
+def describe(error: BaseException) -> str:
+    if isinstance(error, TimeoutError):
+        return "no first token in time"
+    if isinstance(error, openai.APIStatusError):
+        return f"HTTP {error.status_code}: {error.message}"
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+
+
+async def _replay(first: list[Any], rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    for chunk in first:
+        yield chunk
+    async for chunk in rest:
+        yield chunk
+
+
+class OpenAIAnswerer:
+    name = "openai"
+
+    def __init__(self, config: LLMConfig, counter: TokenCounter) -> None:
+        self._config = config
+        self._counter = counter
+        t = config.timeouts
+        self._client = openai.AsyncOpenAI(
+            base_url=config.base_url, api_key=config.api_key,
+            max_retries=0,  # retries are ours: only before the first token
+            timeout=openai.Timeout(t.read, connect=t.connect, read=t.read, write=t.read, pool=t.connect),
+            http_client=openai.DefaultAsyncHttpxClient(limits=httpx2.Limits(
+                max_connections=config.max_connections, max_keepalive_connections=config.max_connections)),
+        )
+        self._summaries: OrderedDict[str, str] = OrderedDict()
+
+    @property
+    def target(self) -> str:
+        return self._config.base_url
+
+    def _request(self, prompt: Prompt) -> dict[str, Any]:
+        s = prompt.sampling
+        body: dict[str, Any] = {"model": s.model, "messages": prompt.messages, "temperature": s.temperature,
+                                "max_tokens": s.max_tokens, "stream": True,
+                                "stream_options": {"include_usage": True}}
+        if s.top_p is not None:
+            body["top_p"] = s.top_p
+        if s.stop:
+            body["stop"] = list(s.stop)
+        return body
+
+    def _first_token_timeout(self, deadline: float | None) -> float:
+        timeout = self._config.timeouts.first_token
+        if deadline is not None:
+            timeout = min(timeout, deadline - asyncio.get_running_loop().time())
+        return max(timeout, 0.0)
+
+    async def stream(self, prompt: Prompt) -> AsyncIterator[Event]:
+        model = prompt.sampling.model
+        span = _tracer.start_span(f"chat {model}", kind=SpanKind.CLIENT, attributes={
+            "gen_ai.operation.name": "chat", "gen_ai.system": "openai", "gen_ai.request.model": model,
+            "gen_ai.request.max_tokens": prompt.sampling.max_tokens,
+            "gen_ai.request.temperature": prompt.sampling.temperature, "server.address": self._config.base_url})
+        stream: openai.AsyncStream | None = None
+        try:
+            stream, chunks, first = await self._open(prompt, span)
+            finish, usage, parts = FINISH_STOP, None, []
+            try:
+                async for chunk in _replay(first, chunks):
+                    before = len(parts)
+                    finish, usage = self._absorb(chunk, finish, usage, parts)
+                    if len(parts) > before:
+                        yield Delta(parts[-1])
+            except (asyncio.CancelledError, GeneratorExit):
+                raise
+            except Exception as exc:  # noqa: BLE001 - any transport/protocol failure after tokens were sent
+                metrics.LLM_STREAM_ERRORS.inc()
+                raise LLMStreamError(f"LLM at {self._config.base_url} (model {model}) failed mid-stream: "
+                                     f"{describe(exc)}") from exc
+            prompt_tokens = usage.prompt_tokens if usage else prompt.prompt_tokens
+            completion = usage.completion_tokens if usage else self._counter.count("".join(parts), prompt.encoding)
+            span.set_attributes({"gen_ai.usage.input_tokens": prompt_tokens,
+                                 "gen_ai.usage.output_tokens": completion,
+                                 "gen_ai.response.finish_reasons": [finish]})
+            yield Done(finish, prompt_tokens, completion, model)
+        except BaseException as exc:
+            span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+            raise
+        finally:
+            if stream is not None:
+                # Closes the HTTP response: on cancellation this is what stops the upstream generation.
+                await stream.close()
+            span.end()
+
+    @staticmethod
+    def _absorb(chunk: Any, finish: str, usage: Any, parts: list[str]) -> tuple[str, Any]:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            if choice.delta is not None and choice.delta.content:
+                parts.append(choice.delta.content)
+            if choice.finish_reason:
+                finish = _FINISH.get(choice.finish_reason, FINISH_STOP)
+        return finish, usage
+
+    async def _open(self, prompt: Prompt, span: Any) -> tuple[openai.AsyncStream, AsyncIterator[Any], list[Any]]:
+        """Start the stream and read up to its first content token, retrying failed attempts within bounds."""
+        body = self._request(prompt)
+        attempt = 0
+        while True:
+            attempt += 1
+            stream = None
+            try:
+                async with asyncio.timeout(self._first_token_timeout(prompt.deadline)):
+                    stream = await self._client.chat.completions.create(**body)
+                    chunks = stream.__aiter__()
+                    first: list[Any] = []
+                    async for chunk in chunks:
+                        first.append(chunk)
+                        if chunk.usage is not None or any(c.delta and c.delta.content or c.finish_reason
+                                                          for c in chunk.choices):
+                            break
+                metrics.LLM_ATTEMPTS.labels("ok").inc()
+                return stream, chunks, first
+            except (asyncio.CancelledError, GeneratorExit):
+                if stream is not None:
+                    await stream.close()
+                raise
+            except Exception as exc:  # noqa: BLE001 - classified below
+                if stream is not None:
+                    await stream.close()
+                retry = should_retry(exc)
+                metrics.LLM_ATTEMPTS.labels("timeout" if isinstance(exc, TimeoutError)
+                                            else "retryable" if retry else "error").inc()
+                delay = retry_delay(attempt, self._config.retry_backoff)
+                out_of_time = (prompt.deadline is not None
+                               and asyncio.get_running_loop().time() + delay >= prompt.deadline)
+                span.add_event("attempt failed", {"attempt": attempt, "error": describe(exc)})
+                if not retry or attempt > self._config.max_retries or out_of_time:
+                    raise LLMUnavailable(f"LLM at {self._config.base_url} (model {prompt.sampling.model}) "
+                                         f"failed: {describe(exc)} after {attempt} attempt(s)") from exc
+                log.warning("LLM attempt %d failed (%s); retrying in %.3fs", attempt, describe(exc), delay)
+                await asyncio.sleep(delay)
+
+    async def summarise(self, turns: Sequence[dict[str, str]], max_tokens: int) -> str | None:
+        """Summarise old turns with the summary model; None (-> the turns are dropped) when it fails."""
+        model = self._config.summary_model
+        if model is None:
+            return None
+        transcript = "\n".join(f"{t['role']}: {t['content']}" for t in turns)
+        key = hashlib.sha256(f"{model}\0{max_tokens}\0{transcript}".encode()).hexdigest()
+        if key in self._summaries:
+            self._summaries.move_to_end(key)
+            return self._summaries[key]
+        try:
+            reply = await asyncio.wait_for(self._client.chat.completions.create(
+                model=model, max_tokens=max_tokens, temperature=0.0,
+                messages=[{"role": "system", "content": _SUMMARY_INSTRUCTION},
+                          {"role": "user", "content": transcript}]), self._config.timeouts.first_token)
+        except Exception as exc:  # noqa: BLE001 - a summary is an optimisation; dropping the turns is the fallback
+            log.warning("history summary failed (%s); dropping old turns instead", describe(exc))
+            return None
+        text = (reply.choices[0].message.content or "").strip() if reply.choices else ""
+        if text:
+            self._summaries[key] = text
+            if len(self._summaries) > _SUMMARY_CACHE_SIZE:
+                self._summaries.popitem(last=False)
+        return text or None
+
+    async def close(self) -> None:
+        await self._client.close()

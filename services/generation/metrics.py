@@ -1,0 +1,22 @@
+"""Prometheus metrics of the generation service (module level, so each exists once per process)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+TIME_TO_FIRST_TOKEN = Histogram(
+    "ragfleet_generation_time_to_first_token_seconds", "Request received -> first delta sent", ["backend"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10))
+LLM_ATTEMPTS = Counter("ragfleet_generation_llm_attempts_total", "LLM calls by outcome before the first token",
+                       ["outcome"])
+LLM_STREAM_ERRORS = Counter("ragfleet_generation_llm_stream_errors_total", "LLM streams broken after tokens flowed")
+FALLBACKS = Counter("ragfleet_generation_fallbacks_total", "Answers produced offline because the LLM failed")
+TOKENS = Counter("ragfleet_generation_tokens_total", "Tokens by kind (prompt, completion) and backend",
+                 ["kind", "backend"])
+DELTAS_COALESCED = Counter("ragfleet_generation_deltas_coalesced_total",
+                           "Deltas merged into an earlier message because the consumer lagged")
+HISTORY_TURNS_DROPPED = Counter("ragfleet_generation_history_turns_dropped_total",
+                                "Turns dropped (or summarised) to fit the history budget", ["how"])
+PASSAGES_DROPPED = Counter("ragfleet_generation_passages_dropped_total", "Passages left out by the token budget")
+ACTIVE = Gauge("ragfleet_generation_active_streams", "Generate calls in progress")
+REJECTED = Counter("ragfleet_generation_rejected_total", "Generate calls refused at admission (overload)")

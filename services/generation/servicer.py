@@ -1,0 +1,112 @@
+"""GenerationService: validate, admit, assemble the prompt, then stream the answer (coalesced) and a final summary.
+
+Failure contract seen by callers:
+  bad request               -> INVALID_ARGUMENT before any message
+  too many calls in flight  -> RESOURCE_EXHAUSTED at once
+  LLM down before any token -> the extractive answer (fallback_used=true) when FALLBACK is on, else UNAVAILABLE
+                               naming the LLM
+  LLM breaks mid-stream     -> the deltas already sent, then UNAVAILABLE (never retried: text was already sent)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import replace
+from typing import AsyncIterator
+
+import grpc
+
+from services.generation import metrics
+from services.generation.base import FINISH_LENGTH, Answerer, Delta, Done, Event, LLMStreamError, LLMUnavailable
+from services.generation.coalesce import Coalescer
+from services.generation.config import GenerationConfig
+from services.generation.prompt import Prompt, PromptBuilder
+from services.generation.validation import number_passages, validate
+from services.runtime.errors import Overloaded, Unavailable
+from services.runtime.pb.ragfleet.v1 import common_pb2, generation_pb2, generation_pb2_grpc
+
+log = logging.getLogger("ragfleet.generation")
+
+SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
+
+
+def finished_message(done: Done, prompt: Prompt) -> generation_pb2.GenerateResponse:
+    reason = common_pb2.FINISH_REASON_LENGTH if done.finish_reason == FINISH_LENGTH else common_pb2.FINISH_REASON_STOP
+    usage = common_pb2.Usage(prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens,
+                             total_tokens=done.prompt_tokens + done.completion_tokens)
+    return generation_pb2.GenerateResponse(finished=generation_pb2.GenerationFinished(
+        finish_reason=reason, usage=usage, model=done.model, fallback_used=done.fallback_used,
+        passages_used=prompt.passages_used))
+
+
+class GenerationServiceServicer(generation_pb2_grpc.GenerationServiceServicer):
+    def __init__(self, config: GenerationConfig, *, answerer: Answerer, offline: Answerer,
+                 prompts: PromptBuilder) -> None:
+        self._config = config
+        self._answerer = answerer
+        # Falling back to the same offline answerer that just failed would be pointless.
+        self._fallback = offline if config.fallback and answerer is not offline else None
+        self._prompts = prompts
+        self._active = 0
+
+    async def Generate(self, request: generation_pb2.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[generation_pb2.GenerateResponse]:
+        number_passages(request)
+        validate(request, self._config.limits)
+        if self._active >= self._config.limits.max_concurrent:
+            metrics.REJECTED.inc()
+            raise Overloaded(f"generation: {self._active} streams in flight, the limit is "
+                             f"{self._config.limits.max_concurrent}; retry later")
+        self._active += 1
+        metrics.ACTIVE.inc()
+        try:
+            async for message in self._generate(request, context):
+                yield message
+        finally:
+            self._active -= 1
+            metrics.ACTIVE.dec()
+
+    async def _generate(self, request: generation_pb2.GenerateRequest,
+                        context: grpc.aio.ServicerContext) -> AsyncIterator[generation_pb2.GenerateResponse]:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        prompt = await self._prompts.build(request)
+        remaining = context.time_remaining()
+        if remaining is not None:
+            prompt.deadline = started + remaining
+        metrics.PASSAGES_DROPPED.inc(len(request.passages) - len(prompt.passages))
+        if prompt.history_dropped:
+            metrics.HISTORY_TURNS_DROPPED.labels("summarised" if prompt.history_summarised else "dropped").inc(
+                prompt.history_dropped)
+        first = True
+        coalesce = self._config.coalesce
+        try:
+            async with Coalescer(self._answer(prompt), max_bytes=coalesce.max_bytes,
+                                 max_delay=coalesce.max_delay) as events:
+                async for event in events:
+                    if isinstance(event, Delta):
+                        if first:
+                            first = False
+                            metrics.TIME_TO_FIRST_TOKEN.labels(self._answerer.name).observe(loop.time() - started)
+                        yield generation_pb2.GenerateResponse(delta=common_pb2.TextDelta(text=event.text))
+                    else:
+                        backend = "fallback" if event.fallback_used else self._answerer.name
+                        metrics.TOKENS.labels("prompt", backend).inc(event.prompt_tokens)
+                        metrics.TOKENS.labels("completion", backend).inc(event.completion_tokens)
+                        yield finished_message(event, prompt)
+        except (LLMUnavailable, LLMStreamError) as exc:
+            raise Unavailable(str(exc)) from exc
+
+    async def _answer(self, prompt: Prompt) -> AsyncIterator[Event]:
+        try:
+            async for event in self._answerer.stream(prompt):
+                yield event
+        except LLMUnavailable as exc:
+            # Raised only before the first delta, so switching answerers cannot mix two answers.
+            if self._fallback is None:
+                raise
+            log.warning("LLM unavailable, answering offline: %s", exc)
+            metrics.FALLBACKS.inc()
+            async for event in self._fallback.stream(prompt):
+                yield replace(event, fallback_used=True) if isinstance(event, Done) else event
