@@ -1,0 +1,289 @@
+"""The Ask pipeline: validate, prefetch (cache ∥ query embedding ∥ history), retrieve, then stream the answer.
+
+Stream contract (GatewayService.Ask): exactly one Sources event, then text deltas as generation produces them
+(forwarded one for one, never buffered), then one AskFinished with usage, cache status and per-stage timings.
+Everything that can be refused (bad input) is checked in ``plan`` before the first event. A failure after the
+first event ends the stream with that error's status; a started generation stream is never retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from prometheus_client import Histogram
+from redis.exceptions import RedisError
+
+from services.gateway.concurrency import cancel_all, gather_or_cancel
+from services.gateway.config import AskLimits, StageBudgets
+from services.gateway.conversations import ConversationStore
+from services.gateway.deadlines import Deadline
+from services.gateway.fusion import query_variants, rrf_merge
+from services.gateway.response_cache import CachedAnswer, ResponseCache
+from services.gateway.upstreams import EmbeddingClient, GenerationClient, RetrievalClient
+from services.runtime import telemetry
+from services.runtime.errors import Unavailable, require
+from services.runtime.pb.ragfleet.v1 import common_pb2, gateway_pb2, generation_pb2, retrieval_pb2
+
+log = logging.getLogger("ragfleet.gateway.ask")
+tracer = telemetry.tracer(__name__)
+
+ASK_STAGE_SECONDS = Histogram("ragfleet_gateway_ask_stage_seconds", "Ask time per stage", ["stage"],
+                              buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+
+MAX_CONVERSATION_ID_CHARS = 128
+# A cache hit is replayed in pieces this large: few messages keep a hit well under a millisecond.
+REPLAY_CHUNK_CHARS = 1024
+_CACHEABLE = (common_pb2.FINISH_REASON_STOP, common_pb2.FINISH_REASON_LENGTH)
+
+
+def _ms_since(start: float) -> float:
+    return (time.perf_counter() - start) * 1000.0
+
+
+@dataclass(frozen=True)
+class AskPlan:
+    """A validated request: what to search for, and how the answer will be cached."""
+
+    question: str
+    top_k: int
+    variants: list[str]
+    use_cache: bool
+    cache_key: str | None
+
+
+@dataclass
+class _Prefetched:
+    version: int | None = None
+    hit: CachedAnswer | None = None
+    vectors: list[list[float]] = field(default_factory=list)
+    history: list[common_pb2.ChatTurn] = field(default_factory=list)
+
+
+class AskPipeline:
+    def __init__(self, *, embedding: EmbeddingClient, retrieval: RetrievalClient, generation: GenerationClient,
+                 cache: ResponseCache, conversations: ConversationStore, limits: AskLimits,
+                 budgets: StageBudgets) -> None:
+        self.embedding = embedding
+        self.retrieval = retrieval
+        self.generation = generation
+        self.cache = cache
+        self.conversations = conversations
+        self.limits = limits
+        self.budgets = budgets
+
+    # -- validation -------------------------------------------------------------------------------------------------
+
+    def plan(self, tenant: str, request: gateway_pb2.AskRequest) -> AskPlan:
+        """Validate the request (raises InvalidArgument naming the field and limit) and fix what the run needs."""
+        question = request.question.strip()
+        limits = self.limits
+        require(bool(question), "question: must not be empty")
+        require(len(question) <= limits.max_question_chars,
+                f"question: {len(question)} characters, the limit is {limits.max_question_chars}")
+        require(0 <= request.top_k <= limits.max_top_k,
+                f"top_k: must be between 1 and {limits.max_top_k} (0 = server default {limits.default_top_k}), "
+                f"got {request.top_k}")
+        require(len(request.conversation_id) <= MAX_CONVERSATION_ID_CHARS,
+                f"conversation_id: at most {MAX_CONVERSATION_ID_CHARS} characters")
+        require(request.mode in common_pb2.SearchMode.values(), f"mode: unknown search mode {request.mode}")
+        for i, condition in enumerate(request.filters):
+            require(bool(condition.field), f"filters[{i}].field: must not be empty")
+        params = request.params
+        if params.HasField("max_tokens"):
+            require(params.max_tokens > 0, f"params.max_tokens: must be > 0, got {params.max_tokens}")
+        if params.HasField("temperature"):
+            require(0.0 <= params.temperature <= 2.0, f"params.temperature: must be in [0, 2], got {params.temperature}")
+        if params.HasField("top_p"):
+            require(0.0 < params.top_p <= 1.0, f"params.top_p: must be in (0, 1], got {params.top_p}")
+        top_k = request.top_k or limits.default_top_k
+        # A conversation's answer depends on its history, so follow-ups are never served from (or stored in) cache.
+        use_cache = self.cache.enabled and not request.bypass_cache and not request.conversation_id
+        key = self.cache.key(tenant, question, _fingerprint(request, top_k)) if use_cache else None
+        return AskPlan(question, top_k, query_variants(question, limits.query_variants), use_cache, key)
+
+    # -- the stream -------------------------------------------------------------------------------------------------
+
+    async def stream(self, tenant: str, request: gateway_pb2.AskRequest, plan: AskPlan,
+                     deadline: Deadline) -> AsyncIterator[gateway_pb2.AskResponse]:
+        started = time.perf_counter()
+        timings = gateway_pb2.StageTimings()
+        with tracer.start_as_current_span("gateway.prefetch"):
+            pre = await self._prefetch(tenant, request, plan, deadline, timings)
+        status = gateway_pb2.CACHE_STATUS_MISS if plan.use_cache else gateway_pb2.CACHE_STATUS_BYPASS
+        hit = pre.hit
+        if hit is not None:
+            status = gateway_pb2.CACHE_STATUS_HIT_EXACT
+        elif plan.use_cache and self.cache.config.semantic and pre.version is not None and pre.vectors:
+            hit = self.cache.lookup_semantic(tenant, pre.version, pre.vectors[0])
+            if hit is not None:
+                status = gateway_pb2.CACHE_STATUS_HIT_SEMANTIC
+        self.cache.record({gateway_pb2.CACHE_STATUS_HIT_EXACT: "hit_exact",
+                           gateway_pb2.CACHE_STATUS_HIT_SEMANTIC: "hit_semantic",
+                           gateway_pb2.CACHE_STATUS_BYPASS: "bypass"}.get(
+                               status, "miss" if pre.version is not None else "error"))
+        if hit is not None:
+            for event in _replay(hit, status, timings, started, request.conversation_id):
+                yield event
+            return
+
+        with tracer.start_as_current_span("gateway.retrieve"):
+            passages = await self._retrieve(tenant, request, plan, pre.vectors, deadline, timings)
+        yield gateway_pb2.AskResponse(sources=gateway_pb2.Sources(passages=passages))
+
+        generate = generation_pb2.GenerateRequest(question=plan.question, passages=passages, history=pre.history,
+                                                  params=request.params)
+        parts: list[str] = []
+        finished: generation_pb2.GenerationFinished | None = None
+        events = self.generation.generate_stream(generate, timeout=deadline.budget(self.budgets.generate, "generate"))
+        # aclosing: when the client leaves, closing this generator cancels the generation call (and its LLM request).
+        async with contextlib.aclosing(events):
+            async for event in events:
+                if event.WhichOneof("event") == "delta":
+                    if not parts:
+                        timings.first_token_ms = _ms_since(started)
+                        ASK_STAGE_SECONDS.labels("first_token").observe(timings.first_token_ms / 1000)
+                    parts.append(event.delta.text)
+                    yield gateway_pb2.AskResponse(delta=event.delta)
+                else:
+                    finished = event.finished
+        if finished is None:
+            raise Unavailable("generation service: the stream ended without a final message")
+
+        answer = "".join(parts)
+        if request.conversation_id:
+            await self._remember_turn(tenant, request.conversation_id, plan.question, answer)
+        if (plan.cache_key is not None and pre.version is not None and answer and not finished.fallback_used
+                and finished.finish_reason in _CACHEABLE):
+            sources = gateway_pb2.Sources(passages=passages).SerializeToString()
+            usage = (finished.usage.prompt_tokens, finished.usage.completion_tokens, finished.usage.total_tokens)
+            await self.cache.store(tenant, plan.cache_key,
+                                   CachedAnswer(pre.version, answer, sources, finished.finish_reason, usage,
+                                                finished.model),
+                                   pre.vectors[0] if pre.vectors else None)
+        timings.total_ms = _ms_since(started)
+        ASK_STAGE_SECONDS.labels("total").observe(timings.total_ms / 1000)
+        yield gateway_pb2.AskResponse(finished=gateway_pb2.AskFinished(
+            finish_reason=finished.finish_reason, usage=finished.usage, cache_status=status, timings=timings,
+            model=finished.model, conversation_id=request.conversation_id, fallback_used=finished.fallback_used))
+
+    # -- stages -----------------------------------------------------------------------------------------------------
+
+    async def _prefetch(self, tenant: str, request: gateway_pb2.AskRequest, plan: AskPlan, deadline: Deadline,
+                        timings: gateway_pb2.StageTimings) -> _Prefetched:
+        """Cache lookup ∥ query embedding ∥ history load; a cache hit cancels the other two at once."""
+        out = _Prefetched()
+
+        async def cache_branch() -> None:
+            start = time.perf_counter()
+            try:
+                out.version, out.hit = await asyncio.wait_for(self.cache.lookup(tenant, plan.cache_key),
+                                                              deadline.budget(self.budgets.cache, "cache"))
+            except asyncio.TimeoutError:
+                log.warning("response cache lookup exceeded its %.0f ms budget; treating as a miss",
+                            self.budgets.cache * 1000)
+            finally:
+                timings.cache_ms = _ms_since(start)
+                ASK_STAGE_SECONDS.labels("cache").observe(timings.cache_ms / 1000)
+
+        async def embed_branch() -> None:
+            start = time.perf_counter()
+            try:
+                response = await self.embedding.embed(plan.variants, input_type=common_pb2.INPUT_TYPE_QUERY,
+                                                      timeout=deadline.budget(self.budgets.embed, "embed"))
+                out.vectors = [list(e.values) for e in response.embeddings]
+            finally:
+                timings.embed_ms = _ms_since(start)
+                ASK_STAGE_SECONDS.labels("embed").observe(timings.embed_ms / 1000)
+
+        async def history_branch() -> None:
+            start = time.perf_counter()
+            try:
+                out.history = await asyncio.wait_for(
+                    self.conversations.history(tenant, request.conversation_id),
+                    deadline.budget(self.budgets.history, "history"))
+            except (asyncio.TimeoutError, OSError, RedisError) as exc:
+                # Answering without history beats failing the question.
+                log.warning("conversation history unavailable, answering without it: %s", exc)
+            finally:
+                timings.history_ms = _ms_since(start)
+
+        branches = []
+        if plan.use_cache:
+            branches.append(cache_branch)
+        branches.append(embed_branch)
+        if request.conversation_id:
+            branches.append(history_branch)
+
+        if not self.limits.parallel_fanout:
+            for branch in branches:
+                await branch()
+                if out.hit is not None:
+                    break
+            return out
+
+        tasks = [asyncio.ensure_future(branch()) for branch in branches]
+        try:
+            pending = set(tasks)
+            while pending and out.hit is None:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    task.result()  # the first failure (e.g. embedding down) ends the Ask with its error
+        finally:
+            await cancel_all(tasks)
+        return out
+
+    async def _retrieve(self, tenant: str, request: gateway_pb2.AskRequest, plan: AskPlan,
+                        vectors: list[list[float]], deadline: Deadline,
+                        timings: gateway_pb2.StageTimings) -> list[common_pb2.Passage]:
+        """Search every query variant (concurrently), fuse by RRF, number the passages for [n] citations."""
+        start = time.perf_counter()
+
+        async def search(variant: str, vector: list[float]) -> retrieval_pb2.SearchResponse:
+            return await self.retrieval.search(retrieval_pb2.SearchRequest(
+                tenant=tenant, query_text=variant, query_vector=vector, top_k=plan.top_k, filters=request.filters,
+                mode=request.mode, max_context_tokens=self.limits.max_context_tokens,
+                bypass_cache=request.bypass_cache), timeout=deadline.budget(self.budgets.retrieve, "retrieve"))
+
+        pairs = list(zip(plan.variants, vectors))
+        if self.limits.parallel_fanout:
+            responses = await gather_or_cancel(search(v, vec) for v, vec in pairs)
+        else:
+            responses = [await search(v, vec) for v, vec in pairs]
+        hits = rrf_merge([r.hits for r in responses], top_k=plan.top_k)
+        timings.retrieve_ms = _ms_since(start)
+        timings.rerank_ms = max((r.timings_ms.get("rerank", 0.0) for r in responses), default=0.0)
+        ASK_STAGE_SECONDS.labels("retrieve").observe(timings.retrieve_ms / 1000)
+        return [common_pb2.Passage(number=i, chunk_id=h.chunk_id, doc_id=h.doc_id, title=h.title, text=h.text,
+                                   score=h.score, metadata=h.metadata) for i, h in enumerate(hits, start=1)]
+
+    async def _remember_turn(self, tenant: str, conversation_id: str, question: str, answer: str) -> None:
+        try:
+            await self.conversations.append(tenant, conversation_id, question, answer)
+        except (OSError, RedisError) as exc:
+            log.warning("could not store conversation turn: %s", exc)
+
+
+def _fingerprint(request: gateway_pb2.AskRequest, top_k: int) -> bytes:
+    """Everything besides the question and tenant that changes the answer."""
+    parts = [request.params.SerializeToString(deterministic=True), str(top_k).encode(), str(request.mode).encode()]
+    parts += [f.SerializeToString(deterministic=True) for f in request.filters]
+    return b"\x1f".join(parts)
+
+
+def _replay(hit: CachedAnswer, status: int, timings: gateway_pb2.StageTimings, started: float,
+            conversation_id: str) -> list[gateway_pb2.AskResponse]:
+    """A cached answer as the same event sequence a generated one has. Usage is zero: no tokens were spent."""
+    events = [gateway_pb2.AskResponse(sources=gateway_pb2.Sources.FromString(hit.sources))]
+    for offset in range(0, len(hit.answer), REPLAY_CHUNK_CHARS):
+        events.append(gateway_pb2.AskResponse(delta=common_pb2.TextDelta(text=hit.answer[offset:offset + REPLAY_CHUNK_CHARS])))
+    timings.first_token_ms = timings.total_ms = _ms_since(started)
+    ASK_STAGE_SECONDS.labels("total").observe(timings.total_ms / 1000)
+    events.append(gateway_pb2.AskResponse(finished=gateway_pb2.AskFinished(
+        finish_reason=hit.finish_reason, usage=common_pb2.Usage(), cache_status=status, timings=timings,
+        model=hit.model, conversation_id=conversation_id)))
+    return events

@@ -1,0 +1,210 @@
+"""Gateway configuration, read once from RAGFLEET_GATEWAY_* (and shared RAGFLEET_*) environment variables.
+
+| variable | default | meaning |
+|---|---|---|
+| RAGFLEET_GATEWAY_PORT | 50050 | gRPC port (plus the shared server variables of ServerConfig) |
+| RAGFLEET_GATEWAY_EMBEDDING_ADDRESS | 127.0.0.1:50051 | embedding service host:port |
+| RAGFLEET_GATEWAY_RETRIEVAL_ADDRESS | 127.0.0.1:50052 | retrieval service host:port |
+| RAGFLEET_GATEWAY_GENERATION_ADDRESS | 127.0.0.1:50053 | generation service host:port |
+| RAGFLEET_GATEWAY_API_KEYS | (none) | `key1=tenantA,key2=tenantB`; no keys at all (here or in the file) disables auth |
+| RAGFLEET_GATEWAY_API_KEYS_FILE | (none) | mounted secrets file, one `key=tenant` per line (`#` comments) |
+| RAGFLEET_GATEWAY_MAX_IN_FLIGHT | 512 | Asks in progress per replica; beyond it RESOURCE_EXHAUSTED at once |
+| RAGFLEET_GATEWAY_DEFAULT_TOP_K | 5 | passages when AskRequest.top_k is 0 |
+| RAGFLEET_GATEWAY_MAX_TOP_K | 50 | largest accepted top_k |
+| RAGFLEET_GATEWAY_MAX_QUESTION_CHARS | 4000 | longest accepted question |
+| RAGFLEET_GATEWAY_QUERY_VARIANTS | 1 | query variants searched in parallel and merged by RRF (1 = the question only) |
+| RAGFLEET_GATEWAY_PARALLEL_FANOUT | true | run cache ∥ embed ∥ history concurrently (false = one after another; for benchmarks) |
+| RAGFLEET_GATEWAY_MAX_CONTEXT_TOKENS | 0 | passed to retrieval as max_context_tokens (0 = no cut) |
+| RAGFLEET_GATEWAY_EMBED_TIMEOUT_S | 2.0 | per-call budget for Embed on the Ask path |
+| RAGFLEET_GATEWAY_RETRIEVE_TIMEOUT_S | 3.0 | per-call budget for Search |
+| RAGFLEET_GATEWAY_HISTORY_TIMEOUT_S | 0.5 | budget for loading conversation history |
+| RAGFLEET_GATEWAY_CACHE_TIMEOUT_S | 0.25 | budget for the response-cache lookup |
+| RAGFLEET_GATEWAY_GENERATE_TIMEOUT_S | 120.0 | budget for the whole generation stream when the client sets no deadline |
+| RAGFLEET_GATEWAY_INGEST_TIMEOUT_S | 60.0 | per-call budget for Embed/Upsert/Delete on the ingest path |
+| RAGFLEET_GATEWAY_CACHE_ENABLED | true | response cache on/off |
+| RAGFLEET_GATEWAY_CACHE_TTL_S | 3600 | response-cache entry lifetime |
+| RAGFLEET_GATEWAY_CACHE_L1_ENTRIES | 4096 | in-process LRU size |
+| RAGFLEET_GATEWAY_SEMANTIC_CACHE | false | also serve answers to questions whose embedding is close enough |
+| RAGFLEET_GATEWAY_SEMANTIC_THRESHOLD | 0.95 | cosine similarity needed for a semantic hit |
+| RAGFLEET_GATEWAY_REDIS_PREFIX | ragfleet:gw: | prefix of every gateway Redis key (cache entries, conversations) |
+| RAGFLEET_GATEWAY_CORPUS_VERSION_KEY | ragfleet:corpus_version:{tenant} | Redis key holding a tenant's corpus version, bumped on every write |
+| RAGFLEET_GATEWAY_CONVERSATION_TTL_S | 86400 | conversation lifetime after its last turn |
+| RAGFLEET_GATEWAY_CONVERSATION_MAX_TURNS | 20 | turns kept per conversation (oldest dropped) |
+| RAGFLEET_GATEWAY_CHUNK_TOKENS | 200 | default chunk size in tokens |
+| RAGFLEET_GATEWAY_CHUNK_OVERLAP | 40 | default chunk overlap in tokens |
+| RAGFLEET_GATEWAY_MAX_CHUNK_TOKENS | 512 | largest accepted IngestRequest.chunk_tokens |
+| RAGFLEET_GATEWAY_TOKENIZER_PATH | (auto) | tokenizer.json for chunking; default: the one vendored under services/embedding, else a word estimate |
+| RAGFLEET_GATEWAY_EMBED_BATCH | 64 | texts per Embed call while ingesting |
+| RAGFLEET_GATEWAY_UPSERT_BATCH | 256 | chunks per Upsert call (whole documents only) |
+| RAGFLEET_GATEWAY_INGEST_CONCURRENCY | 4 | Embed/Upsert calls in flight per Ingest |
+| RAGFLEET_GATEWAY_MAX_DOCUMENTS | 1000 | documents per IngestRequest |
+| RAGFLEET_REDIS_URL | (none) | shared Redis; unset = in-process cache and conversations only |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+from services.runtime.config import Env, ServerConfig, redis_url
+from services.runtime.errors import ConfigError
+
+DEFAULT_EMBEDDING_ADDRESS = "127.0.0.1:50051"
+DEFAULT_RETRIEVAL_ADDRESS = "127.0.0.1:50052"
+DEFAULT_GENERATION_ADDRESS = "127.0.0.1:50053"
+DEFAULT_CORPUS_VERSION_KEY = "ragfleet:corpus_version:{tenant}"
+
+
+@dataclass(frozen=True)
+class StageBudgets:
+    """Per-stage time budgets in seconds; each call also gets no more than the client's remaining deadline.
+
+        StageBudgets(embed=2.0).clamp("embed", remaining=0.4)   # -> 0.4
+    """
+
+    cache: float = 0.25
+    history: float = 0.5
+    embed: float = 2.0
+    retrieve: float = 3.0
+    generate: float = 120.0
+    ingest: float = 60.0
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    enabled: bool = True
+    ttl_seconds: int = 3600
+    l1_entries: int = 4096
+    semantic: bool = False
+    semantic_threshold: float = 0.95
+    redis_prefix: str = "ragfleet:gw:"
+    corpus_version_key: str = DEFAULT_CORPUS_VERSION_KEY
+
+
+@dataclass(frozen=True)
+class ConversationConfig:
+    ttl_seconds: int = 86400
+    max_turns: int = 20
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    chunk_tokens: int = 200
+    chunk_overlap: int = 40
+    max_chunk_tokens: int = 512
+    tokenizer_path: str | None = None
+    embed_batch: int = 64
+    upsert_batch: int = 256
+    concurrency: int = 4
+    max_documents: int = 1000
+
+
+@dataclass(frozen=True)
+class AskLimits:
+    max_in_flight: int = 512
+    default_top_k: int = 5
+    max_top_k: int = 50
+    max_question_chars: int = 4000
+    query_variants: int = 1
+    parallel_fanout: bool = True
+    max_context_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    server: ServerConfig
+    embedding_address: str = DEFAULT_EMBEDDING_ADDRESS
+    retrieval_address: str = DEFAULT_RETRIEVAL_ADDRESS
+    generation_address: str = DEFAULT_GENERATION_ADDRESS
+    api_keys: Mapping[str, str] = field(default_factory=dict)  # key -> tenant
+    redis_url: str | None = None
+    ask: AskLimits = AskLimits()
+    budgets: StageBudgets = StageBudgets()
+    cache: CacheConfig = CacheConfig()
+    conversations: ConversationConfig = ConversationConfig()
+    ingest: IngestConfig = IngestConfig()
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "GatewayConfig":
+        env = Env("RAGFLEET_GATEWAY_", environ)
+        keys = parse_api_keys(env.str("API_KEYS", ""), source="RAGFLEET_GATEWAY_API_KEYS")
+        keys_file = env.optional_str("API_KEYS_FILE")
+        if keys_file:
+            try:
+                text = Path(keys_file).read_text()
+            except OSError as exc:
+                raise ConfigError(f"RAGFLEET_GATEWAY_API_KEYS_FILE={keys_file!r} cannot be read: {exc}") from None
+            keys = {**keys, **parse_api_keys(text, source=keys_file)}
+        version_key = env.str("CORPUS_VERSION_KEY", DEFAULT_CORPUS_VERSION_KEY)
+        if "{tenant}" not in version_key:
+            raise ConfigError("RAGFLEET_GATEWAY_CORPUS_VERSION_KEY must contain {tenant}")
+        ingest = IngestConfig(
+            chunk_tokens=env.int("CHUNK_TOKENS", 200, minimum=16),
+            chunk_overlap=env.int("CHUNK_OVERLAP", 40, minimum=0),
+            max_chunk_tokens=env.int("MAX_CHUNK_TOKENS", 512, minimum=16),
+            tokenizer_path=env.optional_str("TOKENIZER_PATH"),
+            embed_batch=env.int("EMBED_BATCH", 64, minimum=1),
+            upsert_batch=env.int("UPSERT_BATCH", 256, minimum=1),
+            concurrency=env.int("INGEST_CONCURRENCY", 4, minimum=1),
+            max_documents=env.int("MAX_DOCUMENTS", 1000, minimum=1),
+        )
+        if ingest.chunk_overlap >= ingest.chunk_tokens:
+            raise ConfigError("RAGFLEET_GATEWAY_CHUNK_OVERLAP must be smaller than RAGFLEET_GATEWAY_CHUNK_TOKENS")
+        return cls(
+            server=ServerConfig.from_env("gateway", environ),
+            embedding_address=env.str("EMBEDDING_ADDRESS", DEFAULT_EMBEDDING_ADDRESS),
+            retrieval_address=env.str("RETRIEVAL_ADDRESS", DEFAULT_RETRIEVAL_ADDRESS),
+            generation_address=env.str("GENERATION_ADDRESS", DEFAULT_GENERATION_ADDRESS),
+            api_keys=keys,
+            redis_url=redis_url(environ),
+            ask=AskLimits(
+                max_in_flight=env.int("MAX_IN_FLIGHT", 512, minimum=1),
+                default_top_k=env.int("DEFAULT_TOP_K", 5, minimum=1),
+                max_top_k=env.int("MAX_TOP_K", 50, minimum=1),
+                max_question_chars=env.int("MAX_QUESTION_CHARS", 4000, minimum=1),
+                query_variants=env.int("QUERY_VARIANTS", 1, minimum=1),
+                parallel_fanout=env.bool("PARALLEL_FANOUT", True),
+                max_context_tokens=env.int("MAX_CONTEXT_TOKENS", 0, minimum=0),
+            ),
+            budgets=StageBudgets(
+                cache=env.float("CACHE_TIMEOUT_S", 0.25, minimum=0.001),
+                history=env.float("HISTORY_TIMEOUT_S", 0.5, minimum=0.001),
+                embed=env.float("EMBED_TIMEOUT_S", 2.0, minimum=0.001),
+                retrieve=env.float("RETRIEVE_TIMEOUT_S", 3.0, minimum=0.001),
+                generate=env.float("GENERATE_TIMEOUT_S", 120.0, minimum=0.001),
+                ingest=env.float("INGEST_TIMEOUT_S", 60.0, minimum=0.001),
+            ),
+            cache=CacheConfig(
+                enabled=env.bool("CACHE_ENABLED", True),
+                ttl_seconds=env.int("CACHE_TTL_S", 3600, minimum=1),
+                l1_entries=env.int("CACHE_L1_ENTRIES", 4096, minimum=0),
+                semantic=env.bool("SEMANTIC_CACHE", False),
+                semantic_threshold=env.float("SEMANTIC_THRESHOLD", 0.95, minimum=0.0),
+                redis_prefix=env.str("REDIS_PREFIX", "ragfleet:gw:"),
+                corpus_version_key=version_key,
+            ),
+            conversations=ConversationConfig(
+                ttl_seconds=env.int("CONVERSATION_TTL_S", 86400, minimum=1),
+                max_turns=env.int("CONVERSATION_MAX_TURNS", 20, minimum=2),
+            ),
+            ingest=ingest,
+        )
+
+
+def parse_api_keys(text: str, *, source: str) -> dict[str, str]:
+    """Parse `key=tenant` pairs separated by commas or newlines; `#` starts a comment line.
+
+        parse_api_keys("k1=acme, k2=globex", source="env")  # -> {"k1": "acme", "k2": "globex"}
+    """
+    keys: dict[str, str] = {}
+    for raw in text.replace(",", "\n").splitlines():
+        entry = raw.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        key, sep, tenant = entry.partition("=")
+        key, tenant = key.strip(), tenant.strip()
+        if not sep or not key or not tenant:
+            raise ConfigError(f"{source}: entry {entry.split('=')[0][:4]}... must look like key=tenant")
+        keys[key] = tenant
+    return keys

@@ -1,0 +1,158 @@
+"""Ingestion: documents -> token-aware chunks -> embeddings in batches -> retrieval upserts, bounded concurrency.
+
+Idempotent per doc_id: chunk ids are deterministic (`<doc_id>#<index>`) and every Upsert carries whole documents
+with ``replace_documents``, so re-ingesting a shorter version removes the chunks it no longer has. (A document is
+never split across two Upserts: the second would delete the first one's chunks.) After any write the tenant's
+corpus version is bumped, which invalidates its cached answers on every replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from prometheus_client import Counter
+
+from services.gateway.chunker import TextChunk, Tokenizer, chunk_text, embed_text
+from services.gateway.concurrency import gather_or_cancel
+from services.gateway.config import IngestConfig, StageBudgets
+from services.gateway.deadlines import Deadline
+from services.gateway.response_cache import ResponseCache
+from services.gateway.upstreams import EmbeddingClient, RetrievalClient
+from services.runtime import telemetry
+from services.runtime.errors import Unavailable, require
+from services.runtime.pb.ragfleet.v1 import common_pb2, gateway_pb2, retrieval_pb2
+
+log = logging.getLogger("ragfleet.gateway.ingest")
+tracer = telemetry.tracer(__name__)
+
+CHUNKS_WRITTEN = Counter("ragfleet_gateway_ingest_chunks_total", "Chunks written to retrieval by Ingest")
+DOCUMENTS_INGESTED = Counter("ragfleet_gateway_ingest_documents_total", "Documents ingested")
+
+MAX_DOC_ID_CHARS = 256
+MIN_CHUNK_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class _ChunkedDocument:
+    document: gateway_pb2.Document
+    chunks: list[TextChunk]
+
+
+class Ingestor:
+    def __init__(self, *, embedding: EmbeddingClient, retrieval: RetrievalClient, cache: ResponseCache,
+                 tokenizer: Tokenizer, config: IngestConfig, budgets: StageBudgets) -> None:
+        self.embedding = embedding
+        self.retrieval = retrieval
+        self.cache = cache
+        self.tokenizer = tokenizer
+        self.config = config
+        self.budgets = budgets
+
+    def validate(self, request: gateway_pb2.IngestRequest) -> tuple[int, int]:
+        """Check the request before any work; returns the (chunk_tokens, overlap) to use."""
+        config = self.config
+        require(len(request.documents) > 0, "documents: at least one document is required")
+        require(len(request.documents) <= config.max_documents,
+                f"documents: {len(request.documents)} in one request, the limit is {config.max_documents}")
+        seen: set[str] = set()
+        for i, doc in enumerate(request.documents):
+            require(bool(doc.doc_id.strip()), f"documents[{i}].doc_id: must not be empty")
+            require(len(doc.doc_id) <= MAX_DOC_ID_CHARS,
+                    f"documents[{i}].doc_id: at most {MAX_DOC_ID_CHARS} characters")
+            require(doc.doc_id not in seen, f"documents[{i}].doc_id: {doc.doc_id!r} appears twice in one request")
+            require(bool(doc.text.strip()), f"documents[{i}].text: must not be empty (doc_id {doc.doc_id!r})")
+            seen.add(doc.doc_id)
+        chunk_tokens = request.chunk_tokens or config.chunk_tokens
+        require(MIN_CHUNK_TOKENS <= chunk_tokens <= config.max_chunk_tokens,
+                f"chunk_tokens: must be between {MIN_CHUNK_TOKENS} and {config.max_chunk_tokens}, got {chunk_tokens}")
+        overlap = request.chunk_overlap or min(config.chunk_overlap, chunk_tokens // 4)
+        require(0 <= overlap < chunk_tokens,
+                f"chunk_overlap: must be >= 0 and smaller than chunk_tokens ({chunk_tokens}), got {overlap}")
+        return chunk_tokens, overlap
+
+    async def ingest(self, tenant: str, request: gateway_pb2.IngestRequest,
+                     deadline: Deadline) -> gateway_pb2.IngestResponse:
+        chunk_tokens, overlap = self.validate(request)
+        with tracer.start_as_current_span("gateway.chunk"):
+            # Tokenising a large batch takes a while; keep the event loop (other Asks) responsive meanwhile.
+            chunked = await asyncio.to_thread(self._chunk_all, list(request.documents), chunk_tokens, overlap)
+        semaphore = asyncio.Semaphore(self.config.concurrency)
+        written = 0
+        version = 0
+        try:
+            results = await gather_or_cancel(self._write_group(tenant, group, semaphore, deadline)
+                                             for group in self._groups(chunked))
+            written = sum(upserted for upserted, _ in results)
+            version = max((v for _, v in results), default=0)
+        finally:
+            # Even a partly failed ingest may have changed the corpus: never let old answers survive it.
+            await self.cache.bump_version(tenant)
+        CHUNKS_WRITTEN.inc(written)
+        DOCUMENTS_INGESTED.inc(len(chunked))
+        log.info("ingested", extra={"fields": {"tenant": tenant, "documents": len(chunked), "chunks": written}})
+        return gateway_pb2.IngestResponse(documents=len(chunked), chunks_written=written, corpus_version=version)
+
+    async def delete(self, tenant: str, request: gateway_pb2.DeleteDocumentsRequest,
+                     deadline: Deadline) -> gateway_pb2.DeleteDocumentsResponse:
+        require(len(request.doc_ids) > 0, "doc_ids: at least one doc_id is required")
+        require(all(d.strip() for d in request.doc_ids), "doc_ids: must not contain empty ids")
+        try:
+            response = await self.retrieval.delete(retrieval_pb2.DeleteRequest(tenant=tenant,
+                                                                               doc_ids=request.doc_ids),
+                                                   timeout=deadline.budget(self.budgets.ingest, "delete"))
+        finally:
+            await self.cache.bump_version(tenant)
+        return gateway_pb2.DeleteDocumentsResponse(deleted_chunks=response.deleted_chunks,
+                                                   corpus_version=response.corpus_version)
+
+    # -- internals --------------------------------------------------------------------------------------------------
+
+    def _chunk_all(self, documents: list[gateway_pb2.Document], chunk_tokens: int,
+                   overlap: int) -> list[_ChunkedDocument]:
+        return [_ChunkedDocument(doc, chunk_text(self.tokenizer, doc.title, doc.text, chunk_tokens=chunk_tokens,
+                                                 overlap=overlap)) for doc in documents]
+
+    def _groups(self, chunked: list[_ChunkedDocument]) -> list[list[_ChunkedDocument]]:
+        """Pack whole documents into groups of about ``upsert_batch`` chunks (a big document forms its own)."""
+        groups: list[list[_ChunkedDocument]] = []
+        current: list[_ChunkedDocument] = []
+        size = 0
+        for doc in chunked:
+            if current and size + len(doc.chunks) > self.config.upsert_batch:
+                groups.append(current)
+                current, size = [], 0
+            current.append(doc)
+            size += len(doc.chunks)
+        if current:
+            groups.append(current)
+        return groups
+
+    async def _write_group(self, tenant: str, group: list[_ChunkedDocument], semaphore: asyncio.Semaphore,
+                           deadline: Deadline) -> tuple[int, int]:
+        """Embed one group's chunks in batches, then upsert the group; returns (chunks written, corpus version)."""
+        pieces = [(doc, chunk) for doc in group for chunk in doc.chunks]
+        texts = [embed_text(doc.document.title, chunk.text) for doc, chunk in pieces]
+        batch = self.config.embed_batch
+
+        async def embed(batch_texts: list[str]) -> list[list[float]]:
+            async with semaphore:
+                response = await self.embedding.embed(batch_texts, input_type=common_pb2.INPUT_TYPE_DOCUMENT,
+                                                      timeout=deadline.budget(self.budgets.ingest, "embed"))
+            return [list(e.values) for e in response.embeddings]
+
+        batches = await gather_or_cancel(embed(texts[i:i + batch]) for i in range(0, len(texts), batch))
+        vectors = [vector for vectors in batches for vector in vectors]
+        chunks = [retrieval_pb2.Chunk(chunk_id=f"{doc.document.doc_id}#{chunk.index}", doc_id=doc.document.doc_id,
+                                      chunk_index=chunk.index, title=doc.document.title, text=chunk.text,
+                                      vector=vector, metadata=doc.document.metadata)
+                  for (doc, chunk), vector in zip(pieces, vectors)]
+        async with semaphore:
+            response = await self.retrieval.upsert(
+                retrieval_pb2.UpsertRequest(tenant=tenant, chunks=chunks, replace_documents=True),
+                timeout=deadline.budget(self.budgets.ingest, "upsert"))
+        if response.failed_chunk_ids:
+            raise Unavailable(f"retrieval service: {len(response.failed_chunk_ids)} of {len(chunks)} chunks were not "
+                              f"written (e.g. {response.failed_chunk_ids[0]!r}); ingest is idempotent, retry it")
+        return response.upserted, response.corpus_version

@@ -1,0 +1,76 @@
+"""Gateway process: build the upstream clients, cache, conversation store and pipelines, then serve."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Awaitable, Callable, Sequence
+
+from services.gateway.admission import InFlightLimiter
+from services.gateway.ask import AskPipeline
+from services.gateway.auth import ApiKeyAuth
+from services.gateway.chunker import load_tokenizer
+from services.gateway.config import GatewayConfig
+from services.gateway.conversations import ConversationStore
+from services.gateway.ingest import Ingestor
+from services.gateway.response_cache import ResponseCache
+from services.gateway.servicer import GatewayServiceServicer
+from services.gateway.upstreams import EmbeddingClient, GenerationClient, RetrievalClient
+from services.runtime.channels import ChannelPool
+from services.runtime.errors import ConfigError
+from services.runtime.pb.ragfleet.v1 import gateway_pb2, gateway_pb2_grpc
+from services.runtime.serve import Binding, bootstrap, run_server
+
+log = logging.getLogger("ragfleet.gateway")
+SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
+
+
+def _redis_client(url: str | None) -> Any | None:
+    if not url:
+        return None
+    import redis.asyncio as aioredis
+
+    return aioredis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0, health_check_interval=30)
+
+
+def build_servicer(config: GatewayConfig) -> tuple[GatewayServiceServicer, Callable[[], Awaitable[None]]]:
+    """Wire the gateway from its config; returns the servicer and the coroutine that closes its clients."""
+    pool = ChannelPool()
+    redis = _redis_client(config.redis_url)
+    embedding = EmbeddingClient(pool, config.embedding_address)
+    retrieval = RetrievalClient(pool, config.retrieval_address)
+    cache = ResponseCache(config.cache, redis)
+    pipeline = AskPipeline(embedding=embedding, retrieval=retrieval,
+                           generation=GenerationClient(pool, config.generation_address), cache=cache,
+                           conversations=ConversationStore(config.conversations, redis,
+                                                           prefix=config.cache.redis_prefix),
+                           limits=config.ask, budgets=config.budgets)
+    tokenizer = load_tokenizer(config.ingest.tokenizer_path)
+    log.info("chunking with %s", tokenizer.name)
+    ingestor = Ingestor(embedding=embedding, retrieval=retrieval, cache=cache, tokenizer=tokenizer,
+                        config=config.ingest, budgets=config.budgets)
+    servicer = GatewayServiceServicer(auth=ApiKeyAuth(config.api_keys), limiter=InFlightLimiter(config.ask.max_in_flight),
+                                      pipeline=pipeline, ingestor=ingestor)
+
+    async def close() -> None:
+        await pool.close()
+        if redis is not None:
+            await redis.aclose()
+
+    return servicer, close
+
+
+def main() -> int:
+    try:
+        config = GatewayConfig.from_env()
+    except ConfigError as exc:
+        print(f"gateway: configuration error: {exc}")
+        return 2
+    bootstrap(config.server)
+
+    async def build() -> tuple[Sequence[Binding], Callable[[], Awaitable[None]]]:
+        servicer, close = build_servicer(config)
+        return [Binding(SERVICE_NAME, gateway_pb2_grpc.add_GatewayServiceServicer_to_server, servicer)], close
+
+    asyncio.run(run_server(config.server, build))
+    return 0
