@@ -3,8 +3,9 @@
 Speaks the real wire protocol the `openai` client uses: `POST /v1/chat/completions` (JSON or SSE streaming with
 `data: {...}` chunks, a usage chunk when `stream_options.include_usage` is set, then `data: [DONE]`),
 `POST /v1/embeddings` (float lists or base64 float32), `GET /v1/models`. Latency and faults are configurable:
-time to first token, tokens per second, failure rate (HTTP 500 before any byte), hang rate (accepts, never answers),
-and a fixed + per-text cost for embeddings.
+time to first token, tokens per second, failure rate (HTTP 500 before any byte), hang rate (accepts, never answers
+until the client gives up), a stream that breaks after N tokens (connection dropped mid-answer), and a fixed +
+per-text cost for embeddings. A client that disconnects cancels its request here, as with a real server.
 
 Control endpoints for tests: `GET /_sim/stats` (requests, active and completed streams, client disconnects seen
 mid-stream, the last chat request), `POST /_sim/config` (change settings live), `POST /_sim/reset`.
@@ -44,6 +45,7 @@ class SimConfig:
     embedding_per_text_ms: float = 0.2
     model: str = "sim-llm"
     seed: int = 0
+    break_after_tokens: int = 0  # >0: drop the connection after this many tokens (a mid-stream failure)
 
 
 @dataclass
@@ -55,6 +57,7 @@ class SimStats:
     disconnects: int = 0
     failures_injected: int = 0
     hangs_injected: int = 0
+    breaks_injected: int = 0
     embedding_requests: int = 0
     embedding_inputs: int = 0
     max_embedding_batch: int = 0
@@ -144,6 +147,11 @@ class SimLLM:
             for i, token in enumerate(tokens):
                 if i:
                     await asyncio.sleep(interval)
+                if i and i == self.config.break_after_tokens:
+                    self.stats.breaks_injected += 1
+                    assert request.transport is not None
+                    request.transport.close()
+                    return response
                 delta = {"role": "assistant", "content": token} if i == 0 else {"content": token}
                 await send({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
             await send({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
@@ -221,7 +229,9 @@ class SimLLM:
 
 async def start(config: SimConfig, host: str = "127.0.0.1", port: int = 0) -> tuple[web.AppRunner, int]:
     """Start in the running loop; returns the runner (call `cleanup()` to stop) and the bound port."""
-    runner = web.AppRunner(SimLLM(config).app(), access_log=None, handle_signals=False)
+    # handler_cancellation: a client that disconnects cancels its handler (ends a hang, counts a stream disconnect).
+    runner = web.AppRunner(SimLLM(config).app(), access_log=None, handle_signals=False, handler_cancellation=True,
+                           shutdown_timeout=1.0)
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=4096)
     await site.start()

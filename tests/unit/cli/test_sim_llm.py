@@ -1,0 +1,145 @@
+"""The simulated LLM is a faithful peer for the real `openai` client: streaming, usage, embeddings, faults, control."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+from services.cli import sim_llm
+
+
+@pytest.fixture
+async def sim():
+    runner, port = await sim_llm.start(sim_llm.SimConfig(ttft_ms=20, tokens_per_second=500, max_tokens=12))
+    base = f"http://127.0.0.1:{port}"
+    async with httpx.AsyncClient(base_url=base) as control:
+        client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="test", max_retries=0, timeout=5.0)
+        try:
+            yield client, control
+        finally:
+            await client.close()
+            await runner.cleanup()
+
+
+async def _stats(control: httpx.AsyncClient) -> dict:
+    return (await control.get("/_sim/stats")).json()
+
+
+async def test_chat_stream_with_usage(sim):
+    client, control = sim
+    stream = await client.chat.completions.create(
+        model="m1", messages=[{"role": "user", "content": "hello there"}], stream=True,
+        stream_options={"include_usage": True}, max_tokens=8)
+    text, finish, usage = [], None, None
+    async for chunk in stream:
+        if chunk.usage:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            text.append(choice.delta.content or "")
+            finish = choice.finish_reason or finish
+    answer = "".join(text)
+    assert answer.startswith("According") and "[1]" in answer
+    assert len(answer.split()) == 8 and finish == "length"
+    assert usage.completion_tokens == 8 and usage.prompt_tokens == 2 and usage.total_tokens == 10
+    stats = await _stats(control)
+    assert stats["stream_requests"] == 1 and stats["completed_streams"] == 1 and stats["active_streams"] == 0
+    assert stats["last_chat_request"]["model"] == "m1"
+
+
+async def test_non_streaming_and_deterministic(sim):
+    client, _ = sim
+    replies = [await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "q"}])
+               for _ in range(2)]
+    assert replies[0].choices[0].message.content == replies[1].choices[0].message.content
+    assert replies[0].choices[0].finish_reason == "stop" and replies[0].usage.completion_tokens == 12
+
+
+async def test_ttft_and_tokens_per_second(sim):
+    client, control = sim
+    await control.post("/_sim/config", json={"ttft_ms": 150, "tokens_per_second": 50, "max_tokens": 6})
+    started = time.perf_counter()
+    stream = await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "q"}],
+                                                  stream=True)
+    arrivals = []
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            arrivals.append(time.perf_counter() - started)
+    assert 0.14 <= arrivals[0] < 0.6
+    # 5 gaps of 20 ms each after the first token.
+    assert 0.09 <= arrivals[-1] - arrivals[0] < 0.6
+
+
+async def test_embeddings_float_and_base64(sim):
+    client, control = sim
+    reply = await client.embeddings.create(model="e", input=["alpha", "beta", "alpha"])  # openai asks for base64
+    vectors = [np.array(d.embedding) for d in reply.data]
+    assert len(vectors) == 3 and vectors[0].shape == (384,)
+    assert np.allclose(vectors[0], vectors[2]) and not np.allclose(vectors[0], vectors[1])
+    assert abs(np.linalg.norm(vectors[1]) - 1) < 1e-5
+    plain = await client.embeddings.create(model="e", input="alpha", encoding_format="float")
+    assert np.allclose(plain.data[0].embedding, vectors[0], atol=1e-6)
+    stats = await _stats(control)
+    assert stats["embedding_requests"] == 2 and stats["embedding_inputs"] == 4 and stats["max_embedding_batch"] == 3
+
+
+async def test_failure_rate_is_a_500(sim):
+    client, control = sim
+    await control.post("/_sim/config", json={"failure_rate": 1.0})
+    with pytest.raises(openai.InternalServerError):
+        await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "q"}], stream=True)
+    assert (await _stats(control))["failures_injected"] == 1
+
+
+async def test_hang_times_out_and_frees_the_handler(sim):
+    client, control = sim
+    await control.post("/_sim/config", json={"hang_rate": 1.0})
+    with pytest.raises(openai.APITimeoutError):
+        await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "q"}], stream=True,
+                                             timeout=0.3)
+    assert (await _stats(control))["hangs_injected"] == 1
+
+
+async def test_client_disconnect_mid_stream_is_seen(sim):
+    client, control = sim
+    await control.post("/_sim/config", json={"tokens_per_second": 20, "max_tokens": 100})
+    stream = await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "q"}],
+                                                  stream=True)
+    got = 0
+    async for chunk in stream:
+        got += 1
+        if got == 3:
+            break
+    await stream.close()
+    for _ in range(50):
+        stats = await _stats(control)
+        if stats["disconnects"] == 1 and stats["active_streams"] == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert stats["disconnects"] == 1 and stats["active_streams"] == 0 and stats["completed_streams"] == 0
+
+
+async def test_break_after_tokens_drops_the_connection(sim):
+    client, control = sim
+    await control.post("/_sim/config", json={"break_after_tokens": 3})
+    stream = await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "q"}],
+                                                  stream=True)
+    got = []
+    with pytest.raises(Exception):
+        async for chunk in stream:
+            got.extend(c.delta.content for c in chunk.choices if c.delta.content)
+    assert len(got) == 3
+    assert (await _stats(control))["breaks_injected"] == 1
+
+
+async def test_control_endpoints(sim):
+    _, control = sim
+    assert (await control.post("/_sim/config", json={"nope": 1})).status_code == 400
+    assert (await control.post("/_sim/config", json={"ttft_ms": 5})).json()["ttft_ms"] == 5.0
+    assert (await control.get("/v1/models")).json()["data"][0]["id"] == "sim-llm"
+    await control.post("/_sim/reset")
+    assert (await _stats(control))["chat_requests"] == 0
