@@ -32,9 +32,35 @@ class VectorStore(abc.ABC):
         """Open or create the collection/shard and its payload indexes (tenant, doc id)."""
 
     @abc.abstractmethod
+    async def _write(self, records: Sequence[ChunkRecord]) -> None:
+        """Write one batch; returns once the engine accepted it, raises StoreError otherwise."""
+
     async def upsert(self, records: Sequence[ChunkRecord]) -> WriteResult:
-        """Write points in batches; returns only after the engine accepted them. Must not raise on a failed batch:
-        report it in WriteResult.failed (with every later batch) so the caller knows exactly what was written."""
+        """Write in batches; never raises for a rejected write but reports exactly what was written.
+
+        An engine may apply part of a rejected batch (qdrant-edge keeps the points it had accepted), so a failed
+        batch is retried point by point: each single-point write is atomic and idempotent (deterministic ids),
+        which makes `written` and `failed` exact. Every chunk lands in exactly one of the two lists.
+        """
+        written: list[str] = []
+        failed: list[str] = []
+        error: str | None = None
+        for start in range(0, len(records), WRITE_BATCH):
+            batch = records[start:start + WRITE_BATCH]
+            try:
+                await self._write(batch)
+                written.extend(r.chunk_id for r in batch)
+                continue
+            except StoreError as exc:
+                error = str(exc)
+            for record in batch:
+                try:
+                    await self._write([record])
+                    written.append(record.chunk_id)
+                except StoreError as exc:
+                    failed.append(record.chunk_id)
+                    error = str(exc)
+        return WriteResult(written, failed, error)
 
     @abc.abstractmethod
     async def delete_documents(self, tenant: str, doc_ids: Sequence[str],

@@ -18,10 +18,8 @@ import numpy as np
 import qdrant_edge as qe
 
 from services.retrieval.config import IndexConfig
-from services.retrieval.models import (DOC_ID, TENANT, Candidate, ChunkRecord, Condition, IndexStatus, SparseVec,
-                                       WriteResult)
-from services.retrieval.store.base import (DENSE, SPARSE, WRITE_BATCH, StoreError, StoreStartupError,
-                                           VectorStore)
+from services.retrieval.models import DOC_ID, TENANT, Candidate, ChunkRecord, Condition, IndexStatus, SparseVec
+from services.retrieval.store.base import DENSE, SPARSE, StoreError, StoreStartupError, VectorStore
 
 log = logging.getLogger("ragfleet.retrieval.edge")
 T = TypeVar("T")
@@ -118,23 +116,15 @@ class EdgeStore(VectorStore):
         if self._wake is not None:
             self._wake.set()
 
-    async def upsert(self, records: Sequence[ChunkRecord]) -> WriteResult:
-        written: list[str] = []
-        for start in range(0, len(records), WRITE_BATCH):
-            batch = records[start:start + WRITE_BATCH]
-            points = [qe.Point(r.point_id, {DENSE: list(r.vector),
-                                            SPARSE: qe.SparseVector(r.sparse.indices, r.sparse.values)},
-                               r.payload()) for r in batch]
-            try:
-                await self._run(self._writer, lambda: self.shard.update(qe.UpdateOperation.upsert_points(points)),
-                                "upsert")
-            except StoreError as exc:
-                failed = [r.chunk_id for r in records[start:]]
-                return WriteResult(written, failed, str(exc))
-            finally:
-                self._touch()
-            written.extend(r.chunk_id for r in batch)
-        return WriteResult(written, [])
+    async def _write(self, records: Sequence[ChunkRecord]) -> None:
+        points = [qe.Point(r.point_id, {DENSE: list(r.vector), SPARSE: qe.SparseVector(r.sparse.indices,
+                                                                                        r.sparse.values)},
+                           r.payload()) for r in records]
+        try:
+            await self._run(self._writer, lambda: self.shard.update(qe.UpdateOperation.upsert_points(points)),
+                            "upsert")
+        finally:
+            self._touch()
 
     async def delete_documents(self, tenant: str, doc_ids: Sequence[str],
                                keep_point_ids: Sequence[str] = ()) -> int:
