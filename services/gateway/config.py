@@ -27,7 +27,7 @@
 | RAGFLEET_GATEWAY_SEMANTIC_CACHE | false | also serve answers to questions whose embedding is close enough |
 | RAGFLEET_GATEWAY_SEMANTIC_THRESHOLD | 0.95 | cosine similarity needed for a semantic hit |
 | RAGFLEET_GATEWAY_REDIS_PREFIX | ragfleet:gw: | prefix of every gateway Redis key (cache entries, conversations) |
-| RAGFLEET_GATEWAY_CORPUS_VERSION_KEY | ragfleet:corpus_version:{tenant} | Redis key holding a tenant's corpus version, bumped on every write |
+| RAGFLEET_GATEWAY_CORPUS_VERSION_KEY | ragfleet:retrieval:version:{tenant} | Redis key of a tenant's corpus version: the one retrieval INCRs on every write; the gateway bumps it too after each Ingest/Delete |
 | RAGFLEET_GATEWAY_CONVERSATION_TTL_S | 86400 | conversation lifetime after its last turn |
 | RAGFLEET_GATEWAY_CONVERSATION_MAX_TURNS | 20 | turns kept per conversation (oldest dropped) |
 | RAGFLEET_GATEWAY_CHUNK_TOKENS | 200 | default chunk size in tokens |
@@ -53,7 +53,8 @@ from services.runtime.errors import ConfigError
 DEFAULT_EMBEDDING_ADDRESS = "127.0.0.1:50051"
 DEFAULT_RETRIEVAL_ADDRESS = "127.0.0.1:50052"
 DEFAULT_GENERATION_ADDRESS = "127.0.0.1:50053"
-DEFAULT_CORPUS_VERSION_KEY = "ragfleet:corpus_version:{tenant}"
+# Shared with the retrieval service (services/retrieval/cache.py), so writes that bypass the gateway invalidate too.
+DEFAULT_CORPUS_VERSION_KEY = "ragfleet:retrieval:version:{tenant}"
 
 
 @dataclass(frozen=True)

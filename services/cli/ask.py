@@ -1,0 +1,118 @@
+"""`ragfleet ask "question"`: stream an answer from the gateway to the terminal, then list its sources.
+
+    ragfleet ask "What is retrieval-augmented generation?"
+    ragfleet ask --conversation c1 "and how is it evaluated?"     # follow-up with the earlier turns as history
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import textwrap
+from typing import TextIO
+
+import grpc
+
+from services.runtime.pb.ragfleet.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+
+DEFAULT_GATEWAY = "127.0.0.1:50050"
+DEFAULT_TIMEOUT_SECONDS = 120.0
+SNIPPET_CHARS = 160
+
+
+def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    """--gateway and --api-key, shared by `ask` and `ingest`."""
+    parser.add_argument("--gateway", default=os.environ.get("RAGFLEET_GATEWAY_ADDRESS", DEFAULT_GATEWAY),
+                        help="gateway host:port (env RAGFLEET_GATEWAY_ADDRESS; default %(default)s)")
+    parser.add_argument("--api-key", default=os.environ.get("RAGFLEET_API_KEY"),
+                        help="API key sent as 'authorization: Bearer <key>' (env RAGFLEET_API_KEY)")
+
+
+def auth_metadata(api_key: str | None) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {api_key}")] if api_key else []
+
+
+def describe_error(error: grpc.RpcError) -> str:
+    code = error.code() if hasattr(error, "code") else None
+    details = error.details() if hasattr(error, "details") else str(error)
+    return f"{code.name if code else 'ERROR'}: {details}"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("question", help="the question to ask")
+    add_connection_arguments(parser)
+    parser.add_argument("--top-k", type=int, default=0, help="passages to retrieve (0 = server default)")
+    parser.add_argument("--conversation", default="", help="conversation id: earlier turns are sent as history")
+    parser.add_argument("--no-cache", action="store_true", help="bypass the response cache")
+    parser.add_argument("--model", default="", help="generation model (default: the server's)")
+    parser.add_argument("--max-tokens", type=int, default=None, help="completion token limit")
+    parser.add_argument("--temperature", type=float, default=None)
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_SECONDS, help="deadline in seconds")
+
+
+def run(args: argparse.Namespace) -> int:
+    params = common_pb2.GenerationParams(model=args.model, temperature=args.temperature, max_tokens=args.max_tokens)
+    return ask(args.gateway, args.question, api_key=args.api_key, top_k=args.top_k,
+               conversation_id=args.conversation, bypass_cache=args.no_cache, params=params, timeout=args.timeout)
+
+
+def ask(gateway_address: str, question: str, *, api_key: str | None = None, out: TextIO = sys.stdout,
+        top_k: int = 0, conversation_id: str = "", bypass_cache: bool = False,
+        params: common_pb2.GenerationParams | None = None, timeout: float = DEFAULT_TIMEOUT_SECONDS) -> int:
+    """Stream one answer to `out` (text as it arrives, then sources and a timing line); returns an exit code."""
+    request = gateway_pb2.AskRequest(question=question, top_k=top_k, conversation_id=conversation_id,
+                                     bypass_cache=bypass_cache, params=params)
+    with grpc.insecure_channel(gateway_address) as channel:
+        call = gateway_pb2_grpc.GatewayServiceStub(channel).Ask(request, timeout=timeout,
+                                                                metadata=auth_metadata(api_key))
+        sources: list[common_pb2.Passage] = []
+        finished: gateway_pb2.AskFinished | None = None
+        try:
+            for event in call:
+                kind = event.WhichOneof("event")
+                if kind == "sources":
+                    sources = list(event.sources.passages)
+                elif kind == "delta":
+                    out.write(event.delta.text)
+                    out.flush()
+                else:
+                    finished = event.finished
+        except KeyboardInterrupt:
+            call.cancel()
+            out.write("\n[cancelled]\n")
+            return 130
+        except grpc.RpcError as exc:
+            out.flush()
+            print(f"\nerror: {describe_error(exc)}", file=sys.stderr)
+            return 1
+    out.write("\n")
+    _print_sources(sources, out)
+    if finished is not None:
+        _print_summary(finished, out)
+    out.flush()
+    return 0
+
+
+def _print_sources(sources: list[common_pb2.Passage], out: TextIO) -> None:
+    if not sources:
+        out.write("\n(no sources: the corpus is empty or nothing matched; try `ragfleet ingest PATH`)\n")
+        return
+    out.write("\nSources:\n")
+    for passage in sources:
+        title = passage.title or passage.doc_id
+        out.write(f"  [{passage.number}] {title} ({passage.doc_id})  score {passage.score:.3f}\n")
+        snippet = " ".join(passage.text.split())
+        if len(snippet) > SNIPPET_CHARS:
+            snippet = snippet[:SNIPPET_CHARS].rsplit(" ", 1)[0] + " ..."
+        out.write(textwrap.indent(textwrap.fill(snippet, width=96), "      ") + "\n")
+
+
+def _print_summary(finished: gateway_pb2.AskFinished, out: TextIO) -> None:
+    t = finished.timings
+    cache = gateway_pb2.CacheStatus.Name(finished.cache_status).removeprefix("CACHE_STATUS_")
+    parts = [f"cache {cache}", f"model {finished.model or '-'}", f"first token {t.first_token_ms:.0f} ms",
+             f"total {t.total_ms:.0f} ms", f"tokens {finished.usage.total_tokens}"]
+    if finished.fallback_used:
+        parts.append("fallback answerer")
+    out.write("\n(" + " · ".join(parts) + ")\n")

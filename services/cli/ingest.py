@@ -1,0 +1,158 @@
+"""`ragfleet ingest PATH`: send .txt/.md files (a file or a directory tree) or a BEIR corpus.jsonl to the gateway.
+
+Documents go out in batches of whole documents, a few requests in flight, with a progress bar. Ingest is
+idempotent per doc_id (a file's path relative to PATH, or a BEIR `_id`), so running it again updates in place.
+
+    ragfleet ingest samples/corpus            # every .txt/.md below, plus any corpus.jsonl
+    ragfleet ingest scifact/corpus.jsonl      # BEIR: {"_id", "title", "text", "metadata"} per line
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Iterator
+
+import grpc
+
+from services.cli.ask import add_connection_arguments, auth_metadata, describe_error
+from services.runtime.pb.ragfleet.v1 import gateway_pb2, gateway_pb2_grpc
+
+TEXT_SUFFIXES = (".txt", ".md", ".markdown")
+BATCH_DOCUMENTS = 32
+BATCH_BYTES = 2 * 1024 * 1024
+IN_FLIGHT_REQUESTS = 2
+REQUEST_TIMEOUT_SECONDS = 300.0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", help="a .txt/.md file, a BEIR corpus.jsonl, or a directory of them")
+    add_connection_arguments(parser)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        documents, chunks = ingest_path(args.gateway, args.path, api_key=args.api_key,
+                                        show_progress=not args.no_progress)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except grpc.RpcError as exc:
+        print(f"error: {describe_error(exc)}", file=sys.stderr)
+        return 1
+    print(f"ingested {documents} documents as {chunks} chunks")
+    return 0
+
+
+def ingest_path(gateway_address: str, path: str, *, api_key: str | None = None,
+                show_progress: bool = True) -> tuple[int, int]:
+    """Ingest everything under `path`; returns (documents, chunks written). Raises grpc.RpcError on failure."""
+    from tqdm import tqdm
+
+    root = Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    total = count_documents(root)
+    metadata = auth_metadata(api_key)
+    documents = chunks = 0
+    with grpc.insecure_channel(gateway_address) as channel, \
+            tqdm(total=total, unit="doc", disable=not show_progress, desc="ingest") as bar:
+        stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+        window: list[tuple[Future, int]] = []
+
+        def settle(future: Future, size: int) -> None:
+            nonlocal documents, chunks
+            reply: gateway_pb2.IngestResponse = future.result()
+            documents += reply.documents
+            chunks += reply.chunks_written
+            bar.update(size)
+            bar.set_postfix(chunks=chunks)
+
+        try:
+            for batch in _batches(read_documents(root)):
+                request = gateway_pb2.IngestRequest(documents=batch)
+                window.append((stub.Ingest.future(request, timeout=REQUEST_TIMEOUT_SECONDS, metadata=metadata),
+                               len(batch)))
+                if len(window) >= IN_FLIGHT_REQUESTS:
+                    settle(*window.pop(0))
+            while window:
+                settle(*window.pop(0))
+        finally:
+            for future, _ in window:
+                future.cancel()
+    return documents, chunks
+
+
+def count_documents(root: Path) -> int:
+    """How many documents read_documents will yield (for the progress bar), without parsing them."""
+    return sum(_count_lines(f) if f.suffix == ".jsonl" else 1 for f in _files(root))
+
+
+def read_documents(root: Path) -> Iterator[gateway_pb2.Document]:
+    for file in _files(root):
+        if file.suffix == ".jsonl":
+            yield from _read_beir(file)
+        else:
+            doc = _read_text_file(file, root)
+            if doc is not None:
+                yield doc
+
+
+def _files(root: Path) -> list[Path]:
+    if root.is_file():
+        return [root]
+    found = [p for p in root.rglob("*") if p.is_file()
+             and (p.suffix.lower() in TEXT_SUFFIXES or p.name == "corpus.jsonl")]
+    return sorted(found)
+
+
+def _count_lines(file: Path) -> int:
+    with file.open("rb") as handle:
+        return sum(1 for line in handle if line.strip())
+
+
+def _read_beir(file: Path) -> Iterator[gateway_pb2.Document]:
+    with file.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                doc_id = str(row["_id"])
+            except (ValueError, KeyError) as exc:
+                raise ValueError(f"{file}:{number}: not a BEIR corpus line ({exc})") from None
+            text = str(row.get("text") or "").strip()
+            if not text:
+                continue
+            meta = {str(k): str(v) for k, v in (row.get("metadata") or {}).items()}
+            yield gateway_pb2.Document(doc_id=doc_id, title=str(row.get("title") or ""), text=text, metadata=meta)
+
+
+def _read_text_file(file: Path, root: Path) -> gateway_pb2.Document | None:
+    text = file.read_text(encoding="utf-8", errors="replace").strip()
+    if not text:
+        return None
+    doc_id = file.name if root.is_file() else file.relative_to(root).as_posix()
+    title = file.stem.replace("_", " ").replace("-", " ").strip()
+    first = text.splitlines()[0].strip()
+    if file.suffix.lower() in (".md", ".markdown") and first.startswith("#"):
+        title = first.lstrip("#").strip() or title
+    return gateway_pb2.Document(doc_id=doc_id, title=title, text=text, metadata={"source": file.as_posix()})
+
+
+def _batches(documents: Iterator[gateway_pb2.Document]) -> Iterator[list[gateway_pb2.Document]]:
+    batch: list[gateway_pb2.Document] = []
+    size = 0
+    for doc in documents:
+        doc_bytes = doc.ByteSize()
+        if batch and (len(batch) >= BATCH_DOCUMENTS or size + doc_bytes > BATCH_BYTES):
+            yield batch
+            batch, size = [], 0
+        batch.append(doc)
+        size += doc_bytes
+    if batch:
+        yield batch

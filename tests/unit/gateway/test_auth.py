@@ -1,0 +1,63 @@
+"""API-key auth: bearer parsing, tenants, constant-time lookup, disabled mode, key file parsing."""
+
+import pytest
+
+from services.gateway.auth import DEFAULT_TENANT, ApiKeyAuth
+from services.gateway.config import GatewayConfig, parse_api_keys
+from services.runtime.errors import ConfigError, Unauthenticated
+
+
+def test_key_maps_to_its_tenant():
+    auth = ApiKeyAuth({"k-a": "acme", "k-b": "globex"})
+    assert auth.tenant_for([("authorization", "Bearer k-a")]) == "acme"
+    assert auth.tenant_for([("Authorization", "bearer   k-b ")]) == "globex"
+    assert auth.tenant_for([("authorization", b"Bearer k-b")]) == "globex"
+
+
+@pytest.mark.parametrize("metadata", [None, [], [("x-other", "1")], [("authorization", "k-a")],
+                                      [("authorization", "Bearer ")], [("authorization", "Bearer k-c")],
+                                      [("authorization", "Bearer k-a-longer")], [("authorization", "Basic k-a")]])
+def test_missing_malformed_or_unknown_key_is_unauthenticated(metadata):
+    auth = ApiKeyAuth({"k-a": "acme"})
+    with pytest.raises(Unauthenticated) as info:
+        auth.tenant_for(metadata)
+    assert "authorization" in info.value.message
+    assert "k-a" not in info.value.message or "Bearer" in info.value.message
+
+
+def test_no_keys_disables_auth_with_default_tenant(caplog):
+    with caplog.at_level("WARNING"):
+        auth = ApiKeyAuth({})
+    assert not auth.enabled
+    assert "DISABLED" in caplog.text
+    assert auth.tenant_for(None) == DEFAULT_TENANT
+    assert auth.tenant_for([("authorization", "Bearer anything")]) == DEFAULT_TENANT
+
+
+def test_parse_api_keys_commas_newlines_comments():
+    assert parse_api_keys("k1=a, k2=b\n# comment\n\nk3 = c", source="x") == {"k1": "a", "k2": "b", "k3": "c"}
+    with pytest.raises(ConfigError):
+        parse_api_keys("justakey", source="x")
+    with pytest.raises(ConfigError):
+        parse_api_keys("k1=", source="x")
+
+
+def test_config_merges_env_keys_and_secrets_file(tmp_path):
+    secrets = tmp_path / "keys"
+    secrets.write_text("# mounted secret\nfile-key=tenant-f\n")
+    config = GatewayConfig.from_env({"RAGFLEET_GATEWAY_API_KEYS": "env-key=tenant-e",
+                                     "RAGFLEET_GATEWAY_API_KEYS_FILE": str(secrets)})
+    assert dict(config.api_keys) == {"env-key": "tenant-e", "file-key": "tenant-f"}
+    with pytest.raises(ConfigError, match="API_KEYS_FILE"):
+        GatewayConfig.from_env({"RAGFLEET_GATEWAY_API_KEYS_FILE": str(tmp_path / "missing")})
+
+
+def test_config_defaults_and_validation():
+    config = GatewayConfig.from_env({})
+    assert config.server.port == 50050
+    assert not config.api_keys and config.redis_url is None
+    assert config.ask.max_in_flight == 512
+    with pytest.raises(ConfigError, match="CHUNK_OVERLAP"):
+        GatewayConfig.from_env({"RAGFLEET_GATEWAY_CHUNK_TOKENS": "32", "RAGFLEET_GATEWAY_CHUNK_OVERLAP": "32"})
+    with pytest.raises(ConfigError, match="CORPUS_VERSION_KEY"):
+        GatewayConfig.from_env({"RAGFLEET_GATEWAY_CORPUS_VERSION_KEY": "no-placeholder"})
