@@ -9,18 +9,18 @@ Exits 0 only when the answer streamed back with sources, so it doubles as a smok
 from __future__ import annotations
 
 import argparse
-import asyncio
-import inspect
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
+
+import grpc
 
 from services.cli.mesh import MeshError
-from services.cli.up import add_mesh_arguments, build_mesh, resolve_data_dir, running_mesh
+from services.cli.up import SAMPLE_CORPUS, add_mesh_arguments, build_mesh, resolve_data_dir, running_mesh
 
-SAMPLE_CORPUS = Path(__file__).resolve().parent / "sample_corpus"
 DEFAULT_QUESTION = "How does a honeybee tell her nestmates where to find food?"
+SOURCES_MARKER = "\nSources:\n"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,45 +32,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--question", default=DEFAULT_QUESTION, help="what to ask")
 
 
-def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """ingest_path/ask may be plain or async functions; run either to completion."""
-    result = fn(*args, **kwargs)
-    return asyncio.run(result) if inspect.isawaitable(result) else result
-
-
 class _Recorder:
     """Passes text through to the terminal and keeps a copy, so the demo can check what the user saw."""
 
     def __init__(self, out: TextIO) -> None:
         self._out = out
-        self.text: list[str] = []
+        self.parts: list[str] = []
 
     def write(self, text: str) -> int:
-        self.text.append(text)
+        self.parts.append(text)
         return self._out.write(text)
 
     def flush(self) -> None:
         self._out.flush()
 
-    def isatty(self) -> bool:
-        return self._out.isatty()
 
-
-def _answered_with_sources(result: Any, shown: str) -> bool:
-    """Success = ask() reported sources and an answer; falls back to what was printed if it returns nothing."""
-    sources = getattr(result, "sources", None)
-    answer = getattr(result, "answer", None) if result is not None else None
-    if isinstance(result, dict):
-        sources, answer = result.get("sources"), result.get("answer")
-    if sources is not None or answer is not None:
-        return bool(sources) and bool(answer and str(answer).strip())
-    if isinstance(result, int) and not isinstance(result, bool) and result != 0:
-        return False
-    return "[1]" in shown
+def answered_with_sources(exit_code: int, shown: str) -> bool:
+    """`ask` prints the answer, then a "Sources:" list; both must be there and the call must have succeeded."""
+    answer, marker, sources = shown.partition(SOURCES_MARKER)
+    return exit_code == 0 and bool(marker) and bool(answer.strip()) and "[1]" in sources
 
 
 def run(args: argparse.Namespace) -> int:
-    from services.cli.ask import ask
+    from services.cli.ask import ask, describe_error
     from services.cli.ingest import ingest_path
 
     out = sys.stdout
@@ -82,12 +66,15 @@ def run(args: argparse.Namespace) -> int:
                 gateway = mesh.address("gateway")
                 print(f"mesh up in {cold_start:.1f} s; gateway {gateway}\n\ningesting {args.corpus}", file=out,
                       flush=True)
-                _call(ingest_path, gateway, args.corpus, api_key=None, show_progress=True)
-                print(f"\nQ: {args.question}\n", file=out, flush=True)
+                documents, chunks = ingest_path(gateway, args.corpus, api_key=None, show_progress=True)
+                print(f"ingested {documents} documents as {chunks} chunks\n\nQ: {args.question}\n", file=out,
+                      flush=True)
+                if not chunks:
+                    print("demo failed: nothing was ingested", file=sys.stderr)
+                    return 1
                 recorder = _Recorder(out)
-                result = _call(ask, gateway, args.question, api_key=None, out=recorder)
-                print(file=out, flush=True)
-                if not _answered_with_sources(result, "".join(recorder.text)):
+                code = ask(gateway, args.question, api_key=None, out=recorder)
+                if not answered_with_sources(code, "".join(recorder.parts)):
                     print("demo failed: no answer with sources came back", file=sys.stderr)
                     return 1
                 failed = mesh.exited()
@@ -97,6 +84,9 @@ def run(args: argparse.Namespace) -> int:
             return 0
         except MeshError as exc:
             print(f"ragfleet demo failed: {exc}", file=sys.stderr)
+            return 1
+        except grpc.RpcError as exc:
+            print(f"ragfleet demo failed: ingest: {describe_error(exc)}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)

@@ -25,6 +25,7 @@ from services.runtime.config import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, data_d
 # Offsets from --port-base follow the runtime's fixed defaults: gateway 50050, embedding 50051, ...
 _PORT_OFFSETS = {name: port - DEFAULT_PORTS["gateway"] for name, port in DEFAULT_PORTS.items()}
 _METRICS_OFFSETS = {name: port - DEFAULT_METRICS_PORTS["gateway"] for name, port in DEFAULT_METRICS_PORTS.items()}
+SAMPLE_CORPUS = Path(__file__).resolve().parent / "sample_corpus"
 DEFAULT_START_TIMEOUT = 180.0
 POLL_SECONDS = 0.5
 
@@ -116,7 +117,7 @@ def print_banner(mesh: LocalMesh, cold_start: float, out: TextIO) -> None:
         f"  data        {mesh.data_dir}",
         "",
         "Try:",
-        f"  ragfleet ingest --gateway {gateway} PATH        # .txt/.md files or a BEIR corpus.jsonl",
+        f"  ragfleet ingest --gateway {gateway} {SAMPLE_CORPUS}   # or any .txt/.md files, a BEIR corpus.jsonl",
         f"  ragfleet ask --gateway {gateway} \"your question\"",
         f"  grpcurl -plaintext {gateway} list",
         f"  grpcurl -plaintext -d '{{\"question\": \"How do honeybees find food?\"}}' {gateway} "
