@@ -85,13 +85,13 @@ class LLMConfig:
     retry_backoff: float = 0.1
     max_connections: int = 256
     summary_model: str | None = None
-    summary_tokens: int = 200
 
 
 @dataclass(frozen=True)
 class PromptBudget:
     passage_tokens: int = 3000
     history_tokens: int = 1024
+    summary_tokens: int = 200  # part of history_tokens kept for a summary of dropped turns (when summarising)
 
 
 @dataclass(frozen=True)
@@ -140,31 +140,30 @@ class GenerationConfig:
             encoding=env.str("ENCODING", DEFAULT_ENCODING),
         )
         base_url = shared.optional_str("BASE_URL")
-        llm = None
-        if base_url:
-            llm = LLMConfig(
-                base_url=base_url,
-                api_key=shared.str("API_KEY", "unused"),
-                default_model=shared.str("MODEL", DEFAULT_MODEL),
-                timeouts=LLMTimeouts(
-                    connect=env.float("CONNECT_TIMEOUT_SECONDS", 2.0, minimum=0.001),
-                    first_token=env.float("FIRST_TOKEN_TIMEOUT_SECONDS", 10.0, minimum=0.001),
-                    read=env.float("READ_TIMEOUT_SECONDS", 30.0, minimum=0.001),
-                ),
-                max_retries=env.int("MAX_RETRIES", 2, minimum=0),
-                retry_backoff=env.float("RETRY_BACKOFF_SECONDS", 0.1, minimum=0),
-                max_connections=env.int("MAX_CONNECTIONS", 256, minimum=1),
-                summary_model=env.optional_str("SUMMARY_MODEL"),
-                summary_tokens=env.int("SUMMARY_TOKENS", 200, minimum=16),
-            )
+        # Parsed even when no LLM is configured, so a bad value fails start-up instead of lying in wait.
+        llm = LLMConfig(
+            base_url=base_url or "",
+            api_key=shared.str("API_KEY", "unused"),
+            default_model=shared.str("MODEL", DEFAULT_MODEL),
+            timeouts=LLMTimeouts(
+                connect=env.float("CONNECT_TIMEOUT_SECONDS", 2.0, minimum=0.001),
+                first_token=env.float("FIRST_TOKEN_TIMEOUT_SECONDS", 10.0, minimum=0.001),
+                read=env.float("READ_TIMEOUT_SECONDS", 30.0, minimum=0.001),
+            ),
+            max_retries=env.int("MAX_RETRIES", 2, minimum=0),
+            retry_backoff=env.float("RETRY_BACKOFF_SECONDS", 0.1, minimum=0),
+            max_connections=env.int("MAX_CONNECTIONS", 256, minimum=1),
+            summary_model=env.optional_str("SUMMARY_MODEL"),
+        )
         return cls(
             server=ServerConfig.from_env("generation", environ),
-            llm=llm,
+            llm=llm if base_url else None,
             fallback=env.bool("FALLBACK", False),
             defaults=defaults,
             models=_model_settings(env, defaults),
             budget=PromptBudget(passage_tokens=env.int("PASSAGE_TOKENS", 3000, minimum=64),
-                                history_tokens=env.int("HISTORY_TOKENS", 1024, minimum=0)),
+                                history_tokens=env.int("HISTORY_TOKENS", 1024, minimum=0),
+                                summary_tokens=env.int("SUMMARY_TOKENS", 200, minimum=16)),
             coalesce=CoalesceConfig(max_bytes=env.int("COALESCE_MAX_BYTES", 1024, minimum=1),
                                     max_delay=env.float("COALESCE_MAX_DELAY_MS", 5.0, minimum=0) / 1000),
             limits=Limits(max_question_chars=env.int("MAX_QUESTION_CHARS", 8000, minimum=1),

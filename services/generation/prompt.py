@@ -198,5 +198,4 @@ class PromptBuilder:
         return kept, len(dropped), False
 
     def _summary_reserve(self) -> int:
-        llm = self._config.llm
-        return (llm.summary_tokens if llm else 0) + _PER_MESSAGE + 8
+        return self._config.budget.summary_tokens + _PER_MESSAGE + 8
