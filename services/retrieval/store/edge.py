@@ -232,6 +232,9 @@ class EdgeStore(VectorStore):
         if shard is not None:
             # Wait for a running optimize, then flush and close on the write thread (after queued writes).
             self._indexer.shutdown(wait=True)
-            await asyncio.get_running_loop().run_in_executor(self._writer, lambda: (shard.flush(), shard.close()))
+            try:
+                await asyncio.get_running_loop().run_in_executor(self._writer, lambda: (shard.flush(), shard.close()))
+            except Exception as exc:  # noqa: BLE001 - shutdown must finish; the WAL still holds acked writes
+                log.error("closing the embedded engine failed: %s", exc)
         self._readers.shutdown(wait=False)
         self._writer.shutdown(wait=True)

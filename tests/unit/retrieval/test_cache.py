@@ -1,0 +1,65 @@
+"""The result cache: versions shared through real Redis (two replicas), L1/L2, and life without Redis."""
+
+from __future__ import annotations
+
+import pytest
+import redis.asyncio as aioredis
+
+from services.retrieval.cache import ResultCache
+from services.retrieval.config import CacheSettings
+
+from tests.conftest import REDIS_URL  # noqa: F401  (shared test Redis)
+
+
+@pytest.fixture
+async def redis_cleanup(redis_prefix):
+    yield redis_prefix
+    client = aioredis.from_url(REDIS_URL)
+    keys = [k async for k in client.scan_iter(match=redis_prefix + "*")]
+    if keys:
+        await client.delete(*keys)
+    await client.aclose()
+
+
+async def test_replicas_share_versions_and_l2(redis_cleanup):
+    prefix = redis_cleanup
+    a = ResultCache(CacheSettings(size=16, redis_url=REDIS_URL), prefix=prefix)
+    b = ResultCache(CacheSettings(size=16, redis_url=REDIS_URL), prefix=prefix)
+    try:
+        assert await a.version("t") == 0
+        key = a.key("t", 0, b"query")
+        await a.put(key, b"result")
+        assert await a.get(key) == (b"result", "l1_hit")
+        assert await b.get(b.key("t", 0, b"query")) == (b"result", "l2_hit")  # written by the other replica
+        assert await b.get(b.key("t", 0, b"query")) == (b"result", "l1_hit")
+        assert await b.bump("t") == 1  # a write lands on replica b ...
+        assert await a.version("t") == 1  # ... and replica a keys its next lookup on the new version
+        assert await a.get(a.key("t", 1, b"query")) == (None, "miss")
+        assert await a.version("other-tenant") == 0
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_without_redis_versions_are_local():
+    cache = ResultCache(CacheSettings(size=2))
+    assert await cache.version("t") == 0
+    assert await cache.bump("t") == 1 and await cache.bump("t") == 2
+    for i in range(3):
+        await cache.put(f"k{i}", b"v")
+    assert (await cache.get("k0"))[1] == "miss"  # LRU evicted the oldest of three in a size-2 cache
+    assert (await cache.get("k2"))[1] == "l1_hit"
+
+
+async def test_redis_down_means_no_cache_not_errors():
+    cache = ResultCache(CacheSettings(size=4, redis_url="redis://127.0.0.1:1/0"))
+    assert await cache.version("t") is None  # caller must not cache
+    assert await cache.bump("t") == 1  # the write still succeeds
+    await cache.put("k", b"v")  # L2 write failure is logged, not raised
+    await cache.close()
+
+
+def test_keys_differ_by_tenant_version_and_query():
+    cache = ResultCache(CacheSettings())
+    keys = {cache.key("t", 0, b"q"), cache.key("u", 0, b"q"), cache.key("t", 1, b"q"), cache.key("t", 0, b"r")}
+    assert len(keys) == 4
