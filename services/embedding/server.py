@@ -1,0 +1,52 @@
+"""Entry point of the embedding service: `python -m services.embedding` or `ragfleet serve embedding`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from services.embedding.backends import build_backend
+from services.embedding.batcher import Batcher
+from services.embedding.cache import L1Cache, build_l2
+from services.embedding.config import EmbeddingConfig
+from services.embedding.embedder import Embedder
+from services.embedding.servicer import SERVICE_NAME, EmbeddingServiceServicer
+from services.runtime.config import ServerConfig
+from services.runtime.errors import ConfigError
+from services.runtime.pb.ragfleet.v1 import common_pb2, embedding_pb2_grpc
+from services.runtime.serve import Binding, bootstrap, run_server
+
+log = logging.getLogger("ragfleet.embedding")
+
+
+async def build_embedder(config: EmbeddingConfig) -> Embedder:
+    """Load the backend, start the batcher, connect the caches (shared by the server, tests and the benchmark)."""
+    backend = build_backend(config)
+    await backend.start()
+    batcher = Batcher(backend, config.effective_batcher)
+    batcher.start()
+    l1 = L1Cache(config.cache.l1_max_bytes, config.cache.l1_ttl_seconds) if config.cache.l1_max_bytes else None
+    embedder = Embedder(backend, batcher, l1, build_l2(config.cache, backend.dimension), truncate=config.truncate)
+    if config.prewarm_file:
+        await embedder.prewarm(config.prewarm_file, common_pb2.INPUT_TYPE_QUERY)
+    return embedder
+
+
+def main() -> int:
+    try:
+        config = EmbeddingConfig.from_env()
+    except ConfigError as exc:
+        bootstrap(ServerConfig(component="embedding", log_format="text"))
+        log.error("bad configuration: %s", exc)
+        return 2
+    bootstrap(config.server)
+
+    async def build():
+        embedder = await build_embedder(config)
+        servicer = EmbeddingServiceServicer(embedder, max_texts=config.max_texts,
+                                            max_text_chars=config.max_text_chars)
+        binding = Binding(SERVICE_NAME, embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server, servicer)
+        return [binding], embedder.close
+
+    asyncio.run(run_server(config.server, build))
+    return 0
