@@ -1,0 +1,87 @@
+"""What only the embedded engine does: background HNSW build, index status, persistence, start-up errors."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from services.retrieval.config import IndexConfig
+from services.retrieval.store.base import StoreStartupError
+from services.retrieval.store.edge import EdgeStore
+
+from .conftest import DIM, make_record, unit
+
+
+def records(encoder, n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return [make_record(encoder, "acme", f"d{i}", 0, f"chunk number {i}", unit(rng)) for i in range(n)]
+
+
+async def wait_for(predicate, timeout: float = 20.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await predicate():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize("quantization", ["none", "int8"])
+async def test_hnsw_is_built_in_background_once_writes_settle(tmp_path, encoder, quantization):
+    index = IndexConfig(dimension=DIM, indexing_threshold_kb=1, optimize_idle_seconds=0.2, quantization=quantization)
+    store = EdgeStore(path=str(tmp_path / "s"), index=index)
+    await store.start()
+    try:
+        data = records(encoder, 600)
+        await store.upsert(data)
+        assert (await store.status()).state in ("exact", "optimizing")
+        # Searches keep answering (exactly) while the index is pending or being built.
+        query = data[10].vector
+        assert (await store.dense("acme", query, 1, ()))[0].point_id == data[10].point_id
+
+        async def indexed() -> bool:
+            return (await store.status()).state == "indexed"
+
+        await wait_for(indexed)
+        status = await store.status()
+        assert status.points == 600 and status.indexed_vectors >= 600 and status.last_optimize_seconds is not None
+        exact = await store.dense("acme", query, 10, (), exact=True)
+        approx = await store.dense("acme", query, 10, (), hnsw_ef=128)
+        assert len({h.point_id for h in exact} & {h.point_id for h in approx}) >= 9
+        await store.upsert(records(encoder, 5, seed=1))  # a new write makes the state exact again until re-indexed
+        assert (await store.status()).state in ("exact", "optimizing")
+    finally:
+        await store.close()
+
+
+async def test_data_persists_and_a_second_opener_gets_a_clear_error(tmp_path, encoder):
+    path = str(tmp_path / "s")
+    index = IndexConfig(dimension=DIM, optimize_idle_seconds=0)
+    store = EdgeStore(path=path, index=index)
+    await store.start()
+    await store.upsert(records(encoder, 20))
+    second = EdgeStore(path=path, index=index)
+    with pytest.raises(StoreStartupError, match="locked by another process.*nothing was changed or deleted"):
+        await second.start()
+    await store.close()
+    reopened = EdgeStore(path=path, index=index)
+    await reopened.start()
+    assert await reopened.count("acme") == 20
+    await reopened.close()
+    wrong_dim = EdgeStore(path=path, index=IndexConfig(dimension=DIM * 2, optimize_idle_seconds=0))
+    with pytest.raises(StoreStartupError, match="cannot be opened"):
+        await wrong_dim.start()
+    check = EdgeStore(path=path, index=index)  # the failed open destroyed nothing
+    await check.start()
+    assert await check.count("acme") == 20
+    await check.close()
+
+
+async def test_corrupt_data_dir_fails_start_up(tmp_path):
+    path = tmp_path / "s"
+    path.mkdir()
+    (path / "segments").write_text("not a directory of segments")
+    store = EdgeStore(path=str(path), index=IndexConfig(dimension=DIM, optimize_idle_seconds=0))
+    with pytest.raises(StoreStartupError, match="cannot be opened"):
+        await store.start()
+    assert (path / "segments").read_text() == "not a directory of segments"
