@@ -9,7 +9,6 @@ from typing import Awaitable, Callable, Sequence
 
 from services.generation.config import GenerationConfig
 from services.generation.extractive import ExtractiveAnswerer
-from services.generation.llm import OpenAIAnswerer
 from services.generation.prompt import PromptBuilder, TokenCounter
 from services.generation.servicer import SERVICE_NAME, GenerationServiceServicer
 from services.runtime.errors import ConfigError
@@ -23,7 +22,12 @@ async def build(config: GenerationConfig) -> tuple[Sequence[Binding], Callable[[
     # Load every tokenizer now (~0.2 s each) rather than on the first request.
     counter = TokenCounter(sorted({config.defaults.encoding, *(m.encoding for m in config.models.values())}))
     offline = ExtractiveAnswerer(counter)
-    llm = OpenAIAnswerer(config.llm, counter) if config.llm else None
+    llm = None
+    if config.llm is not None:
+        # Imported only when used: the openai package alone costs ~1 s of start-up.
+        from services.generation.llm import OpenAIAnswerer
+
+        llm = OpenAIAnswerer(config.llm, counter)
     summariser = llm.summarise if llm is not None and config.llm and config.llm.summary_model else None
     prompts = PromptBuilder(config, counter, summariser=summariser)
     servicer = GenerationServiceServicer(config, answerer=llm or offline, offline=offline, prompts=prompts)
