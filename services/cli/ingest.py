@@ -138,9 +138,10 @@ def _read_text_file(file: Path, root: Path) -> gateway_pb2.Document | None:
         return None
     doc_id = file.name if root.is_file() else file.relative_to(root).as_posix()
     title = file.stem.replace("_", " ").replace("-", " ").strip()
-    first = text.splitlines()[0].strip()
-    if file.suffix.lower() in (".md", ".markdown") and first.startswith("#"):
-        title = first.lstrip("#").strip() or title
+    first, _, rest = text.partition("\n")
+    if file.suffix.lower() in (".md", ".markdown") and first.startswith("#") and rest.strip():
+        # The heading becomes the title (sent with every chunk), so it is not repeated in the body.
+        title, text = first.lstrip("#").strip() or title, rest.strip()
     return gateway_pb2.Document(doc_id=doc_id, title=title, text=text, metadata={"source": file.as_posix()})
 
 

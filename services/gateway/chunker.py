@@ -103,7 +103,7 @@ def chunk_text(tokenizer: Tokenizer, title: str, text: str, *, chunk_tokens: int
         chunks.append(TextChunk(len(chunks), text[spans[start][0]:spans[end - 1][1]], end - start))
         if end >= total:
             break
-        start = max(end - overlap, start + 1)
+        start = _snap_to_sentence_start(text, spans, max(end - overlap, start + 1), end)
     return chunks
 
 
@@ -115,6 +115,16 @@ def _snap_to_sentence_end(text: str, spans: list[tuple[int, int]], start: int, e
         if text[last_end - 1] in _SENTENCE_END or "\n" in text[last_end:spans[j][0]]:
             return j
     return end
+
+
+def _snap_to_sentence_start(text: str, spans: list[tuple[int, int]], start: int, end: int) -> int:
+    """Move an overlap's `start` forward to the first sentence start before `end`, so chunks do not open
+    mid-sentence; keeps `start` when the overlap holds no sentence start."""
+    for j in range(max(start, 1), end):
+        previous_end = spans[j - 1][1]
+        if text[previous_end - 1] in _SENTENCE_END or "\n" in text[previous_end:spans[j][0]]:
+            return j
+    return start
 
 
 def embed_text(title: str, chunk: str) -> str:

@@ -57,3 +57,10 @@ def test_overlap_must_be_smaller():
 def test_embed_text_keeps_title():
     assert embed_text("Title", "body") == "Title\nbody"
     assert embed_text("", "body") == "body"
+
+
+def test_overlap_starts_at_a_sentence_start_when_it_holds_one():
+    chunks = chunk_text(WordTokenizer(), "", TEXT, chunk_tokens=60, overlap=20)
+    assert all(c.text.startswith("Sentence number") for c in chunks)
+    for a, b in zip(chunks, chunks[1:]):
+        assert b.text.split(".")[0] in a.text, "still overlapping"
