@@ -19,7 +19,7 @@ import grpc
 from services.cli.mesh import MeshError
 from services.cli.up import SAMPLE_CORPUS, add_mesh_arguments, build_mesh, resolve_data_dir, running_mesh
 
-DEFAULT_QUESTION = "How does a honeybee tell her nestmates where to find food?"
+DEFAULT_QUESTION = "How does the waggle dance tell other bees the direction and distance of food?"
 SOURCES_MARKER = "\nSources:\n"
 
 
