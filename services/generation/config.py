@@ -131,28 +131,31 @@ class GenerationConfig:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "GenerationConfig":
         env = Env("RAGFLEET_GENERATION_", environ)
         shared = Env("RAGFLEET_LLM_", environ)
+        # The dataclass defaults are the single source of every default value.
+        m, t, b, c, lim = ModelSettings(), LLMTimeouts(), PromptBudget(), CoalesceConfig(), Limits()
+        base = LLMConfig(base_url="")
         defaults = ModelSettings(
-            temperature=env.float("TEMPERATURE", 0.2, minimum=0),
-            max_tokens=env.int("MAX_TOKENS", 512, minimum=1),
+            temperature=env.float("TEMPERATURE", m.temperature, minimum=0),
+            max_tokens=env.int("MAX_TOKENS", m.max_tokens, minimum=1),
             top_p=_optional_float(env, "TOP_P"),
             stop=env.list("STOP"),
-            context_tokens=env.int("CONTEXT_TOKENS", 8192, minimum=256),
-            encoding=env.str("ENCODING", DEFAULT_ENCODING),
+            context_tokens=env.int("CONTEXT_TOKENS", m.context_tokens, minimum=256),
+            encoding=env.str("ENCODING", m.encoding),
         )
         base_url = shared.optional_str("BASE_URL")
         # Parsed even when no LLM is configured, so a bad value fails start-up instead of lying in wait.
         llm = LLMConfig(
             base_url=base_url or "",
-            api_key=shared.str("API_KEY", "unused"),
-            default_model=shared.str("MODEL", DEFAULT_MODEL),
+            api_key=shared.str("API_KEY", base.api_key),
+            default_model=shared.str("MODEL", base.default_model),
             timeouts=LLMTimeouts(
-                connect=env.float("CONNECT_TIMEOUT_SECONDS", 2.0, minimum=0.001),
-                first_token=env.float("FIRST_TOKEN_TIMEOUT_SECONDS", 10.0, minimum=0.001),
-                read=env.float("READ_TIMEOUT_SECONDS", 30.0, minimum=0.001),
+                connect=env.float("CONNECT_TIMEOUT_SECONDS", t.connect, minimum=0.001),
+                first_token=env.float("FIRST_TOKEN_TIMEOUT_SECONDS", t.first_token, minimum=0.001),
+                read=env.float("READ_TIMEOUT_SECONDS", t.read, minimum=0.001),
             ),
-            max_retries=env.int("MAX_RETRIES", 2, minimum=0),
-            retry_backoff=env.float("RETRY_BACKOFF_SECONDS", 0.1, minimum=0),
-            max_connections=env.int("MAX_CONNECTIONS", 256, minimum=1),
+            max_retries=env.int("MAX_RETRIES", base.max_retries, minimum=0),
+            retry_backoff=env.float("RETRY_BACKOFF_SECONDS", base.retry_backoff, minimum=0),
+            max_connections=env.int("MAX_CONNECTIONS", base.max_connections, minimum=1),
             summary_model=env.optional_str("SUMMARY_MODEL"),
         )
         return cls(
@@ -161,16 +164,17 @@ class GenerationConfig:
             fallback=env.bool("FALLBACK", False),
             defaults=defaults,
             models=_model_settings(env, defaults),
-            budget=PromptBudget(passage_tokens=env.int("PASSAGE_TOKENS", 3000, minimum=64),
-                                history_tokens=env.int("HISTORY_TOKENS", 1024, minimum=0),
-                                summary_tokens=env.int("SUMMARY_TOKENS", 200, minimum=16)),
-            coalesce=CoalesceConfig(max_bytes=env.int("COALESCE_MAX_BYTES", 1024, minimum=1),
-                                    max_delay=env.float("COALESCE_MAX_DELAY_MS", 5.0, minimum=0) / 1000),
-            limits=Limits(max_question_chars=env.int("MAX_QUESTION_CHARS", 8000, minimum=1),
-                          max_passages=env.int("MAX_PASSAGES", 100, minimum=1),
-                          max_history_turns=env.int("MAX_HISTORY_TURNS", 200, minimum=0),
-                          max_tokens=env.int("MAX_TOKENS_LIMIT", 4096, minimum=1),
-                          max_concurrent=env.int("MAX_CONCURRENT", 1024, minimum=1)),
+            budget=PromptBudget(passage_tokens=env.int("PASSAGE_TOKENS", b.passage_tokens, minimum=64),
+                                history_tokens=env.int("HISTORY_TOKENS", b.history_tokens, minimum=0),
+                                summary_tokens=env.int("SUMMARY_TOKENS", b.summary_tokens, minimum=16)),
+            coalesce=CoalesceConfig(
+                max_bytes=env.int("COALESCE_MAX_BYTES", c.max_bytes, minimum=1),
+                max_delay=env.float("COALESCE_MAX_DELAY_MS", c.max_delay * 1000, minimum=0) / 1000),
+            limits=Limits(max_question_chars=env.int("MAX_QUESTION_CHARS", lim.max_question_chars, minimum=1),
+                          max_passages=env.int("MAX_PASSAGES", lim.max_passages, minimum=1),
+                          max_history_turns=env.int("MAX_HISTORY_TURNS", lim.max_history_turns, minimum=0),
+                          max_tokens=env.int("MAX_TOKENS_LIMIT", lim.max_tokens, minimum=1),
+                          max_concurrent=env.int("MAX_CONCURRENT", lim.max_concurrent, minimum=1)),
         )
 
 

@@ -143,3 +143,23 @@ async def test_control_endpoints(sim):
     assert (await control.get("/v1/models")).json()["data"][0]["id"] == "sim-llm"
     await control.post("/_sim/reset")
     assert (await _stats(control))["chat_requests"] == 0
+
+
+def test_ragfleet_sim_llm_command_serves_on_a_free_port():
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-m", "services.cli", "sim-llm", "--port", "0", "--ttft-ms", "5",
+                                "--failure-rate", "0", "--model", "cli-model"],
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        line = process.stdout.readline()
+        assert line.startswith("sim-llm listening on http://127.0.0.1:")
+        url = line.split()[-1]
+        client = openai.OpenAI(base_url=url, api_key="k", max_retries=0, timeout=5)
+        assert client.models.list().data[0].id == "cli-model"
+        reply = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "q"}], max_tokens=3)
+        assert reply.choices[0].message.content.startswith("According")
+    finally:
+        process.terminate()
+        process.wait(10)

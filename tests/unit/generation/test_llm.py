@@ -6,10 +6,8 @@ from __future__ import annotations
 import asyncio
 import time
 
-import httpx
 import pytest
 
-from services.cli import sim_llm
 from services.generation.base import Delta, Done, LLMStreamError, LLMUnavailable
 from services.generation.config import GenerationConfig, LLMConfig, LLMTimeouts
 from services.generation.llm import OpenAIAnswerer
@@ -18,21 +16,6 @@ from services.runtime.config import ServerConfig
 from services.runtime.pb.ragfleet.v1 import common_pb2, generation_pb2
 
 COUNTER = TokenCounter()
-
-
-@pytest.fixture
-async def sim():
-    runner, port = await sim_llm.start(sim_llm.SimConfig(ttft_ms=10, tokens_per_second=1000, max_tokens=10))
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as control:
-        control.llm_url = f"http://127.0.0.1:{port}/v1"  # type: ignore[attr-defined]
-        try:
-            yield control
-        finally:
-            await runner.cleanup()
-
-
-async def stats(control) -> dict:
-    return (await control.get("/_sim/stats")).json()
 
 
 def make(control, **kw) -> tuple[OpenAIAnswerer, GenerationConfig]:
@@ -61,7 +44,7 @@ async def test_streams_deltas_then_done_with_upstream_usage(sim):
     assert all(isinstance(d, Delta) for d in deltas) and len(deltas) == 6
     assert "".join(d.text for d in deltas).startswith("According")
     assert isinstance(done, Done) and done.finish_reason == "length" and done.model == "sim-model"
-    body = (await stats(sim))["last_chat_request"]
+    body = (await sim.stats())["last_chat_request"]
     assert done.completion_tokens == 6 and done.prompt_tokens == sum(len(m["content"].split())
                                                                      for m in body["messages"])
     assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
@@ -70,7 +53,7 @@ async def test_streams_deltas_then_done_with_upstream_usage(sim):
 
 
 async def test_failures_before_first_token_are_retried_then_reported(sim):
-    await sim.post("/_sim/config", json={"failure_rate": 1.0})
+    await sim.configure(**{"failure_rate": 1.0})
     answerer, config = make(sim, max_retries=2)
     try:
         with pytest.raises(LLMUnavailable, match=r"LLM at http://127.0.0.1:\d+/v1 .*HTTP 500.* after 3 attempt"):
@@ -78,18 +61,18 @@ async def test_failures_before_first_token_are_retried_then_reported(sim):
                 pass
     finally:
         await answerer.close()
-    assert (await stats(sim))["chat_requests"] == 3
+    assert (await sim.stats())["chat_requests"] == 3
 
 
 async def test_a_retry_can_succeed(sim):
-    await sim.post("/_sim/config", json={"failure_rate": 1.0})
+    await sim.configure(**{"failure_rate": 1.0})
     answerer, config = make(sim, max_retries=1, retry_backoff=0.4)
     prompt = await prompt_for(config)
 
     async def heal():
-        while (await stats(sim))["chat_requests"] < 1:
+        while (await sim.stats())["chat_requests"] < 1:
             await asyncio.sleep(0.01)
-        await sim.post("/_sim/config", json={"failure_rate": 0.0})
+        await sim.configure(**{"failure_rate": 0.0})
 
     try:
         healer = asyncio.create_task(heal())
@@ -97,11 +80,11 @@ async def test_a_retry_can_succeed(sim):
         await healer
     finally:
         await answerer.close()
-    assert isinstance(events[-1], Done) and (await stats(sim))["chat_requests"] == 2
+    assert isinstance(events[-1], Done) and (await sim.stats())["chat_requests"] == 2
 
 
 async def test_no_retry_once_tokens_were_sent(sim):
-    await sim.post("/_sim/config", json={"break_after_tokens": 3})
+    await sim.configure(**{"break_after_tokens": 3})
     answerer, config = make(sim, max_retries=3)
     got = []
     try:
@@ -110,11 +93,11 @@ async def test_no_retry_once_tokens_were_sent(sim):
                 got.append(event)
     finally:
         await answerer.close()
-    assert len(got) == 3 and (await stats(sim))["chat_requests"] == 1
+    assert len(got) == 3 and (await sim.stats())["chat_requests"] == 1
 
 
 async def test_hang_hits_the_first_token_timeout(sim):
-    await sim.post("/_sim/config", json={"hang_rate": 1.0})
+    await sim.configure(**{"hang_rate": 1.0})
     answerer, config = make(sim, max_retries=1, first_token=0.3)
     started = time.perf_counter()
     try:
@@ -124,11 +107,11 @@ async def test_hang_hits_the_first_token_timeout(sim):
     finally:
         await answerer.close()
     assert 0.6 <= time.perf_counter() - started < 1.5
-    assert (await stats(sim))["hangs_injected"] == 2
+    assert (await sim.stats())["hangs_injected"] == 2
 
 
 async def test_caller_deadline_bounds_the_wait(sim):
-    await sim.post("/_sim/config", json={"hang_rate": 1.0})
+    await sim.configure(**{"hang_rate": 1.0})
     answerer, config = make(sim, max_retries=5, first_token=5.0)
     prompt = await prompt_for(config)
     prompt.deadline = asyncio.get_running_loop().time() + 0.25
@@ -143,7 +126,7 @@ async def test_caller_deadline_bounds_the_wait(sim):
 
 
 async def test_cancel_mid_stream_closes_the_http_request(sim):
-    await sim.post("/_sim/config", json={"tokens_per_second": 20, "max_tokens": 200})
+    await sim.configure(**{"tokens_per_second": 20, "max_tokens": 200})
     answerer, config = make(sim)
     got = asyncio.Event()
 
@@ -155,15 +138,11 @@ async def test_cancel_mid_stream_closes_the_http_request(sim):
     try:
         task = asyncio.create_task(consume())
         await asyncio.wait_for(got.wait(), 2)
-        assert (await stats(sim))["active_streams"] == 1
+        assert (await sim.stats())["active_streams"] == 1
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        for _ in range(100):
-            s = await stats(sim)
-            if s["disconnects"] == 1 and s["active_streams"] == 0:
-                break
-            await asyncio.sleep(0.01)
+        s = await sim.wait_disconnected()
         assert s["disconnects"] == 1 and s["active_streams"] == 0 and s["completed_streams"] == 0
     finally:
         await answerer.close()
@@ -177,13 +156,13 @@ async def test_summarise_uses_the_summary_model_and_caches(sim):
         second = await answerer.summarise(turns, 50)
     finally:
         await answerer.close()
-    s = await stats(sim)
+    s = await sim.stats()
     assert first and first == second and s["chat_requests"] == 1
     assert s["last_chat_request"]["model"] == "sim-summary" and "my name is Ada" in str(s["last_chat_request"])
 
 
 async def test_failed_summary_returns_none(sim):
-    await sim.post("/_sim/config", json={"failure_rate": 1.0})
+    await sim.configure(**{"failure_rate": 1.0})
     answerer, _ = make(sim, summary_model="sim-summary")
     try:
         assert await answerer.summarise([{"role": "user", "content": "x"}], 50) is None

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import replace
 
 import grpc
-import httpx
 import pytest
 
-from services.cli import sim_llm
 from services.generation.config import GenerationConfig, Limits, LLMConfig, LLMTimeouts
 from services.generation.server import build
 from services.runtime.config import ServerConfig
@@ -44,17 +41,6 @@ class Service:
 
 def offline_config(**kw) -> GenerationConfig:
     return GenerationConfig(server=ServerConfig("generation", host="127.0.0.1", port=0, metrics_port=0), **kw)
-
-
-@pytest.fixture
-async def sim():
-    runner, port = await sim_llm.start(sim_llm.SimConfig(ttft_ms=10, tokens_per_second=1000, max_tokens=12))
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as control:
-        control.llm_url = f"http://127.0.0.1:{port}/v1"  # type: ignore[attr-defined]
-        try:
-            yield control
-        finally:
-            await runner.cleanup()
 
 
 def llm_config(sim, *, fallback: bool, **kw) -> GenerationConfig:
@@ -102,7 +88,7 @@ async def test_llm_answer_with_usage(sim):
 
 
 async def test_llm_down_is_unavailable_naming_the_llm(sim):
-    await sim.post("/_sim/config", json={"failure_rate": 1.0})
+    await sim.configure(**{"failure_rate": 1.0})
     async with Service(llm_config(sim, fallback=False)) as stub:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await collect(stub, request())
@@ -111,7 +97,7 @@ async def test_llm_down_is_unavailable_naming_the_llm(sim):
 
 
 async def test_llm_down_falls_back_when_configured(sim):
-    await sim.post("/_sim/config", json={"failure_rate": 1.0})
+    await sim.configure(**{"failure_rate": 1.0})
     async with Service(llm_config(sim, fallback=True)) as stub:
         messages = await collect(stub, request())
     done = messages[-1].finished
@@ -120,7 +106,7 @@ async def test_llm_down_falls_back_when_configured(sim):
 
 
 async def test_mid_stream_break_is_unavailable_after_the_deltas(sim):
-    await sim.post("/_sim/config", json={"break_after_tokens": 3, "tokens_per_second": 50})
+    await sim.configure(**{"break_after_tokens": 3, "tokens_per_second": 50})
     async with Service(llm_config(sim, fallback=True)) as stub:
         got = []
         with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -128,11 +114,11 @@ async def test_mid_stream_break_is_unavailable_after_the_deltas(sim):
                 got.append(m)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "mid-stream" in err.value.details()
     assert got and all(m.HasField("delta") for m in got)  # no fallback text after a partial answer
-    assert (await sim.get("/_sim/stats")).json()["chat_requests"] == 1
+    assert (await sim.stats())["chat_requests"] == 1
 
 
 async def test_overload_is_resource_exhausted_at_once(sim):
-    await sim.post("/_sim/config", json={"tokens_per_second": 20, "max_tokens": 100})
+    await sim.configure(**{"tokens_per_second": 20, "max_tokens": 100})
     config = llm_config(sim, fallback=False, limits=Limits(max_concurrent=1))
     async with Service(config) as stub:
         first = stub.Generate(request(), timeout=10)
@@ -144,16 +130,12 @@ async def test_overload_is_resource_exhausted_at_once(sim):
 
 
 async def test_client_cancel_reaches_the_llm(sim):
-    await sim.post("/_sim/config", json={"tokens_per_second": 20, "max_tokens": 200})
+    await sim.configure(**{"tokens_per_second": 20, "max_tokens": 200})
     async with Service(llm_config(sim, fallback=False)) as stub:
         call = stub.Generate(request(), timeout=10)
         assert (await call.read()).HasField("delta")
         call.cancel()
-        for _ in range(100):
-            stats = (await sim.get("/_sim/stats")).json()
-            if stats["disconnects"] == 1 and stats["active_streams"] == 0:
-                break
-            await asyncio.sleep(0.02)
+        stats = await sim.wait_disconnected()
     assert stats["disconnects"] == 1 and stats["active_streams"] == 0 and stats["completed_streams"] == 0
 
 
