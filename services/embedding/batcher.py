@@ -6,9 +6,9 @@ Policy (TEI's queue, adapted to a CPU model whose cost grows with padded tokens)
   batch costs about its padded tokens, so a budget keeps long texts in small batches and short ones in big ones.
 - Grouping by length: the batch grows from the oldest queued text (so no text starves) towards the neighbours in
   token-count order that add the least padding.
-- Waiting: none while a full batch is queued; when the model is free and traffic is bursty (requests arriving closer
-  together than `max_wait`), it waits up to `max_wait` after the oldest arrival for more texts; with sparse traffic
-  (a lone caller) it never waits, so batching adds no latency there.
+- Waiting: none while a full batch is queued; when the model is free and traffic is bursty (at least half of the
+  last 16 requests arrived within `max_wait` of the previous one), it waits up to `max_wait` after the oldest arrival
+  for more texts; with sparse traffic (a lone caller) it never waits, so batching adds no latency there.
 - Work happens in `batching_task`; up to `backend.max_in_flight` batches run at once (1 for the local model).
 - A text whose caller cancelled before its batch started is dropped; each caller's future resolves as soon as the
   batch holding its text is done.
@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -30,6 +31,8 @@ from services.embedding.config import BatcherConfig
 from services.runtime.errors import Overloaded
 
 log = logging.getLogger("ragfleet.embedding.batcher")
+
+_BURST_WINDOW = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,8 +63,9 @@ class Batcher:
         self._wakeup = asyncio.Event()
         self._in_flight = 0
         self._running: set[asyncio.Task] = set()
-        self._last_arrival = 0.0
-        self._gap = float("inf")  # smoothed time between arrivals
+        self._last_arrival: float | None = None
+        # Whether each of the last arrivals came within max_wait of the one before: the burstiness signal.
+        self._close_arrivals: deque[bool] = deque(maxlen=_BURST_WINDOW)
         self._task: asyncio.Task | None = None
 
     @property
@@ -94,8 +98,8 @@ class Batcher:
                              f"waiting); retry later")
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
-        gap = now - self._last_arrival
-        self._gap = gap if self._gap == float("inf") else 0.7 * self._gap + 0.3 * gap
+        if self._last_arrival is not None:
+            self._close_arrivals.append(now - self._last_arrival < self._max_wait)
         self._last_arrival = now
         futures = []
         for item in items:
@@ -136,8 +140,10 @@ class Batcher:
             await asyncio.sleep(0)
 
     def _should_wait(self) -> bool:
-        return (self._max_wait > 0 and self.max_batch_size > 1 and self._gap < self._max_wait
-                and not self._full_batch_queued())
+        # Wait only if at least half of the recent arrivals came in bursts: then more texts are likely on their
+        # way; a lone caller's arrivals are far apart and it never pays the wait.
+        return (self._max_wait > 0 and self.max_batch_size > 1 and not self._full_batch_queued()
+                and 2 * sum(self._close_arrivals) >= max(len(self._close_arrivals), 2))
 
     def _full_batch_queued(self) -> bool:
         return self._live >= self.max_batch_size

@@ -1,0 +1,170 @@
+"""Batching policy: merging, limits, length grouping, waiting, admission, cancellation, per-caller results."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+from prometheus_client import REGISTRY
+
+from services.embedding.batcher import Batcher
+from services.embedding.config import BatcherConfig
+from services.runtime.errors import Overloaded
+
+
+def words(n: int, tag: str = "w") -> str:
+    return " ".join(f"{tag}{i}" for i in range(n))
+
+
+def batch_count() -> float:
+    return REGISTRY.get_sample_value("ragfleet_embedding_batch_size_count") or 0.0
+
+
+def batch_sum() -> float:
+    return REGISTRY.get_sample_value("ragfleet_embedding_batch_size_sum") or 0.0
+
+
+async def embed_one(batcher: Batcher, text: str) -> np.ndarray:
+    (future,) = batcher.append(batcher.backend.prepare([text]))
+    return (await future).vector
+
+
+async def test_concurrent_calls_are_merged(scripted):
+    scripted.delay = 0.01
+    batcher = Batcher(scripted, BatcherConfig(max_batch_size=32))
+    batcher.start()
+    before_count, before_sum = batch_count(), batch_sum()
+    try:
+        await asyncio.gather(*(embed_one(batcher, f"text number {i}") for i in range(64)))
+    finally:
+        await batcher.close()
+    batches = batch_count() - before_count
+    assert batch_sum() - before_sum == 64
+    assert batches <= 8, f"64 concurrent texts took {batches} batches"  # merged, visible in the metric
+    assert max(len(b) for b in scripted.batches) > 1
+    assert all(len(b) <= 32 for b in scripted.batches)
+
+
+async def test_every_caller_gets_its_own_vectors_in_order(scripted, text_vector):
+    scripted.delay = 0.002
+    batcher = Batcher(scripted, BatcherConfig(max_batch_size=16, max_batch_tokens=64))
+    batcher.start()
+
+    async def caller(n: int) -> None:
+        texts = [words(1 + (n * 7 + j) % 12, tag=f"c{n}x{j}") for j in range(1 + n % 5)]
+        futures = batcher.append(scripted.prepare(texts))
+        await asyncio.sleep(0)
+        got = [(await f).vector for f in futures]
+        for text, vector in zip(texts, got):
+            np.testing.assert_array_equal(vector, text_vector(text))
+
+    try:
+        await asyncio.gather(*(caller(n) for n in range(300)))
+    finally:
+        await batcher.close()
+    assert len(scripted.batches) < scripted.texts_embedded  # they really were mixed in shared batches
+
+
+async def test_batches_respect_size_and_token_budget_and_group_by_length(scripted):
+    gate = scripted.gate = asyncio.Event()
+    batcher = Batcher(scripted, BatcherConfig(max_batch_size=8, max_batch_tokens=100))
+    batcher.start()
+    # While the first batch is held, queue short and long texts interleaved.
+    first = batcher.append(scripted.prepare([words(3, "first")]))
+    await asyncio.sleep(0.01)
+    texts = [words(3 if i % 2 else 40, f"t{i}") for i in range(24)]
+    futures = batcher.append(scripted.prepare(texts))
+    gate.set()
+    await asyncio.gather(*first, *futures)
+    await batcher.close()
+    for batch in scripted.batches[1:]:
+        lengths = [len(t.split()) for t in batch]
+        assert len(batch) <= 8
+        assert len(batch) * max(lengths) <= 100
+        assert len(set(lengths)) == 1, f"short and long texts mixed in one batch: {lengths}"
+
+
+async def test_full_queue_is_refused_at_once_and_cancellation_frees_slots(scripted):
+    gate = scripted.gate = asyncio.Event()
+    batcher = Batcher(scripted, BatcherConfig(max_batch_size=4, queue_capacity=6))
+    batcher.start()
+    running = batcher.append(scripted.prepare(["running"]))
+    await asyncio.sleep(0.01)  # the model now holds this one; the queue is empty
+    queued = batcher.append(scripted.prepare([f"q{i}" for i in range(6)]))
+    assert batcher.depth == 6
+    started = time.perf_counter()
+    with pytest.raises(Overloaded, match="queue is full"):
+        batcher.append(scripted.prepare(["one too many"]))
+    assert time.perf_counter() - started < 0.01
+    for future in queued[:3]:
+        future.cancel()
+    await asyncio.sleep(0)  # done-callbacks run on the next loop turn
+    assert batcher.depth == 3
+    admitted = batcher.append(scripted.prepare(["a", "b", "c"]))  # the cancelled callers' slots are free again
+    gate.set()
+    await asyncio.gather(*running, *queued[3:], *admitted)
+    await batcher.close()
+    embedded = {t for b in scripted.batches for t in b}
+    assert not embedded & {"q0", "q1", "q2"}, "cancelled texts were still run"
+    assert {"q3", "q4", "q5", "a", "b", "c"} <= embedded
+
+
+async def test_lone_caller_never_waits(scripted):
+    batcher = Batcher(scripted, BatcherConfig(max_batch_size=32, max_wait_ms=50))
+    batcher.start()
+    try:
+        await embed_one(batcher, "warm")
+        await asyncio.sleep(0.06)
+        latencies = []
+        for i in range(5):
+            started = time.perf_counter()
+            await embed_one(batcher, f"lone {i}")
+            latencies.append(time.perf_counter() - started)
+            await asyncio.sleep(0.06)  # sparse traffic: arrivals far apart
+    finally:
+        await batcher.close()
+    assert max(latencies) < 0.02, latencies  # far below the 50 ms max wait
+
+
+async def test_bursty_traffic_waits_to_fill_batches(scripted):
+    scripted.delay = 0.005
+    batcher = Batcher(scripted, BatcherConfig(max_batch_size=16, max_wait_ms=20))
+    batcher.start()
+
+    async def late_caller(i: int) -> None:
+        await asyncio.sleep(0.001 * i)  # trickles in over 8 ms
+        await embed_one(batcher, f"burst {i}")
+
+    try:
+        for _ in range(3):
+            await asyncio.gather(*(late_caller(i) for i in range(8)))
+    finally:
+        await batcher.close()
+    # After the first round teaches it traffic is bursty, each round of 8 lands in one or two batches.
+    assert len(scripted.batches[-2:]) == 2 and sum(len(b) for b in scripted.batches[-2:]) >= 9
+
+
+async def test_backend_failure_reaches_only_that_batch(scripted):
+    batcher = Batcher(scripted, BatcherConfig(max_batch_size=4))
+    batcher.start()
+    scripted.fail_with = RuntimeError("model exploded")
+    with pytest.raises(RuntimeError, match="exploded"):
+        await embed_one(batcher, "doomed")
+    scripted.fail_with = None
+    assert (await embed_one(batcher, "fine")).shape == (8,)
+    await batcher.close()
+
+
+async def test_real_model_under_concurrency_gives_each_caller_its_vector(onnx_backend, scifact_texts):
+    texts = scifact_texts[:48]
+    alone = {t: (await onnx_backend.embed(onnx_backend.prepare([t])))[0] for t in texts}
+    batcher = Batcher(onnx_backend, BatcherConfig(max_batch_size=16, max_batch_tokens=2048))
+    batcher.start()
+    try:
+        results = await asyncio.gather(*(embed_one(batcher, t) for t in texts))
+    finally:
+        await batcher.close()
+    for text, vector in zip(texts, results):
+        assert float(vector @ alone[text]) > 0.99999

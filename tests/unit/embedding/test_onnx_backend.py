@@ -1,0 +1,39 @@
+"""The local int8 model against the fp32 reference, and the pipeline's invariants (pooling, padding, truncation)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+async def test_matches_fp32_reference(onnx_backend, reference):
+    items = onnx_backend.prepare(reference["sentences"])
+    vectors = await onnx_backend.embed(items)
+    ref = np.asarray(reference["vectors"], dtype=np.float32)
+    cosines = (vectors * ref).sum(axis=1) / np.linalg.norm(ref, axis=1)
+    assert len(cosines) == 24
+    assert cosines.min() >= 0.999, f"worst cosine to fp32: {cosines.min():.5f}"
+
+
+async def test_unit_vectors_of_model_dimension(onnx_backend):
+    vectors = await onnx_backend.embed(onnx_backend.prepare(["short", "a somewhat longer sentence about cells"]))
+    assert vectors.shape == (2, 384) and vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert onnx_backend.dimension == 384 and onnx_backend.model_id == "all-MiniLM-L6-v2-onnx-int8"
+
+
+async def test_padding_does_not_change_vectors(onnx_backend, scifact_texts):
+    texts = scifact_texts[:12]  # mixed lengths: each batch is padded to its longest text
+    items = onnx_backend.prepare(texts)
+    assert len({i.token_count for i in items}) > 3
+    together = await onnx_backend.embed(items)
+    alone = np.stack([(await onnx_backend.embed([item]))[0] for item in items])
+    assert np.abs(together - alone).max() < 1e-4
+
+
+async def test_long_text_truncated_at_256_tokens(onnx_backend):
+    long_text = "mitochondria " * 400
+    item, short = onnx_backend.prepare([long_text, "mitochondria"])
+    assert item.truncated and item.token_count == 256
+    assert not short.truncated and short.token_count == 6  # [CLS] mit ##och ##ond ##ria [SEP]
+    vector = (await onnx_backend.embed([item]))[0]
+    assert np.isfinite(vector).all()
