@@ -1,0 +1,142 @@
+"""LocalMesh and the commands built on it: `ragfleet up` (supervised mesh, clean Ctrl-C, dies loudly) and
+`ragfleet demo` (the README's first command). The command tests run the real CLI as a subprocess."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.cli import demo, up
+from services.cli.mesh import SERVICES, MeshError
+
+pytestmark = pytest.mark.slow
+
+
+def test_port_base_maps_to_the_runtime_defaults() -> None:
+    assert up.pinned_ports(50050, up._PORT_OFFSETS) == {"embedding": 50051, "retrieval": 50052,
+                                                        "generation": 50053, "gateway": 50050}
+    assert up.pinned_ports(7000, up._METRICS_OFFSETS)["generation"] == 7003
+    assert up.pinned_ports(0, up._PORT_OFFSETS) == {}
+
+
+def test_a_taken_port_fails_before_anything_starts(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        base = busy.getsockname()[1] - 2  # retrieval = base + 2 is taken
+        args = argparse.Namespace(port_base=base, metrics_port_base=None, host="127.0.0.1")
+        with pytest.raises(MeshError, match=rf"port {base + 2} for retrieval is in use.*--port-base"):
+            up.build_mesh(args, tmp_path)
+
+
+def test_demo_success_needs_an_answer_and_numbered_sources() -> None:
+    good = "Bees dance [1].\n\nSources:\n  [1] Waggle (02.md)\n"
+    assert demo.answered_with_sources(0, good)
+    assert not demo.answered_with_sources(1, good)
+    assert not demo.answered_with_sources(0, "\nSources:\n  [1] Waggle\n")  # no answer text
+    assert not demo.answered_with_sources(0, "Bees dance.\n\n(no sources: the corpus is empty ...)\n")
+
+
+class _Lines:
+    """Reads a process's stdout on a thread so the test can wait for a line with a timeout."""
+
+    def __init__(self, process: subprocess.Popen) -> None:
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=self._pump, args=(process,), daemon=True).start()
+
+    def _pump(self, process: subprocess.Popen) -> None:
+        for line in process.stdout:
+            self.lines.put(line)
+
+    def wait_for(self, needle: str, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            self.seen.append(line)
+            if needle in line:
+                return "".join(self.seen)
+        raise AssertionError(f"{needle!r} not printed within {timeout}s; got:\n{''.join(self.seen)}")
+
+
+def _start_up(data_dir: Path, log_level: str = "WARNING") -> tuple[subprocess.Popen, _Lines, dict[str, int], str]:
+    env = {**os.environ, "RAGFLEET_LOG_LEVEL": log_level, "RAGFLEET_REDIS_URL": "", "RAGFLEET_LLM_BASE_URL": ""}
+    process = subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--port-base", "0", "--data-dir",
+                                str(data_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    lines = _Lines(process)
+    try:
+        banner = lines.wait_for("Ctrl-C stops everything.", timeout=120)
+    except AssertionError:
+        process.kill()
+        raise
+    pids = {name: int(pid) for name, pid in re.findall(r"^  (\w+)\s+127\.0\.0\.1:\d+.*pid (\d+)$", banner, re.M)}
+    gateway = re.search(r"^  gateway\s+(127\.0\.0\.1:\d+)", banner, re.M).group(1)
+    assert sorted(pids) == sorted(SERVICES)
+    return process, lines, pids, gateway
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_up_serves_until_ctrl_c_then_stops_every_service(tmp_path: Path) -> None:
+    process, lines, pids, gateway = _start_up(tmp_path)
+    try:
+        with grpc.insecure_channel(gateway) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service="ragfleet.v1.GatewayService"), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        assert (tmp_path / "logs" / "gateway.log").exists()
+        process.send_signal(signal.SIGINT)
+        assert process.wait(30) == 0
+        assert not [name for name, pid in pids.items() if _alive(pid)]
+        assert "unclean exits" not in "".join(lines.seen) + process.stdout.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def test_up_exits_non_zero_with_the_log_tail_when_a_service_dies(tmp_path: Path) -> None:
+    process, _, pids, _ = _start_up(tmp_path, log_level="INFO")
+    try:
+        os.kill(pids["retrieval"], signal.SIGKILL)
+        assert process.wait(30) == 1
+        stderr = process.stderr.read()
+        assert "retrieval exited with code -9" in stderr
+        assert "retrieval.log" in stderr and '"service": "retrieval"' in stderr  # the tail of its own log
+        assert not [name for name, pid in pids.items() if _alive(pid)]
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def test_demo_answers_the_sample_question_with_sources(tmp_path: Path) -> None:
+    env = {**os.environ, "RAGFLEET_LOG_LEVEL": "WARNING", "RAGFLEET_REDIS_URL": "", "RAGFLEET_LLM_BASE_URL": "",
+           "TMPDIR": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-m", "services.cli", "demo"], capture_output=True, text=True,
+                            env=env, timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    answer, _, sources = result.stdout.partition("\nSources:\n")
+    assert "ingested 10 documents" in answer
+    assert re.search(r"waggle.*\[\d\]", answer.split("Q: ", 1)[1], re.S | re.I)
+    assert "02-waggle-dance.md" in sources
+    assert not list(tmp_path.glob("ragfleet-demo-*")), "the demo's temporary data dir must be removed"
