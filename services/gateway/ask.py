@@ -62,6 +62,13 @@ class _Prefetched:
     hit: CachedAnswer | None = None
     vectors: list[list[float]] = field(default_factory=list)
     history: list[common_pb2.ChatTurn] = field(default_factory=list)
+    # False until the history is known (no conversation, or loaded); a failed load stays False.
+    history_known: bool = True
+
+    @property
+    def cacheable(self) -> bool:
+        """An answer depends on the question alone only when there is no earlier turn."""
+        return self.history_known and not self.history
 
 
 class AskPipeline:
@@ -101,8 +108,8 @@ class AskPipeline:
         if params.HasField("top_p"):
             require(0.0 < params.top_p <= 1.0, f"params.top_p: must be in (0, 1], got {params.top_p}")
         top_k = request.top_k or limits.default_top_k
-        # A conversation's answer depends on its history, so follow-ups are never served from (or stored in) cache.
-        use_cache = self.cache.enabled and not request.bypass_cache and not request.conversation_id
+        # Conversations use the cache too, but only while their history is empty (see _prefetch).
+        use_cache = self.cache.enabled and not request.bypass_cache
         key = self.cache.key(tenant, question, _fingerprint(request, top_k)) if use_cache else None
         return AskPlan(question, top_k, query_variants(question, limits.query_variants), use_cache, key)
 
@@ -114,11 +121,12 @@ class AskPipeline:
         timings = gateway_pb2.StageTimings()
         with tracer.start_as_current_span("gateway.prefetch"):
             pre = await self._prefetch(tenant, request, plan, deadline, timings)
-        status = gateway_pb2.CACHE_STATUS_MISS if plan.use_cache else gateway_pb2.CACHE_STATUS_BYPASS
-        hit = pre.hit
+        use_cache = plan.use_cache and pre.cacheable
+        status = gateway_pb2.CACHE_STATUS_MISS if use_cache else gateway_pb2.CACHE_STATUS_BYPASS
+        hit = pre.hit if use_cache else None
         if hit is not None:
             status = gateway_pb2.CACHE_STATUS_HIT_EXACT
-        elif plan.use_cache and self.cache.config.semantic and pre.version is not None and pre.vectors:
+        elif use_cache and self.cache.config.semantic and pre.version is not None and pre.vectors:
             hit = self.cache.lookup_semantic(tenant, pre.version, pre.vectors[0])
             if hit is not None:
                 status = gateway_pb2.CACHE_STATUS_HIT_SEMANTIC
@@ -127,6 +135,8 @@ class AskPipeline:
                            gateway_pb2.CACHE_STATUS_BYPASS: "bypass"}.get(
                                status, "miss" if pre.version is not None else "error"))
         if hit is not None:
+            if request.conversation_id:
+                await self._remember_turn(tenant, request.conversation_id, plan.question, hit.answer)
             for event in _replay(hit, status, timings, started, request.conversation_id):
                 yield event
             return
@@ -157,7 +167,7 @@ class AskPipeline:
         answer = "".join(parts)
         if request.conversation_id:
             await self._remember_turn(tenant, request.conversation_id, plan.question, answer)
-        if (plan.cache_key is not None and pre.version is not None and answer and not finished.fallback_used
+        if (use_cache and plan.cache_key is not None and pre.version is not None and answer and not finished.fallback_used
                 and finished.finish_reason in _CACHEABLE):
             sources = gateway_pb2.Sources(passages=passages).SerializeToString()
             usage = (finished.usage.prompt_tokens, finished.usage.completion_tokens, finished.usage.total_tokens)
@@ -175,8 +185,9 @@ class AskPipeline:
 
     async def _prefetch(self, tenant: str, request: gateway_pb2.AskRequest, plan: AskPlan, deadline: Deadline,
                         timings: gateway_pb2.StageTimings) -> _Prefetched:
-        """Cache lookup ∥ query embedding ∥ history load; a cache hit cancels the other two at once."""
-        out = _Prefetched()
+        """Cache lookup ∥ query embedding ∥ history load. A usable cache hit cancels the embedding at once; in a
+        conversation the (cheap) history load must finish first, since a hit is usable only with no history."""
+        out = _Prefetched(history_known=not request.conversation_id)
 
         async def cache_branch() -> None:
             start = time.perf_counter()
@@ -206,30 +217,29 @@ class AskPipeline:
                 out.history = await asyncio.wait_for(
                     self.conversations.history(tenant, request.conversation_id),
                     deadline.budget(self.budgets.history, "history"))
+                out.history_known = True
             except (asyncio.TimeoutError, OSError, RedisError) as exc:
                 # Answering without history beats failing the question.
                 log.warning("conversation history unavailable, answering without it: %s", exc)
             finally:
                 timings.history_ms = _ms_since(start)
 
-        branches = []
-        if plan.use_cache:
-            branches.append(cache_branch)
-        branches.append(embed_branch)
-        if request.conversation_id:
-            branches.append(history_branch)
+        def answered() -> bool:
+            return out.hit is not None and out.cacheable
 
-        if not self.limits.parallel_fanout:
+        branches = ([cache_branch] if plan.use_cache else []) + (
+            [history_branch] if request.conversation_id else []) + [embed_branch]
+        if not self.limits.parallel_fanout:  # one after another (benchmark baseline); embed last, as it may be skipped
             for branch in branches:
-                await branch()
-                if out.hit is not None:
+                if answered():
                     break
+                await branch()
             return out
 
         tasks = [asyncio.ensure_future(branch()) for branch in branches]
         try:
             pending = set(tasks)
-            while pending and out.hit is None:
+            while pending and not answered():
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
                     task.result()  # the first failure (e.g. embedding down) ends the Ask with its error

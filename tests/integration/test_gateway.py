@@ -226,16 +226,25 @@ async def test_bad_ingest_input_is_invalid_argument(gw, corpus, request_, needle
 
 async def test_conversation_follow_up_sends_history(gw, corpus, sim_llm):
     conversation = f"conv-{uuid.uuid4().hex[:8]}"
-    first = split(await ask(gw, "What is a volcano?", corpus.tenants.key_a, conversation_id=conversation))
-    assert first[3].cache_status == gateway_pb2.CACHE_STATUS_BYPASS and first[3].conversation_id == conversation
-    await ask(gw, "Which one erupts often?", corpus.tenants.key_a, conversation_id=conversation)
+    opening = unique("What is a volcano?")
+    first = split(await ask(gw, opening, corpus.tenants.key_a, conversation_id=conversation))
+    assert first[3].cache_status == gateway_pb2.CACHE_STATUS_MISS and first[3].conversation_id == conversation
+    follow_up = split(await ask(gw, "Which one erupts often?", corpus.tenants.key_a, conversation_id=conversation))
+    assert follow_up[3].cache_status == gateway_pb2.CACHE_STATUS_BYPASS, "an answer with history is never cached"
     messages = sim_llm.stats()["last_chat_request"]["messages"]
     contents = " ".join(str(m.get("content")) for m in messages)
-    assert "What is a volcano?" in contents and first[2] in contents, "earlier turn sent as history"
+    assert opening in contents and first[2] in contents, "earlier turn sent as history"
     # another tenant using the same conversation id gets none of it
     await ask(gw, "Which one erupts often?", corpus.tenants.key_b, conversation_id=conversation)
     contents_b = " ".join(str(m.get("content")) for m in sim_llm.stats()["last_chat_request"]["messages"])
-    assert "What is a volcano?" not in contents_b
+    assert opening not in contents_b
+    # a new conversation opening with the same question is served from cache, and the turn is still remembered
+    fresh = f"conv-{uuid.uuid4().hex[:8]}"
+    again = split(await ask(gw, opening, corpus.tenants.key_a, conversation_id=fresh))
+    assert again[3].cache_status == gateway_pb2.CACHE_STATUS_HIT_EXACT and again[2] == first[2]
+    await ask(gw, "Does it erupt often?", corpus.tenants.key_a, conversation_id=fresh)
+    contents = " ".join(str(m.get("content")) for m in sim_llm.stats()["last_chat_request"]["messages"])
+    assert opening in contents and first[2] in contents
 
 
 async def test_llm_failure_unavailable_or_fallback_per_config(gw, corpus, sim_settings, tmp_path):
