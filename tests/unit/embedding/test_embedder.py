@@ -1,0 +1,135 @@
+"""The pipeline: L1 then L2 then single-flight then the batcher; Redis trouble never fails a request."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from services.cli.mesh import free_port
+from services.embedding.batcher import Batcher
+from services.embedding.cache import L1Cache, L2Cache
+from services.embedding.config import BatcherConfig
+from services.embedding.embedder import Embedder
+from services.runtime.errors import InvalidArgument
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+QUERY, DOCUMENT = 1, 2
+
+
+def make_embedder(backend, *, l2: L2Cache | None = None, l1: bool = True, truncate: bool = True,
+                  config: BatcherConfig | None = None) -> Embedder:
+    batcher = Batcher(backend, config or BatcherConfig(max_batch_size=32))
+    batcher.start()
+    return Embedder(backend, batcher, L1Cache(1 << 22, 60) if l1 else None, l2, truncate=truncate)
+
+
+def l2_for(prefix: str, dim: int, url: str = REDIS_URL) -> L2Cache:
+    return L2Cache(url, prefix=prefix, ttl_seconds=60, timeout=0.2, dimension=dim)
+
+
+async def test_vectors_in_request_order_and_l1_hits(scripted, text_vector):
+    embedder = make_embedder(scripted)
+    first = await embedder.embed(["alpha", "beta gamma"], QUERY)
+    assert [i.cached for i in first.items] == [False, False]
+    np.testing.assert_array_equal(first.items[1].vector, text_vector("beta gamma"))
+    assert first.items[1].token_count == 2
+    again = await embedder.embed(["beta   gamma", "alpha", "delta"], QUERY)
+    assert [i.cached for i in again.items] == [True, True, False]
+    assert again.l1_hits == 2 and scripted.texts_embedded == 3
+    np.testing.assert_array_equal(again.items[0].vector, text_vector("beta gamma"))
+    other_type = await embedder.embed(["alpha"], DOCUMENT)  # another input type is another cache entry
+    assert not other_type.items[0].cached
+    await embedder.close()
+
+
+async def test_duplicates_in_one_request_are_computed_once(scripted):
+    embedder = make_embedder(scripted, l1=False)
+    result = await embedder.embed(["same", "other", "same", " same "], QUERY)
+    assert scripted.texts_embedded == 2
+    assert [i.vector.tolist() for i in result.items][0] == result.items[2].vector.tolist()
+    await embedder.close()
+
+
+async def test_concurrent_requests_for_the_same_text_share_one_computation(scripted):
+    scripted.delay = 0.02
+    embedder = make_embedder(scripted, l1=False)
+    results = await asyncio.gather(*(embedder.embed(["hot query", f"own {i}"], QUERY) for i in range(10)))
+    assert sum(t == "hot query" for b in scripted.batches for t in b) == 1
+    assert sum(r.joined for r in results) == 9
+    assert len({r.items[0].vector.tobytes() for r in results}) == 1
+    await embedder.close()
+
+
+async def test_bypass_cache_recomputes_but_still_writes(scripted):
+    embedder = make_embedder(scripted)
+    await embedder.embed(["x"], QUERY)
+    bypass = await embedder.embed(["x"], QUERY, bypass_cache=True)
+    assert not bypass.items[0].cached and scripted.texts_embedded == 2
+    assert (await embedder.embed(["x"], QUERY)).items[0].cached
+    await embedder.close()
+
+
+async def test_cancelled_request_drops_its_queued_texts(scripted):
+    gate = scripted.gate = asyncio.Event()
+    embedder = make_embedder(scripted, l1=False)
+    blocker = asyncio.create_task(embedder.embed(["occupies the model"], QUERY))
+    await asyncio.sleep(0.01)
+    doomed = asyncio.create_task(embedder.embed(["never run 1", "never run 2"], QUERY))
+    shared = asyncio.create_task(embedder.embed(["kept alive"], QUERY))
+    joiner_of_doomed = asyncio.create_task(embedder.embed(["kept alive"], QUERY))
+    await asyncio.sleep(0.01)
+    assert embedder.batcher.depth == 3
+    doomed.cancel()
+    shared.cancel()  # "kept alive" still has a waiter, so it must still be computed
+    await asyncio.sleep(0.01)
+    assert embedder.batcher.depth == 1
+    gate.set()
+    await blocker
+    assert not (await joiner_of_doomed).items[0].cached
+    ran = {t for b in scripted.batches for t in b}
+    assert "kept alive" in ran and not ran & {"never run 1", "never run 2"}
+    await embedder.close()
+
+
+async def test_l2_hit_is_promoted_to_l1_and_shared_across_replicas(scripted, redis_cleanup):
+    replica_a = make_embedder(scripted, l2=l2_for(redis_cleanup, scripted.dimension))
+    await replica_a.embed(["shared text"], QUERY)
+    replica_b = make_embedder(scripted, l2=l2_for(redis_cleanup, scripted.dimension))
+    from_l2 = await replica_b.embed(["shared text"], QUERY)
+    assert from_l2.l2_hits == 1 and from_l2.items[0].cached and from_l2.items[0].token_count == 2
+    assert scripted.texts_embedded == 1
+    from_l1 = await replica_b.embed(["shared text"], QUERY)
+    assert from_l1.l1_hits == 1 and from_l1.l2_hits == 0
+    await replica_a.close()
+    await replica_b.close()
+
+
+async def test_redis_unreachable_never_fails_a_request(scripted):
+    embedder = make_embedder(scripted, l2=l2_for("x:", scripted.dimension, f"redis://127.0.0.1:{free_port()}/0"))
+    results = await asyncio.gather(*(embedder.embed([f"t{i}", "common"], QUERY) for i in range(50)))
+    assert all(len(r.items) == 2 for r in results)
+    assert (await embedder.embed(["t3"], QUERY)).items[0].cached  # L1 still serves
+    await embedder.close()
+
+
+async def test_over_limit_text_rejected_when_truncation_is_off(scripted):
+    embedder = make_embedder(scripted, truncate=False)
+    with pytest.raises(InvalidArgument, match="256 tokens"):
+        await embedder.embed(["fine", "word " * 300], QUERY)
+    assert scripted.texts_embedded == 0
+    await embedder.close()
+    lenient = make_embedder(scripted)
+    result = await lenient.embed(["word " * 300], QUERY)
+    assert result.items[0].truncated and result.items[0].token_count == 256
+    await lenient.close()
+
+
+async def test_prewarm_fills_the_cache(scripted, tmp_path):
+    path = tmp_path / "common.txt"
+    path.write_text("what is covid\n\nhow do vaccines work\n")
+    embedder = make_embedder(scripted)
+    assert await embedder.prewarm(path, QUERY) == 2
+    assert (await embedder.embed(["what is covid"], QUERY)).items[0].cached
+    await embedder.close()
