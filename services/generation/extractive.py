@@ -39,11 +39,22 @@ _STOPWORDS = frozenset(
 
 
 def _stem(word: str) -> str:
-    """A light suffix strip so 'engines' matches 'engine' and 'started' matches 'start'."""
-    for suffix in ("ing", "ed", "es", "s"):
-        if len(word) > len(suffix) + 2 and word.endswith(suffix):
-            return word[: -len(suffix)]
-    return word
+    """A light English suffix strip so 'colonies' meets 'colony', 'swarming' meets 'swarm', 'decoded' 'decode'."""
+    if len(word) <= 3:
+        return word
+    if word.endswith("ies") and len(word) > 4:
+        word = word[:-3] + "y"
+    elif word.endswith(("sses", "xes", "ches", "shes", "zes")):
+        word = word[:-2]
+    elif word.endswith("s") and not word.endswith(("ss", "us", "is")):
+        word = word[:-1]
+    for suffix in ("ing", "ed"):
+        if word.endswith(suffix) and len(word) - len(suffix) >= 3:
+            word = word[: -len(suffix)]
+            if len(word) > 3 and word[-1] == word[-2] and word[-1] not in "lsz":
+                word = word[:-1]  # running -> run
+            break
+    return word.rstrip("e") if len(word) > 3 else word  # decode/decoded -> decod
 
 
 def content_terms(text: str) -> set[str]:
@@ -56,33 +67,58 @@ def split_sentences(text: str) -> list[str]:
 
 @dataclass(frozen=True)
 class Candidate:
-    score: float
     sentence: str
-    number: int
+    number: int  # the passage's citation number
+    order: tuple[int, int]  # (passage rank, sentence index): reading order
+    terms: frozenset[str]  # question terms the sentence contains
+    prior: float  # passage-rank bonus over length penalty
 
 
-def rank_sentences(question: str, passages: Sequence[common_pb2.Passage]) -> list[Candidate]:
-    """Every sentence with a positive score, best first."""
+def candidates(question: str, passages: Sequence[common_pb2.Passage]) -> tuple[list[Candidate], dict[str, float]]:
+    """Sentences that share a content word with the question, and the IDF weight of each question term."""
     wanted = content_terms(question)
-    sentences = [(s, p.number, rank) for rank, p in enumerate(passages) for s in split_sentences(p.text)]
+    sentences = [(s, p.number, (rank, i)) for rank, p in enumerate(passages)
+                 for i, s in enumerate(split_sentences(p.text))]
     if not wanted or not sentences:
-        return []
+        return [], {}
     term_sets = [content_terms(s) for s, _, _ in sentences]
-    df = {t: sum(1 for terms in term_sets if t in terms) for t in wanted}
-    n = len(sentences)
-    idf = {t: math.log(1 + n / (1 + d)) for t, d in df.items()}
+    # IDF over passages, not sentences: the passage's own topic word recurs in its sentences and must not lose
+    # weight for it; a word found in every passage still says little about which one answers.
+    passage_terms = [content_terms(f"{p.title} {p.text}") for p in passages]
+    n = len(passages)
+    idf = {t: math.log(1 + (n + 1) / (1 + sum(1 for terms in passage_terms if t in terms))) for t in wanted}
     out: list[Candidate] = []
-    seen: set[str] = set()
-    for (sentence, number, rank), terms in zip(sentences, term_sets):
-        overlap = wanted & terms
-        key = " ".join(sorted(terms))
-        if not overlap or key in seen:
+    seen: set[frozenset[str]] = set()
+    for (sentence, number, order), terms in zip(sentences, term_sets):
+        key = frozenset(terms)
+        if not wanted & terms or key in seen:
             continue
-        seen.add(key)
-        score = sum(idf[t] for t in overlap) / math.sqrt(1 + 0.05 * len(terms)) * (1 + 0.1 / (1 + rank))
-        out.append(Candidate(score, sentence, number))
-    out.sort(key=lambda c: -c.score)
-    return out
+        seen.add(key)  # the same sentence twice (overlapping chunks) counts once
+        # Retrieval rank matters (the caller ranked passages), and a passage's first sentence often states its point.
+        prior = (1 + 1 / (1 + order[0])) * (1.25 if order[1] == 0 else 1.0) / math.sqrt(1 + 0.05 * len(terms))
+        out.append(Candidate(sentence, number, order, frozenset(wanted & terms), prior))
+    return out, idf
+
+
+def select(question: str, passages: Sequence[common_pb2.Passage],
+           max_sentences: int = MAX_SENTENCES) -> list[Candidate]:
+    """Greedy choice that rewards covering question terms not yet covered, so an answer to "direction and
+    distance" takes one sentence for each rather than two for the same; returned in reading order."""
+    pool, idf = candidates(question, passages)
+    weight = dict(idf)
+    chosen: list[Candidate] = []
+    first_score = 0.0
+    while pool and len(chosen) < max_sentences:
+        scores = [sum(weight[t] for t in c.terms) * c.prior for c in pool]
+        best = max(range(len(pool)), key=scores.__getitem__)
+        if not chosen:
+            first_score = scores[best]
+        elif scores[best] < MIN_RELATIVE_SCORE * first_score:
+            break
+        chosen.append(pool.pop(best))
+        for term in chosen[-1].terms:
+            weight[term] *= 0.5
+    return sorted(chosen, key=lambda c: c.order)
 
 
 def cite(sentence: str, number: int) -> str:
@@ -96,11 +132,10 @@ def cite(sentence: str, number: int) -> str:
 def compose(question: str, passages: Sequence[common_pb2.Passage], max_sentences: int = MAX_SENTENCES) -> str:
     if not passages:
         return NO_SOURCES
-    ranked = rank_sentences(question, passages)
-    if not ranked:
+    chosen = select(question, passages, max_sentences)
+    if not chosen:
         return NO_ANSWER
-    best = [c for c in ranked[:max_sentences] if c.score >= MIN_RELATIVE_SCORE * ranked[0].score]
-    return " ".join(cite(c.sentence, c.number) for c in best)
+    return " ".join(cite(c.sentence, c.number) for c in chosen)
 
 
 def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:

@@ -57,3 +57,22 @@ async def test_max_tokens_and_stop():
     events, _ = await run("Which language is Qdrant written in?", stop=["Rust"])
     text = "".join(e.text for e in events[:-1])
     assert text.endswith("written in") and events[-1].finish_reason == "stop"
+
+
+def test_stemming_matches_word_forms():
+    from services.generation.extractive import content_terms
+
+    assert content_terms("Why do colonies swarm?") == content_terms("colony swarming")
+    assert content_terms("decoded dances") == content_terms("decode dance")
+
+
+def test_covers_each_part_of_the_question_in_reading_order():
+    passages = [common_pb2.Passage(number=4, text=(
+        "Bees dance on the comb. The angle of the run gives the direction of the food. "
+        "The duration of the run gives the distance to the food. The direction of the food changes with the sun."))]
+    answer = compose("How does the dance give direction and distance?", passages)
+    # "direction" is covered once: the later sentence that only repeats it is not picked over the distance one.
+    assert "The angle of the run gives the direction of the food [4]." in answer
+    assert "The duration of the run gives the distance to the food [4]." in answer
+    assert "changes with the sun" not in answer
+    assert answer.index("angle") < answer.index("duration")  # reading order
