@@ -1,8 +1,15 @@
 """Embedded store: Qdrant's engine in-process (qdrant-edge-py), one shard directory under the data dir.
 
-The engine's calls block, so they run on threads: searches on a small pool, writes on one thread (ordered), and the
-HNSW build (`optimize()`, which blocks until done) on its own thread once writes have been quiet for
-`optimize_idle_seconds`. Until then unindexed segments are searched exactly; `status()` reports which state holds.
+Engine calls block, so they run on threads: searches on a small pool, writes on one thread (ordered).
+The HNSW build is different: `EdgeShard.optimize()` holds the GIL for its whole run (measured: a 16 s build froze
+every Python thread of the process), so a thread would stall the event loop and all searches. Instead, once writes
+have been quiet for `optimize_idle_seconds`, the shard is flushed and copied (a brief pause), a child process
+optimizes the copy, and the indexed copy is swapped in with the writes made meanwhile replayed on it. Until the swap
+searches run on the live shard, exactly over unindexed segments; `status()` reports which state holds.
+
+    <data dir>/retrieval          live shard
+    <data dir>/retrieval.building copy being indexed by the child (removed if a build fails)
+    <data dir>/retrieval.old      previous shard during a swap (restored at start-up if a swap was interrupted)
 """
 
 from __future__ import annotations
@@ -10,9 +17,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Sequence, TypeVar
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Callable, Sequence, TypeVar
 
 import numpy as np
 import qdrant_edge as qe
@@ -23,6 +33,45 @@ from services.retrieval.store.base import DENSE, SPARSE, StoreError, StoreStartu
 
 log = logging.getLogger("ragfleet.retrieval.edge")
 T = TypeVar("T")
+
+# Runs in the child process: load the copy, build HNSW (and quantized codes), persist, release.
+_OPTIMIZE_CHILD = ("import sys, qdrant_edge as qe\n"
+                   "shard = qe.EdgeShard.load(sys.argv[1])\n"
+                   "shard.optimize()\n"
+                   "shard.flush()\n"
+                   "shard.close()\n")
+
+
+class _Gate:
+    """Lets engine calls run concurrently, but lets a swap wait for them to finish and hold new ones back."""
+
+    def __init__(self) -> None:
+        self._active = 0
+        self._open = asyncio.Event()
+        self._open.set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @asynccontextmanager
+    async def shared(self) -> AsyncIterator[None]:
+        await self._open.wait()
+        self._active += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._active -= 1
+            if self._active == 0:
+                self._idle.set()
+
+    @asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        self._open.clear()
+        try:
+            await self._idle.wait()
+            yield
+        finally:
+            self._open.set()
 
 
 def _filter(tenant: str, conditions: Sequence[Condition], *, must_not: list[Any] | None = None) -> qe.Filter:
@@ -57,6 +106,18 @@ class EdgeStore(VectorStore):
         self._last_optimize_seconds: float | None = None
         self._wake: asyncio.Event | None = None
         self._indexing_task: asyncio.Task | None = None
+        self._gate: _Gate | None = None
+        self._optimize_lock: asyncio.Lock | None = None
+        # Update operations applied since the build copy was taken; replayed on the indexed copy at swap time.
+        self._journal: list[qe.UpdateOperation] | None = None
+
+    @property
+    def building_path(self) -> str:
+        return self.path.rstrip("/") + ".building"
+
+    @property
+    def old_path(self) -> str:
+        return self.path.rstrip("/") + ".old"
 
     def _config(self) -> qe.EdgeConfig:
         quantization = None
@@ -72,12 +133,19 @@ class EdgeStore(VectorStore):
         )
 
     async def start(self) -> None:
-        self._shard = await asyncio.get_running_loop().run_in_executor(self._writer, self._open)
+        self._shard = await asyncio.get_running_loop().run_in_executor(self._writer, self.open_shard)
+        self._gate = _Gate()
+        self._optimize_lock = asyncio.Lock()
         self._wake = asyncio.Event()
         if self.index.optimize_idle_seconds > 0:
             self._indexing_task = asyncio.create_task(self._indexing_loop(), name="edge-indexing")
 
-    def _open(self) -> qe.EdgeShard:
+    def open_shard(self) -> qe.EdgeShard:
+        """Open (or create) the live shard; blocking. Finishes an interrupted swap first, never deleting data."""
+        if not os.path.exists(self.path) and os.path.isdir(self.old_path):
+            os.rename(self.old_path, self.path)  # crashed between the two renames of a swap
+        if os.path.isdir(self.building_path):
+            shutil.rmtree(self.building_path)  # an unfinished build is only a copy
         existing = os.path.isdir(self.path) and any(os.scandir(self.path))
         try:
             if existing:
@@ -103,8 +171,11 @@ class EdgeStore(VectorStore):
         return self._shard
 
     async def _run(self, pool: ThreadPoolExecutor, fn: Callable[[], T], what: str) -> T:
+        if self._gate is None:
+            raise StoreError("embedded store is not open")
         try:
-            return await asyncio.get_running_loop().run_in_executor(pool, fn)
+            async with self._gate.shared():
+                return await asyncio.get_running_loop().run_in_executor(pool, fn)
         except StoreError:
             raise
         except Exception as exc:
@@ -120,26 +191,25 @@ class EdgeStore(VectorStore):
         points = [qe.Point(r.point_id, {DENSE: list(r.vector), SPARSE: qe.SparseVector(r.sparse.indices,
                                                                                         r.sparse.values)},
                            r.payload()) for r in records]
+        await self._apply(qe.UpdateOperation.upsert_points(points), "upsert")
+
+    async def _apply(self, operation: qe.UpdateOperation, what: str) -> None:
         try:
-            await self._run(self._writer, lambda: self.shard.update(qe.UpdateOperation.upsert_points(points)),
-                            "upsert")
+            await self._run(self._writer, lambda: self.shard.update(operation), what)
         finally:
             self._touch()
+        if self._journal is not None:
+            self._journal.append(operation)
 
     async def delete_documents(self, tenant: str, doc_ids: Sequence[str],
                                keep_point_ids: Sequence[str] = ()) -> int:
         must_not = [qe.HasIdCondition(set(keep_point_ids))] if keep_point_ids else None
         flt = _filter(tenant, [Condition(DOC_ID, tuple(doc_ids))], must_not=must_not)
 
-        def delete() -> int:
-            n = self.shard.count(qe.CountRequest(exact=True, filter=flt))
-            if n:
-                self.shard.update(qe.UpdateOperation.delete_points_by_filter(flt))
-            return n
-
-        removed = await self._run(self._writer, delete, "delete")
+        removed = await self._run(self._writer, lambda: self.shard.count(qe.CountRequest(exact=True, filter=flt)),
+                                  "count")
         if removed:
-            self._touch()
+            await self._apply(qe.UpdateOperation.delete_points_by_filter(flt), "delete")
         return removed
 
     def _params(self, hnsw_ef: int | None, exact: bool) -> qe.SearchParams:
@@ -175,7 +245,7 @@ class EdgeStore(VectorStore):
         return await self._run(self._readers, lambda: self.shard.count(request), "count")
 
     async def status(self) -> IndexStatus:
-        info = await self._run(self._readers, self.shard.info, "read shard info")
+        info = await self._run(self._readers, lambda: self.shard.info(), "read shard info")
         if info.points_count == 0:
             state = "empty"
         elif self._optimizing:
@@ -188,20 +258,69 @@ class EdgeStore(VectorStore):
                            self._last_optimize_seconds)
 
     async def optimize(self) -> bool:
-        """Build HNSW (and int8 codes) now; blocks a dedicated thread, never the event loop."""
-        self._optimizing = True
-        started = time.monotonic()
-        writes_before = self._last_write
-        try:
-            changed = await self._run(self._indexer, self.shard.optimize, "optimize")
-        finally:
-            self._optimizing = False
+        """Build HNSW (and int8 codes) in a child process on a copy, then swap it in. Returns False if the build
+        failed (the live shard is untouched and keeps serving exactly)."""
+        assert self._gate is not None and self._optimize_lock is not None
+        loop = asyncio.get_running_loop()
+        async with self._optimize_lock:
+            self._optimizing = True
+            started = time.monotonic()
+            try:
+                async with self._gate.exclusive():  # brief: no write may fall between flush and copy
+                    writes_before = self._last_write
+                    await loop.run_in_executor(self._writer, self._snapshot)
+                    self._journal = []
+                child = await asyncio.create_subprocess_exec(sys.executable, "-c", _OPTIMIZE_CHILD,
+                                                             self.building_path, stderr=asyncio.subprocess.PIPE)
+                try:
+                    _, stderr = await child.communicate()
+                except asyncio.CancelledError:  # shutting down: do not leave an orphan writing the copy
+                    child.kill()
+                    await child.wait()
+                    raise
+                if child.returncode != 0:
+                    raise StoreError(f"index build exited with {child.returncode}: {stderr.decode()[-500:]}")
+                async with self._gate.exclusive():
+                    journal, self._journal = self._journal, None
+                    await loop.run_in_executor(self._writer, self._swap, journal)
+            except Exception as exc:  # noqa: BLE001 - a failed build must never take the live shard down
+                self._journal = None
+                await loop.run_in_executor(self._indexer, shutil.rmtree, self.building_path, True)
+                log.error("index build failed; still serving the unindexed shard: %s", exc)
+                return False
+            finally:
+                self._optimizing = False
         self._last_optimize_seconds = time.monotonic() - started
         if self._last_write == writes_before:
             self._dirty = False
         log.info("optimized", extra={"fields": {"seconds": round(self._last_optimize_seconds, 3),
-                                                "changed": changed}})
-        return changed
+                                                "replayed": len(journal)}})
+        return True
+
+    def _snapshot(self) -> None:
+        self.shard.flush()
+        if os.path.isdir(self.building_path):
+            shutil.rmtree(self.building_path)
+        shutil.copytree(self.path, self.building_path)
+
+    def _swap(self, journal: list[qe.UpdateOperation]) -> None:
+        """Close live, move the indexed copy in, replay the writes made during the build; roll back on failure."""
+        self.shard.close()
+        self._shard = None
+        os.rename(self.path, self.old_path)
+        os.rename(self.building_path, self.path)
+        try:
+            shard = qe.EdgeShard.load(self.path)
+            for operation in journal:
+                shard.update(operation)
+        except Exception:
+            log.exception("swapping in the indexed shard failed; restoring the previous one")
+            shutil.rmtree(self.path, ignore_errors=True)
+            os.rename(self.old_path, self.path)
+            self._shard = qe.EdgeShard.load(self.path)
+            raise
+        self._shard = shard
+        shutil.rmtree(self.old_path, ignore_errors=True)
 
     async def _indexing_loop(self) -> None:
         """Wait until writes settle, then index; repeat whenever new writes arrive."""
@@ -215,11 +334,8 @@ class EdgeStore(VectorStore):
             if quiet < idle:
                 await asyncio.sleep(idle - quiet)
                 continue
-            try:
-                await self.optimize()
-            except StoreError:
-                log.exception("background optimize failed; will retry after the next write")
-                self._dirty = False
+            if not await self.optimize():
+                self._dirty = False  # retry after the next write, not in a tight loop
 
     async def close(self) -> None:
         if self._indexing_task is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import numpy as np
 import pytest
@@ -85,3 +86,36 @@ async def test_corrupt_data_dir_fails_start_up(tmp_path):
     with pytest.raises(StoreStartupError, match="cannot be opened"):
         await store.start()
     assert (path / "segments").read_text() == "not a directory of segments"
+
+
+async def test_build_runs_off_process_and_keeps_writes_made_meanwhile(tmp_path, encoder):
+    """optimize() holds the GIL, so it runs in a child process on a copy: the event loop keeps serving searches and
+    writes during the build, and those writes survive the swap to the indexed copy."""
+    index = IndexConfig(dimension=DIM, indexing_threshold_kb=1, optimize_idle_seconds=0)
+    store = EdgeStore(path=str(tmp_path / "s"), index=index)
+    await store.start()
+    try:
+        data = records(encoder, 3000)
+        await store.upsert(data)
+        build = asyncio.create_task(store.optimize())
+        served = 0
+        while (await store.status()).state != "optimizing":
+            await asyncio.sleep(0.005)
+        late = records(encoder, 3, seed=99)
+        late = [dataclasses.replace(r, doc_id=f"late{i}", chunk_id=f"late{i}#0") for i, r in enumerate(late)]
+        await store.upsert(late)
+        assert await store.delete_documents("acme", ["d5"]) == 1
+        while not build.done():
+            hits = await store.dense("acme", data[10 + served % 90].vector, 1, ())
+            assert hits and hits[0].point_id == data[10 + served % 90].point_id
+            served += 1
+            await asyncio.sleep(0)
+        assert await build is True
+        assert served > 0  # searches were answered while the index was being built
+        assert await store.count("acme") == 3000 + 3 - 1
+        assert (await store.dense("acme", late[0].vector, 1, ()))[0].payload["doc_id"] == "late0"
+        status = await store.status()
+        assert status.indexed_vectors >= 2999 and status.state == "exact"  # replayed writes await the next build
+        assert not (tmp_path / "s.building").exists() and not (tmp_path / "s.old").exists()
+    finally:
+        await store.close()
