@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
 from prometheus_client import Counter, Gauge, Histogram
+
+if TYPE_CHECKING:
+    from services.retrieval.store.base import VectorStore
+
+log = logging.getLogger("ragfleet.retrieval.index")
 
 STAGE_SECONDS = Histogram("ragfleet_retrieval_stage_seconds", "Time per search stage",
                           ["stage"], buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
@@ -15,3 +24,27 @@ UPSERT_FAILED = Counter("ragfleet_retrieval_upsert_failed_chunks_total", "Chunks
 DELETED = Counter("ragfleet_retrieval_deleted_chunks_total", "Chunks deleted")
 INDEX_POINTS = Gauge("ragfleet_retrieval_index_points", "Points in the store")
 INDEX_INDEXED = Gauge("ragfleet_retrieval_index_indexed_vectors", "Dense vectors covered by HNSW")
+INDEX_STATE = Gauge("ragfleet_retrieval_index_state", "1 for the store's current index state", ["state"])
+INDEX_STATES = ("empty", "exact", "optimizing", "indexed")
+
+
+async def index_status_task(store: "VectorStore", interval_seconds: float = 5.0) -> None:
+    """Publish the store's index status as gauges and log each state change (e.g. exact -> indexed)."""
+    previous = None
+    while True:
+        try:
+            status = await store.status()
+        except Exception as exc:  # noqa: BLE001 - a failing engine shows up in RPC errors; keep reporting
+            log.warning("index status unavailable: %s", exc)
+        else:
+            INDEX_POINTS.set(status.points)
+            INDEX_INDEXED.set(status.indexed_vectors)
+            for state in INDEX_STATES:
+                INDEX_STATE.labels(state).set(1 if state == status.state else 0)
+            if status.state != previous:
+                log.info("index status", extra={"fields": {"store": status.store, "state": status.state,
+                                                           "points": status.points,
+                                                           "indexed_vectors": status.indexed_vectors,
+                                                           "segments": status.segments}})
+                previous = status.state
+        await asyncio.sleep(interval_seconds)

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import sys
 
+from services.retrieval import metrics
 from services.retrieval.cache import ResultCache
 from services.retrieval.config import RetrievalConfig
 from services.retrieval.query_embedder import QueryEmbedder
@@ -40,11 +41,12 @@ async def build(config: RetrievalConfig):  # type: ignore[no-untyped-def]
     servicer = RetrievalServiceServicer(store=store, pipeline=pipeline, cache=cache, encoder=encoder,
                                         limits=Limits(config.index.dimension, config.search),
                                         rerank_default=config.search.rerank_default)
-    status = await store.status()
-    log.info("store ready", extra={"fields": {"store": status.store, "points": status.points, "state": status.state,
-                                              "embedding": config.embedding_address, "reranker": config.rerank.kind}})
+    log.info("store ready", extra={"fields": {"store": store.name, "embedding": config.embedding_address,
+                                              "reranker": config.rerank.kind}})
+    status_task = asyncio.create_task(metrics.index_status_task(store), name="index-status")
 
     async def on_stop() -> None:
+        status_task.cancel()
         await pool.close()
         if reranker is not None:
             await reranker.close()
