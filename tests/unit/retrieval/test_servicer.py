@@ -145,3 +145,34 @@ async def test_engine_failure_is_unavailable_with_cause(servicer):
 def test_limits_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         SETTINGS.max_top_k = 5  # type: ignore[misc]
+
+
+async def test_stage_spans_and_metrics_carry_candidate_counts(servicer):
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from prometheus_client import REGISTRY
+
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        trace.set_tracer_provider(TracerProvider())
+        provider = trace.get_tracer_provider()
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+
+    def count(stage: str) -> float:
+        return REGISTRY.get_sample_value("ragfleet_retrieval_stage_seconds_count", {"stage": stage}) or 0.0
+
+    before = {s: count(s) for s in ("dense", "sparse", "fusion", "rerank", "mmr")}
+    await servicer.Upsert(pb.UpsertRequest(tenant="acme", chunks=chunks("d", ["bees make honey", "bees dance",
+                                                                              "wasps sting"])), None)
+    await search(servicer, query_text="bees", query_vector=unit(np.random.default_rng(5)), mmr_lambda=0.5, top_k=2)
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    assert {"retrieval.dense", "retrieval.sparse", "retrieval.fusion", "retrieval.rerank", "retrieval.mmr"} <= set(spans)
+    assert spans["retrieval.dense"].attributes["ragfleet.candidates_out"] == 3
+    assert spans["retrieval.sparse"].attributes["ragfleet.candidates_out"] == 2  # only 'bees' chunks match
+    assert spans["retrieval.fusion"].attributes["ragfleet.candidates_out"] == 3
+    assert spans["retrieval.mmr"].attributes["ragfleet.candidates_in"] == 3
+    assert spans["retrieval.mmr"].attributes["ragfleet.candidates_out"] == 2
+    assert all(count(s) == before[s] + 1 for s in before)
