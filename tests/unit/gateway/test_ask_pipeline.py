@@ -1,0 +1,157 @@
+"""AskPipeline with fakes passed in through the client interfaces: branch cancellation on a cache hit, stream
+closing reaching generation, concurrency of the fan-out, validation before the first event."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from services.gateway.ask import AskPipeline
+from services.gateway.config import AskLimits, CacheConfig, ConversationConfig, StageBudgets
+from services.gateway.conversations import ConversationStore
+from services.gateway.deadlines import Deadline
+from services.gateway.response_cache import ResponseCache
+from services.runtime.errors import DeadlineExceeded, InvalidArgument
+from services.runtime.pb.ragfleet.v1 import (common_pb2, embedding_pb2, gateway_pb2, generation_pb2,
+                                             retrieval_pb2)
+
+
+class FakeEmbedding:
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay = delay
+        self.calls = 0
+        self.cancelled = False
+
+    async def embed(self, texts, *, input_type, timeout):
+        self.calls += 1
+        try:
+            await asyncio.sleep(self.delay)
+        except asyncio.CancelledError:
+            self.cancelled = True
+            raise
+        return embedding_pb2.EmbedResponse(embeddings=[embedding_pb2.Embedding(values=[1.0, 0.0]) for _ in texts])
+
+
+class FakeRetrieval:
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay = delay
+        self.queries: list[str] = []
+
+    async def search(self, request, *, timeout):
+        self.queries.append(request.query_text)
+        await asyncio.sleep(self.delay)
+        hits = [retrieval_pb2.SearchHit(chunk_id=f"{request.query_text[:3]}#{i}", doc_id="d", text=f"t{i}",
+                                        score=1.0 - i / 10) for i in range(request.top_k)]
+        return retrieval_pb2.SearchResponse(hits=hits, timings_ms={"rerank": 1.5})
+
+
+class FakeGeneration:
+    def __init__(self, tokens: int = 5, delay: float = 0.0) -> None:
+        self.tokens = tokens
+        self.delay = delay
+        self.calls = 0
+        self.closed = 0
+        self.requests: list[generation_pb2.GenerateRequest] = []
+
+    async def generate_stream(self, request, *, timeout):
+        self.calls += 1
+        self.requests.append(request)
+        try:
+            for i in range(self.tokens):
+                await asyncio.sleep(self.delay)
+                yield generation_pb2.GenerateResponse(delta=common_pb2.TextDelta(text=f"w{i} "))
+            yield generation_pb2.GenerateResponse(finished=generation_pb2.GenerationFinished(
+                finish_reason=common_pb2.FINISH_REASON_STOP, model="fake",
+                usage=common_pb2.Usage(prompt_tokens=3, completion_tokens=self.tokens, total_tokens=3 + self.tokens)))
+        finally:
+            self.closed += 1
+
+
+def make(*, embedding=None, retrieval=None, generation=None, limits=AskLimits(), cache=None):
+    return AskPipeline(embedding=embedding or FakeEmbedding(), retrieval=retrieval or FakeRetrieval(),
+                       generation=generation or FakeGeneration(),
+                       cache=cache or ResponseCache(CacheConfig(redis_prefix="u:"), None),
+                       conversations=ConversationStore(ConversationConfig(), None, prefix="u:"),
+                       limits=limits, budgets=StageBudgets())
+
+
+async def run(pipeline: AskPipeline, deadline: Deadline | None = None, **fields) -> list[gateway_pb2.AskResponse]:
+    request = gateway_pb2.AskRequest(**fields)
+    plan = pipeline.plan("t", request)
+    return [e async for e in pipeline.stream("t", request, plan, deadline or Deadline(None))]
+
+
+async def test_stream_then_hit_replays_and_cancels_embedding():
+    generation = FakeGeneration()
+    pipeline = make(generation=generation)
+    first = await run(pipeline, question="Q?")
+    assert [e.WhichOneof("event") for e in first] == ["sources"] + ["delta"] * 5 + ["finished"]
+    assert first[-1].finished.timings.rerank_ms == 1.5
+    slow = FakeEmbedding(delay=5.0)
+    pipeline.embedding = slow
+    started = time.perf_counter()
+    second = await run(pipeline, question="q")
+    assert time.perf_counter() - started < 1.0 and slow.cancelled, "the hit cancels the embedding branch"
+    assert second[-1].finished.cache_status == gateway_pb2.CACHE_STATUS_HIT_EXACT
+    assert "".join(e.delta.text for e in second if e.HasField("delta")) == "w0 w1 w2 w3 w4 "
+    assert generation.calls == 1 and second[-1].finished.usage.total_tokens == 0
+
+
+async def test_closing_the_stream_closes_generation():
+    generation = FakeGeneration(tokens=100, delay=0.01)
+    pipeline = make(generation=generation)
+    request = gateway_pb2.AskRequest(question="long", bypass_cache=True)
+    stream = pipeline.stream("t", request, pipeline.plan("t", request), Deadline(None))
+    assert (await anext(stream)).HasField("sources")
+    assert (await anext(stream)).HasField("delta")
+    await stream.aclose()  # what grpc does when the client cancels
+    assert generation.closed == 1
+
+
+async def test_variants_are_searched_concurrently_and_fused():
+    retrieval = FakeRetrieval(delay=0.2)
+    pipeline = make(retrieval=retrieval, limits=AskLimits(query_variants=2))
+    started = time.perf_counter()
+    events = await run(pipeline, question="What is the boiling point of water?", top_k=3, bypass_cache=True)
+    assert time.perf_counter() - started < 0.35, "two 200 ms searches must overlap"
+    assert retrieval.queries == ["What is the boiling point of water?", "boiling point water"]
+    passages = events[0].sources.passages
+    assert [p.number for p in passages] == [1, 2, 3] and len({p.chunk_id for p in passages}) == 3
+
+
+async def test_sequential_fanout_is_the_sum():
+    pipeline = make(embedding=FakeEmbedding(delay=0.1), retrieval=FakeRetrieval(delay=0.1),
+                    limits=AskLimits(query_variants=2, parallel_fanout=False))
+    started = time.perf_counter()
+    await run(pipeline, question="What is the boiling point of water?", bypass_cache=True)
+    assert time.perf_counter() - started >= 0.3
+
+
+async def test_history_is_sent_and_follow_ups_bypass_the_cache():
+    generation = FakeGeneration()
+    pipeline = make(generation=generation)
+    await run(pipeline, question="first?", conversation_id="c")
+    events = await run(pipeline, question="second?", conversation_id="c")
+    assert [t.content for t in generation.requests[-1].history] == ["first?", "w0 w1 w2 w3 w4 "]
+    assert events[-1].finished.cache_status == gateway_pb2.CACHE_STATUS_BYPASS
+    assert events[-1].finished.conversation_id == "c"
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"question": ""}, "question"), ({"question": "q", "top_k": 51}, "between 1 and 50"),
+    ({"question": "q", "conversation_id": "c" * 200}, "conversation_id"),
+    ({"question": "q", "filters": [common_pb2.FieldCondition()]}, "filters[0].field"),
+    ({"question": "q", "params": common_pb2.GenerationParams(temperature=3)}, "params.temperature"),
+])
+def test_plan_rejects_bad_input(fields, message):
+    with pytest.raises(InvalidArgument, match=message.replace("[", r"\[")):
+        make().plan("t", gateway_pb2.AskRequest(**fields))
+
+
+async def test_spent_deadline_fails_before_calling_upstreams():
+    embedding = FakeEmbedding()
+    with pytest.raises(DeadlineExceeded):
+        await run(make(embedding=embedding), Deadline(0.0), question="q", bypass_cache=True)
+    assert embedding.calls == 0
