@@ -35,6 +35,7 @@ class RerankQuery:
 
 class Reranker(abc.ABC):
     name: str
+    needs_vectors = False  # whether scores() reads Candidate.vector (then the pipeline fetches stored vectors)
 
     @abc.abstractmethod
     async def scores(self, query: RerankQuery, candidates: Sequence[Candidate]) -> list[float]:
@@ -59,6 +60,7 @@ def _minmax(values: np.ndarray) -> np.ndarray:
 
 class FusionRescorer(Reranker):
     name = "fusion"
+    needs_vectors = True
 
     def __init__(self, alpha: float) -> None:
         self.alpha = alpha

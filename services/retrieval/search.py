@@ -101,6 +101,13 @@ class SearchPipeline:
             out["candidates"] = len(hits)
         return hits
 
+    async def _fetch(self, tenant: str, ranked: list[Candidate], *, with_vectors: bool) -> list[Candidate]:
+        """Attach payloads (and vectors) to the surviving candidates, keeping rank and score. A point deleted since
+        the legs ran is dropped rather than returned without its text."""
+        details = await self.store.fetch(tenant, [c.point_id for c in ranked], with_vectors=with_vectors)
+        return [Candidate(c.point_id, c.score, details[c.point_id].payload, details[c.point_id].vector)
+                for c in ranked if c.point_id in details]
+
     async def run(self, query: SearchQuery) -> SearchOutcome:
         timings: dict[str, float] = {}
         vector = await self._query_vector(query, timings)
@@ -129,7 +136,16 @@ class SearchPipeline:
         else:
             ranked = dense_hits or sparse_hits
 
-        if query.rerank and self.reranker is not None and ranked:
+        reranking = query.rerank and self.reranker is not None
+        pool_size = max(query.top_k, self.settings.rerank_candidates if reranking else 0,
+                        self.settings.mmr_candidates if query.mmr_lambda is not None else 0)
+        need_vectors = query.mmr_lambda is not None or (reranking and getattr(self.reranker, "needs_vectors", False))
+        with self._stage("fetch", timings) as out:
+            ranked = await self._fetch(query.tenant, ranked[:pool_size], with_vectors=need_vectors)
+            out["candidates"] = len(ranked)
+
+        if reranking and ranked:
+            assert self.reranker is not None
             pool = ranked[:max(self.settings.rerank_candidates, query.top_k)]
             with self._stage("rerank", timings, **{"ragfleet.reranker": self.reranker.name,
                                                    "ragfleet.candidates_in": len(pool)}) as out:

@@ -70,12 +70,20 @@ class VectorStore(abc.ABC):
     @abc.abstractmethod
     async def dense(self, tenant: str, vector: Sequence[float], limit: int, conditions: Sequence[Condition],
                     *, hnsw_ef: int | None = None, exact: bool = False) -> list[Candidate]:
-        """Nearest neighbours by cosine within the tenant, with stored vectors."""
+        """Nearest neighbours by cosine within the tenant: ids and scores only (payloads come from `fetch`)."""
 
     @abc.abstractmethod
     async def sparse(self, tenant: str, query: SparseVec, limit: int,
                      conditions: Sequence[Condition]) -> list[Candidate]:
-        """BM25 within the tenant (IDF over the tenant's own points), with stored dense vectors."""
+        """BM25 within the tenant (IDF over the tenant's own points): ids and scores only."""
+
+    @abc.abstractmethod
+    async def fetch(self, tenant: str, point_ids: Sequence[str], *, with_vectors: bool) -> dict[str, Candidate]:
+        """Payload (and stored unit vector) of the tenant's points among `point_ids`, keyed by id. Ids of another
+        tenant are simply absent: the lookup is filtered by tenant like every other read.
+
+        Legs return ids only because converting 100 payloads and 384-float vectors per leg costs more than the
+        search itself; the pipeline fetches details once, for the few candidates that survive fusion."""
 
     @abc.abstractmethod
     async def count(self, tenant: str) -> int:

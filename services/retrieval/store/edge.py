@@ -74,8 +74,9 @@ class _Gate:
             self._open.set()
 
 
-def _filter(tenant: str, conditions: Sequence[Condition], *, must_not: list[Any] | None = None) -> qe.Filter:
-    must: list[Any] = [qe.FieldCondition(TENANT, match=qe.MatchValue(tenant))]
+def _filter(tenant: str, conditions: Sequence[Condition], *, must: Sequence[Any] = (),
+            must_not: list[Any] | None = None) -> qe.Filter:
+    must = [qe.FieldCondition(TENANT, match=qe.MatchValue(tenant)), *must]
     for cond in conditions:
         if cond.any_of:
             must.append(qe.FieldCondition(cond.path, match=qe.MatchAny(list(cond.any_of))))
@@ -84,9 +85,11 @@ def _filter(tenant: str, conditions: Sequence[Condition], *, must_not: list[Any]
     return qe.Filter(must=must, must_not=must_not)
 
 
-def _candidate(point: Any) -> Candidate:
-    vector = point.vector.get(DENSE) if isinstance(point.vector, dict) else None
-    return Candidate(str(point.id), float(point.score), point.payload or {},
+def _detail(record: Any) -> Candidate:
+    # Each property access converts from Rust again (a 384-float list per `.vector`): read each exactly once.
+    vectors = record.vector
+    vector = vectors.get(DENSE) if isinstance(vectors, dict) else None
+    return Candidate(str(record.id), 0.0, record.payload or {},
                      None if vector is None else np.asarray(vector, dtype=np.float32))
 
 
@@ -221,10 +224,10 @@ class EdgeStore(VectorStore):
     async def dense(self, tenant: str, vector: Sequence[float], limit: int, conditions: Sequence[Condition],
                     *, hnsw_ef: int | None = None, exact: bool = False) -> list[Candidate]:
         request = qe.QueryRequest(limit=limit, query=qe.Query.Nearest(list(vector), using=DENSE),
-                                  filter=_filter(tenant, conditions), with_payload=True, with_vector=[DENSE],
+                                  filter=_filter(tenant, conditions), with_payload=False,
                                   params=self._params(hnsw_ef, exact))
         points = await self._run(self._readers, lambda: self.shard.query(request), "search")
-        return [_candidate(p) for p in points]
+        return [Candidate(str(p.id), float(p.score), {}) for p in points]
 
     async def sparse(self, tenant: str, query: SparseVec, limit: int,
                      conditions: Sequence[Condition]) -> list[Candidate]:
@@ -235,10 +238,17 @@ class EdgeStore(VectorStore):
         idf = qe.IdfParams(corpus=_filter(tenant, ()))
         request = qe.QueryRequest(limit=limit, query=qe.Query.Nearest(qe.SparseVector(query.indices, query.values),
                                                                       using=SPARSE),
-                                  filter=flt, with_payload=True, with_vector=[DENSE],
-                                  params=qe.SearchParams(idf=idf))
+                                  filter=flt, with_payload=False, params=qe.SearchParams(idf=idf))
         points = await self._run(self._readers, lambda: self.shard.query(request), "search")
-        return [_candidate(p) for p in points]
+        return [Candidate(str(p.id), float(p.score), {}) for p in points]
+
+    async def fetch(self, tenant: str, point_ids: Sequence[str], *, with_vectors: bool) -> dict[str, Candidate]:
+        if not point_ids:
+            return {}
+        request = qe.ScrollRequest(limit=len(point_ids), with_payload=True, with_vector=[DENSE] if with_vectors
+                                   else False, filter=_filter(tenant, (), must=[qe.HasIdCondition(set(point_ids))]))
+        records, _ = await self._run(self._readers, lambda: self.shard.scroll(request), "fetch")
+        return {c.point_id: c for c in map(_detail, records)}
 
     async def count(self, tenant: str) -> int:
         request = qe.CountRequest(exact=True, filter=_filter(tenant, ()))

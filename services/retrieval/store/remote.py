@@ -20,8 +20,9 @@ from services.retrieval.store.base import DENSE, SPARSE, StoreError, StoreStartu
 log = logging.getLogger("ragfleet.retrieval.remote")
 
 
-def _filter(tenant: str, conditions: Sequence[Condition], *, must_not: list[Any] | None = None) -> models.Filter:
-    must: list[Any] = [models.FieldCondition(key=TENANT, match=models.MatchValue(value=tenant))]
+def _filter(tenant: str, conditions: Sequence[Condition], *, must: Sequence[Any] = (),
+            must_not: list[Any] | None = None) -> models.Filter:
+    must = [models.FieldCondition(key=TENANT, match=models.MatchValue(value=tenant)), *must]
     for cond in conditions:
         if cond.any_of:
             must.append(models.FieldCondition(key=cond.path, match=models.MatchAny(any=list(cond.any_of))))
@@ -30,13 +31,13 @@ def _filter(tenant: str, conditions: Sequence[Condition], *, must_not: list[Any]
     return models.Filter(must=must, must_not=must_not)
 
 
-def _candidate(point: models.ScoredPoint) -> Candidate:
-    vectors = point.vector if isinstance(point.vector, dict) else {}
+def _detail(record: models.Record) -> Candidate:
+    vectors = record.vector if isinstance(record.vector, dict) else {}
     vector = vectors.get(DENSE)
     if vector is not None:
         vector = np.asarray(vector, dtype=np.float32)
-        vector /= max(float(np.linalg.norm(vector)), 1e-12)  # local mode returns the raw vector; the server unit
-    return Candidate(str(point.id), float(point.score), point.payload or {}, vector)
+        vector /= max(float(np.linalg.norm(vector)), 1e-12)  # local mode keeps the raw vector, the server a unit one
+    return Candidate(str(record.id), 0.0, record.payload or {}, vector)
 
 
 class RemoteStore(VectorStore):
@@ -122,8 +123,8 @@ class RemoteStore(VectorStore):
                     *, hnsw_ef: int | None = None, exact: bool = False) -> list[Candidate]:
         reply = await self._call("search", self.client.query_points(
             self.collection, query=list(vector), using=DENSE, query_filter=_filter(tenant, conditions), limit=limit,
-            with_payload=True, with_vectors=[DENSE], search_params=self._params(hnsw_ef, exact)))
-        return [_candidate(p) for p in reply.points]
+            with_payload=False, search_params=self._params(hnsw_ef, exact)))
+        return [Candidate(str(p.id), float(p.score), {}) for p in reply.points]
 
     async def sparse(self, tenant: str, query: SparseVec, limit: int,
                      conditions: Sequence[Condition]) -> list[Candidate]:
@@ -133,9 +134,16 @@ class RemoteStore(VectorStore):
         params = models.SearchParams(idf=models.IdfCorpusParams(corpus=_filter(tenant, ())))
         reply = await self._call("search", self.client.query_points(
             self.collection, query=models.SparseVector(indices=query.indices, values=query.values), using=SPARSE,
-            query_filter=_filter(tenant, conditions), limit=limit, with_payload=True, with_vectors=[DENSE],
-            search_params=params))
-        return [_candidate(p) for p in reply.points]
+            query_filter=_filter(tenant, conditions), limit=limit, with_payload=False, search_params=params))
+        return [Candidate(str(p.id), float(p.score), {}) for p in reply.points]
+
+    async def fetch(self, tenant: str, point_ids: Sequence[str], *, with_vectors: bool) -> dict[str, Candidate]:
+        if not point_ids:
+            return {}
+        records, _ = await self._call("fetch", self.client.scroll(
+            self.collection, scroll_filter=_filter(tenant, (), must=[models.HasIdCondition(has_id=list(point_ids))]),
+            limit=len(point_ids), with_payload=True, with_vectors=[DENSE] if with_vectors else False))
+        return {c.point_id: c for c in map(_detail, records)}
 
     async def count(self, tenant: str) -> int:
         reply = await self._call("count", self.client.count(self.collection, count_filter=_filter(tenant, ()),

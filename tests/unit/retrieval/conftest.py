@@ -40,3 +40,9 @@ async def store(request, tmp_path):
     await s.start()
     yield s
     await s.close()
+
+
+async def detailed(store, tenant: str, hits, *, vectors: bool = False):
+    """The hits in rank order with payload (and vectors) attached, as the pipeline's fetch stage does."""
+    found = await store.fetch(tenant, [h.point_id for h in hits], with_vectors=vectors)
+    return [found[h.point_id] for h in hits if h.point_id in found]

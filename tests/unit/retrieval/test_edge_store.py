@@ -12,7 +12,7 @@ from services.retrieval.config import IndexConfig
 from services.retrieval.store.base import StoreStartupError
 from services.retrieval.store.edge import EdgeStore
 
-from .conftest import DIM, make_record, unit
+from .conftest import DIM, detailed, make_record, unit
 
 
 def records(encoder, n: int, seed: int = 0):
@@ -113,7 +113,8 @@ async def test_build_runs_off_process_and_keeps_writes_made_meanwhile(tmp_path, 
         assert await build is True
         assert served > 0  # searches were answered while the index was being built
         assert await store.count("acme") == 3000 + 3 - 1
-        assert (await store.dense("acme", late[0].vector, 1, ()))[0].payload["doc_id"] == "late0"
+        top = await detailed(store, "acme", await store.dense("acme", late[0].vector, 1, ()))
+        assert top[0].payload["doc_id"] == "late0"
         status = await store.status()
         assert status.indexed_vectors >= 2999 and status.state == "exact"  # replayed writes await the next build
         assert not (tmp_path / "s.building").exists() and not (tmp_path / "s.old").exists()

@@ -10,7 +10,7 @@ from services.retrieval.store.edge import EdgeStore
 from services.retrieval.store.remote import RemoteStore
 from services.retrieval.config import IndexConfig
 
-from .conftest import DIM, make_record, unit
+from .conftest import DIM, detailed, make_record, unit
 
 TEXTS = [
     "honeybees communicate the location of flowers with a waggle dance",
@@ -40,14 +40,17 @@ async def test_dense_exact_order_and_scores(store, encoder):
     expected = sorted(records, key=lambda r: -float(np.dot(r.vector, query)))[:5]
     assert [h.point_id for h in hits] == [r.point_id for r in expected]
     assert hits[0].score == pytest.approx(1.0, abs=1e-4)
-    assert hits[0].vector is not None and hits[0].vector.shape == (DIM,)
-    assert hits[0].payload["doc_id"] == "doc1" and hits[0].payload["meta"]["lang"] == "de"
+    assert hits[0].vector is None and hits[0].payload == {}  # legs return ids and scores only
+    top = (await detailed(store, "acme", hits, vectors=True))[0]
+    assert top.vector is not None and top.vector.shape == (DIM,)
+    assert top.vector == pytest.approx(np.asarray(records[3].vector), abs=1e-5)
+    assert top.payload["doc_id"] == "doc1" and top.payload["meta"]["lang"] == "de"
 
 
 async def test_sparse_bm25_ranks_lexical_matches(store, encoder):
     await store.upsert(corpus(encoder))
     hits = await store.sparse("acme", encoder.query("waggle dance"), 10, ())
-    texts = [h.text for h in hits]
+    texts = [h.text for h in await detailed(store, "acme", hits)]
     assert set(texts) == {TEXTS[0], TEXTS[7]}  # only documents containing the terms
     # Shorter document with both terms scores higher under BM25 length normalisation.
     assert texts[0] == TEXTS[7]
@@ -57,11 +60,12 @@ async def test_sparse_bm25_ranks_lexical_matches(store, encoder):
 async def test_filters_any_of_and_range(store, encoder):
     await store.upsert(corpus(encoder))
     q = corpus(encoder)[0].vector
-    hits = await store.dense("acme", q, 10, (Condition("meta.lang", ("de",)),))
+    hits = await detailed(store, "acme", await store.dense("acme", q, 10, (Condition("meta.lang", ("de",)),)))
     assert {h.payload["meta"]["lang"] for h in hits} == {"de"} and len(hits) == 3
-    hits = await store.dense("acme", q, 10, (Condition("meta_num.year", (), 2002.0, 2004.0),))
+    hits = await detailed(store, "acme", await store.dense("acme", q, 10,
+                                                           (Condition("meta_num.year", (), 2002.0, 2004.0),)))
     assert sorted(h.payload["meta"]["year"] for h in hits) == ["2002", "2003", "2004"]
-    hits = await store.dense("acme", q, 10, (Condition("doc_id", ("doc0", "doc3")),))
+    hits = await detailed(store, "acme", await store.dense("acme", q, 10, (Condition("doc_id", ("doc0", "doc3")),)))
     assert sorted(h.payload["chunk_id"] for h in hits) == ["doc0#0", "doc0#1", "doc3#0", "doc3#1"]
 
 
@@ -73,15 +77,19 @@ async def test_tenant_isolation_is_adversarial_proof(store, encoder):
     await store.upsert(a)
     await store.upsert(b)
     assert len({r.point_id for r in a} | {r.point_id for r in b}) == 2 * len(a)  # same doc ids, distinct points
+    a_ids, b_ids = {r.point_id for r in a}, {r.point_id for r in b}
     for record in b:  # exact vectors and exact words of B's chunks
         dense = await store.dense("tenant-a", record.vector, 50, ())
         sparse = await store.sparse("tenant-a", encoder.query(record.text), 50, ())
-        for hit in dense + sparse:
+        assert {h.point_id for h in dense + sparse} <= a_ids
+        for hit in await detailed(store, "tenant-a", dense + sparse):
             assert hit.payload["tenant"] == "tenant-a" and "SECRET" not in hit.text
     # A filter naming B's doc ids from A's side still sees only A's points.
     hits = await store.dense("tenant-a", b[0].vector, 50, (Condition("doc_id", tuple(r.doc_id for r in b)),))
-    assert {h.payload["tenant"] for h in hits} == {"tenant-a"}
+    assert {h.point_id for h in hits} <= a_ids
     assert await store.sparse("tenant-a", encoder.query("secret"), 50, ()) == []
+    # Knowing B's point ids does not help either: the detail lookup is tenant-filtered too.
+    assert await store.fetch("tenant-a", sorted(b_ids), with_vectors=True) == {}
     # Deleting A's documents leaves B untouched.
     removed = await store.delete_documents("tenant-a", sorted({r.doc_id for r in a}))
     assert removed == len(a)
@@ -96,7 +104,7 @@ async def test_idempotent_upsert_and_replace_with_fewer_chunks(store, encoder):
     removed = await store.delete_documents("acme", ["doc0"], keep_point_ids=[records[0].point_id])
     assert removed == 1
     hits = await store.dense("acme", records[1].vector, 20, (Condition("doc_id", ("doc0",)),))
-    assert [h.payload["chunk_id"] for h in hits] == ["doc0#0"]
+    assert [h.payload["chunk_id"] for h in await detailed(store, "acme", hits)] == ["doc0#0"]
 
 
 async def test_partial_failure_reports_exactly_what_was_written(store, encoder):
