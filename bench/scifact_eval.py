@@ -205,10 +205,11 @@ async def tune(train: dict[str, dict[str, int]], dense: dict, sparse: dict, qvec
             grid_fusion[f"{depth}:{alpha}"] = score(runs)
     best_depth, best_alpha = max(grid_fusion, key=grid_fusion.get).split(":")
     grid_mmr = {}
+    # lambda = 1 is plain relevance order (no MMR at all), so it is not a candidate; it is reported for reference.
     for lam in (0.5, 0.7, 0.8, 0.9, 0.95, 1.0):
-        grid_mmr[lam] = score({q: [c.point_id for c in mmr(qvecs[q], fused[q][:50], lambda_=lam, limit=10)]
+        grid_mmr[lam] = score({q: [c.point_id for c in mmr(qvecs[q], fused[q][:DEPTH], lambda_=lam, limit=DEPTH)]
                                for q in qids})
-    best_lambda = max(grid_mmr, key=grid_mmr.get)
+    best_lambda = max((lam for lam in grid_mmr if lam < 1.0), key=grid_mmr.get)
     return {"rrf_k": best_k, "rerank_alpha": float(best_alpha), "rerank_candidates": int(best_depth),
             "mmr_lambda": best_lambda, "train_ndcg10": {"rrf_k": grid_rrf, "fusion depth:alpha": grid_fusion,
                                                        "mmr_lambda": grid_mmr}}

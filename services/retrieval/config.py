@@ -16,8 +16,8 @@
 | RAGFLEET_RETRIEVAL_RRF_K | 60 | reciprocal rank fusion constant k |
 | RAGFLEET_RETRIEVAL_RERANK | fusion | reranker: `none`, `fusion` (dense cosine + BM25 rescoring), `tei` (HTTP /rerank), `onnx` (local cross-encoder) |
 | RAGFLEET_RETRIEVAL_RERANK_DEFAULT | true | rerank when the request leaves `rerank` unset |
-| RAGFLEET_RETRIEVAL_RERANK_CANDIDATES | 50 | fused candidates handed to the reranker |
-| RAGFLEET_RETRIEVAL_RERANK_ALPHA | 0.7 | weight of dense cosine vs normalised BM25 in the fusion rescorer |
+| RAGFLEET_RETRIEVAL_RERANK_CANDIDATES | 30 | rerank depth: the top fused candidates the reranker reorders (the rest follow in fused order) |
+| RAGFLEET_RETRIEVAL_RERANK_ALPHA | 0.5 | weight of dense cosine vs normalised BM25 in the fusion rescorer (0.5 and depth 30 were best on SciFact train) |
 | RAGFLEET_RETRIEVAL_RERANK_URL | unset | base URL of a text-embeddings-inference compatible reranker (`tei`) |
 | RAGFLEET_RETRIEVAL_RERANK_MODEL_DIR | unset | directory with `model.onnx` + `tokenizer.json` of a cross-encoder (`onnx`) |
 | RAGFLEET_RETRIEVAL_RERANK_TIMEOUT_SECONDS | 2.0 | deadline of one rerank call |
@@ -86,7 +86,7 @@ class SearchSettings:
     candidates: int = 100
     rrf_k: int = DEFAULT_RRF_K
     rerank_default: bool = True
-    rerank_candidates: int = 50
+    rerank_candidates: int = 30
     mmr_candidates: int = 50
     filter_fields: tuple[str, ...] = ("*",)
 
@@ -94,7 +94,7 @@ class SearchSettings:
 @dataclass(frozen=True)
 class RerankSettings:
     kind: str = "fusion"
-    alpha: float = 0.7
+    alpha: float = 0.5
     url: str | None = None
     model_dir: str | None = None
     timeout_seconds: float = 2.0
@@ -137,7 +137,7 @@ class RetrievalConfig:
             raise ConfigError("RAGFLEET_RETRIEVAL_RERANK=tei needs RAGFLEET_RETRIEVAL_RERANK_URL")
         if rerank == "onnx" and not model_dir:
             raise ConfigError("RAGFLEET_RETRIEVAL_RERANK=onnx needs RAGFLEET_RETRIEVAL_RERANK_MODEL_DIR")
-        alpha = env.float("RERANK_ALPHA", 0.7, minimum=0.0)
+        alpha = env.float("RERANK_ALPHA", 0.5, minimum=0.0)
         if alpha > 1.0:
             raise ConfigError(f"RAGFLEET_RETRIEVAL_RERANK_ALPHA={alpha} must be in [0, 1]")
         return cls(
@@ -169,7 +169,7 @@ class RetrievalConfig:
                 candidates=env.int("CANDIDATES", 100, minimum=1),
                 rrf_k=env.int("RRF_K", DEFAULT_RRF_K, minimum=1),
                 rerank_default=env.bool("RERANK_DEFAULT", True),
-                rerank_candidates=env.int("RERANK_CANDIDATES", 50, minimum=1),
+                rerank_candidates=env.int("RERANK_CANDIDATES", 30, minimum=1),
                 mmr_candidates=env.int("MMR_CANDIDATES", 50, minimum=1),
                 filter_fields=env.list("FILTER_FIELDS", ("*",)),
             ),

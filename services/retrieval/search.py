@@ -146,12 +146,14 @@ class SearchPipeline:
 
         if reranking and ranked:
             assert self.reranker is not None
-            pool = ranked[:max(self.settings.rerank_candidates, query.top_k)]
+            # The depth bounds the reranker's cost (a cross-encoder scores every pair); candidates below it keep
+            # their fused order (and fused score) after the reranked ones.
+            pool, tail = ranked[:self.settings.rerank_candidates], ranked[self.settings.rerank_candidates:]
             with self._stage("rerank", timings, **{"ragfleet.reranker": self.reranker.name,
                                                    "ragfleet.candidates_in": len(pool)}) as out:
                 lexical = {c.point_id: c.score for c in sparse_hits}
-                ranked = await self.reranker.rerank(RerankQuery(query.text, vector, lexical), pool)
-                out["candidates"] = len(ranked)
+                ranked = await self.reranker.rerank(RerankQuery(query.text, vector, lexical), pool) + tail
+                out["candidates"] = len(pool)
 
         if query.mmr_lambda is not None and ranked:
             pool = ranked[:max(self.settings.mmr_candidates, query.top_k)]
