@@ -107,3 +107,35 @@ def test_text_queries_are_embedded_by_the_embedding_service(tmp_path):
             with pytest.raises(grpc.RpcError) as err:
                 stub.Search(pb.SearchRequest(tenant="t", query_text="something new", top_k=3), timeout=10)
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "embedding" in err.value.details()
+
+
+def test_replicas_share_corpus_versions_through_redis(tmp_path, redis_prefix):
+    """Two replicas (separate processes) behind one Redis: a write on one invalidates the other's cached results."""
+    import uuid
+
+    import redis
+
+    from tests.conftest import REDIS_URL
+
+    tenant = f"{redis_prefix}{uuid.uuid4().hex[:8]}"  # keys land under ragfleet:retrieval:*:<tenant>
+    env = {"RAGFLEET_LOG_FORMAT": "text", "RAGFLEET_REDIS_URL": REDIS_URL}
+    with LocalMesh(data_dir=tmp_path / "a", env=env) as a, LocalMesh(data_dir=tmp_path / "b", env=env) as b:
+        a.start(["retrieval"])
+        b.start(["retrieval"])
+        with grpc.insecure_channel(a.address("retrieval")) as ca, grpc.insecure_channel(b.address("retrieval")) as cb:
+            stub_a, stub_b = retrieval_pb2_grpc.RetrievalServiceStub(ca), retrieval_pb2_grpc.RetrievalServiceStub(cb)
+            for stub in (stub_a, stub_b):
+                stub.Upsert(pb.UpsertRequest(tenant=tenant, chunks=rand_chunks("d", ["tides and the moon"], 3)),
+                            timeout=10)
+            query = pb.SearchRequest(tenant=tenant, query_text="moon tides", top_k=3)
+            first = stub_b.Search(query, timeout=10)
+            assert not first.cached and stub_b.Search(query, timeout=10).cached
+            assert stub_a.Search(query, timeout=10).cached  # L2: replica a reuses b's result
+            version = stub_a.Upsert(pb.UpsertRequest(tenant=tenant, chunks=rand_chunks("e", ["new moon"], 4)),
+                                    timeout=10).corpus_version
+            after = stub_b.Search(query, timeout=10)
+            assert not after.cached and after.corpus_version == version == first.corpus_version + 1
+    client = redis.Redis.from_url(REDIS_URL)
+    keys = list(client.scan_iter(match=f"ragfleet:retrieval:*{tenant}*"))
+    assert keys  # the versions and results really lived in Redis
+    client.delete(*keys)
