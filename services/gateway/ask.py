@@ -229,6 +229,13 @@ class AskPipeline:
 
         branches = ([cache_branch] if plan.use_cache else []) + (
             [history_branch] if request.conversation_id else []) + [embed_branch]
+        if plan.use_cache and not request.conversation_id and self.cache.has_local(plan.cache_key):
+            # Hot question: the entry is in L1, so a hit is all but certain. Confirm its corpus version (one Redis
+            # GET) before starting an embedding RPC that would only be cancelled; a stale entry falls through.
+            await cache_branch()
+            if answered():
+                return out
+            branches.remove(cache_branch)
         if not self.limits.parallel_fanout:  # one after another (benchmark baseline); embed last, as it may be skipped
             for branch in branches:
                 if answered():

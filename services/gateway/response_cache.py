@@ -122,6 +122,10 @@ class ResponseCache:
 
     # -- lookups ----------------------------------------------------------------------------------------------------
 
+    def has_local(self, key: str | None) -> bool:
+        """Whether L1 holds an entry for the key (valid or not: only a lookup checks the corpus version)."""
+        return key is not None and key in self._l1
+
     async def lookup(self, tenant: str, key: str) -> tuple[int | None, CachedAnswer | None]:
         """Return (current corpus version, entry if one is valid at that version). The version is None when the
         cache cannot be trusted right now (Redis error): the caller must then neither serve nor store."""

@@ -4,9 +4,12 @@ closing reaching generation, concurrency of the fan-out, validation before the f
 from __future__ import annotations
 
 import asyncio
+import os
 import time
+import uuid
 
 import pytest
+import redis.asyncio as aioredis
 
 from services.gateway.ask import AskPipeline
 from services.gateway.config import AskLimits, CacheConfig, ConversationConfig, StageBudgets
@@ -16,6 +19,8 @@ from services.gateway.response_cache import ResponseCache
 from services.runtime.errors import DeadlineExceeded, InvalidArgument
 from services.runtime.pb.ragfleet.v1 import (common_pb2, embedding_pb2, gateway_pb2, generation_pb2,
                                              retrieval_pb2)
+
+REDIS_URL = os.environ.get("RAGFLEET_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
 class FakeEmbedding:
@@ -83,7 +88,7 @@ async def run(pipeline: AskPipeline, deadline: Deadline | None = None, **fields)
     return [e async for e in pipeline.stream("t", request, plan, deadline or Deadline(None))]
 
 
-async def test_stream_then_hit_replays_and_cancels_embedding():
+async def test_stream_then_hot_hit_replays_without_embedding():
     generation = FakeGeneration()
     pipeline = make(generation=generation)
     first = await run(pipeline, question="Q?")
@@ -93,10 +98,32 @@ async def test_stream_then_hit_replays_and_cancels_embedding():
     pipeline.embedding = slow
     started = time.perf_counter()
     second = await run(pipeline, question="q")
-    assert time.perf_counter() - started < 1.0 and slow.cancelled, "the hit cancels the embedding branch"
+    assert time.perf_counter() - started < 1.0 and slow.calls == 0, "an L1-hot hit never starts the embedding"
     assert second[-1].finished.cache_status == gateway_pb2.CACHE_STATUS_HIT_EXACT
     assert "".join(e.delta.text for e in second if e.HasField("delta")) == "w0 w1 w2 w3 w4 "
     assert generation.calls == 1 and second[-1].finished.usage.total_tokens == 0
+
+
+async def test_hit_from_another_replica_cancels_the_embedding_branch():
+    prefix = f"ragfleet-test:{uuid.uuid4().hex}:"
+    client = aioredis.from_url(REDIS_URL)
+    config = CacheConfig(redis_prefix=prefix, corpus_version_key=prefix + "version:{tenant}")
+    try:
+        replica_a = make(cache=ResponseCache(config, client))
+        await run(replica_a, question="Q?")
+        slow = FakeEmbedding(delay=5.0)
+        generation = FakeGeneration()
+        replica_b = make(embedding=slow, generation=generation, cache=ResponseCache(config, client))
+        started = time.perf_counter()
+        events = await run(replica_b, question="q")
+        assert time.perf_counter() - started < 1.0 and slow.calls == 1 and slow.cancelled, \
+            "cache || embed run together when L1 is cold, and the hit cancels the embedding"
+        assert events[-1].finished.cache_status == gateway_pb2.CACHE_STATUS_HIT_EXACT and generation.calls == 0
+    finally:
+        keys = [k async for k in client.scan_iter(match=prefix + "*")]
+        if keys:
+            await client.delete(*keys)
+        await client.aclose()
 
 
 async def test_closing_the_stream_closes_generation():
