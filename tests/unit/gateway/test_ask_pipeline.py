@@ -4,7 +4,6 @@ closing reaching generation, concurrency of the fan-out, validation before the f
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 import uuid
 
@@ -19,8 +18,7 @@ from services.gateway.response_cache import ResponseCache
 from services.runtime.errors import DeadlineExceeded, InvalidArgument
 from services.runtime.pb.ragfleet.v1 import (common_pb2, embedding_pb2, gateway_pb2, generation_pb2,
                                              retrieval_pb2)
-
-REDIS_URL = os.environ.get("RAGFLEET_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+from tests.conftest import REDIS_URL
 
 
 class FakeEmbedding:
