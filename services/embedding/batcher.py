@@ -5,7 +5,10 @@ Policy (TEI's queue, adapted to a CPU model whose cost grows with padded tokens)
 - A batch is bounded by `max_batch_size` texts AND `max_batch_tokens` padded tokens (texts x longest text): on CPU a
   batch costs about its padded tokens, so a budget keeps long texts in small batches and short ones in big ones.
 - Grouping by length: the batch grows from the oldest queued text (so no text starves) towards the neighbours in
-  token-count order that add the least padding.
+  token-count order that add the least padding, and stops when the next text would add more than
+  `max_added_padding` padded tokens (a text's own padding, or the rise of every text already in the batch): on CPU,
+  batching saves only a fixed per-run cost, so a 20-token sentence padded to a 256-token abstract makes the batch
+  slower than running both alone. Backends that do not pad (`pads_batches` False, a remote API) skip this limit.
 - Waiting: none while a full batch is queued; when the model is free and traffic is bursty (at least half of the
   last 16 requests arrived within `max_wait` of the previous one), it waits up to `max_wait` after the oldest arrival
   for more texts; with sparse traffic (a lone caller) it never waits, so batching adds no latency there.
@@ -58,6 +61,7 @@ class Batcher:
         self.config = config
         self.max_batch_size = max(1, min(config.max_batch_size, backend.max_batch_size))
         self._max_wait = config.max_wait_ms / 1000.0
+        self._max_added_padding = config.max_added_padding if backend.pads_batches else float("inf")
         self._queue: list[_Entry] = []
         self._live = 0  # queued texts whose callers are still waiting
         self._wakeup = asyncio.Event()
@@ -172,17 +176,19 @@ class Batcher:
         lo = hi = ordered.index(anchor)
         longest = anchor.item.token_count
         budget = self.config.max_batch_tokens
+        max_waste = self._max_added_padding
         size = 1
         while size < self.max_batch_size:
             best, best_waste = None, None
             if lo > 0:
                 shorter = ordered[lo - 1].item.token_count
-                if (size + 1) * longest <= budget:
-                    best, best_waste = "lo", longest - shorter
+                waste = longest - shorter
+                if (size + 1) * longest <= budget and waste <= max_waste:
+                    best, best_waste = "lo", waste
             if hi + 1 < len(ordered):
                 longer = ordered[hi + 1].item.token_count
                 waste = size * (longer - longest)
-                if (size + 1) * longer <= budget and (best_waste is None or waste < best_waste):
+                if (size + 1) * longer <= budget and waste <= max_waste and (best_waste is None or waste < best_waste):
                     best, best_waste = "hi", waste
             if best is None:
                 break

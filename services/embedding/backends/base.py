@@ -38,6 +38,9 @@ class EmbeddingBackend(abc.ABC):
     max_in_flight: int = 1
     #: The model's input limit in tokens (texts above it are truncated or rejected).
     max_tokens: int
+    #: True when a batch costs its padded tokens (a local model pads every text to the batch's longest), so the
+    #: batcher keeps texts of unequal length apart; False when the endpoint prices each text alone (a remote API).
+    pads_batches: bool = True
 
     async def start(self) -> None:
         """Load or connect; called once before serving."""

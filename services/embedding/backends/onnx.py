@@ -46,8 +46,9 @@ def load_tokenizer(max_tokens: int = MAX_TOKENS) -> Tokenizer:
     return tokenizer
 
 
-def load_session(model_path: str, threads: int) -> ort.InferenceSession:
+def load_session(model_path: str, threads: int, allow_spinning: bool = False) -> ort.InferenceSession:
     options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # One batch at a time on the dedicated thread; its intra-op threads take the cores.
     options.intra_op_num_threads = threads
@@ -84,7 +85,8 @@ class OnnxBackend(EmbeddingBackend):
             return
         path = self.config.model_path or default_model_path()
         loop = asyncio.get_running_loop()
-        self._session = await loop.run_in_executor(self._executor, load_session, path, self.config.threads)
+        self._session = await loop.run_in_executor(self._executor, load_session, path, self.config.threads,
+                                                   self.config.allow_spinning)
         self._input_names = tuple(i.name for i in self._session.get_inputs())
         # One tiny run so the first real request does not pay for lazy allocations.
         await self.embed(self.prepare(["warm up"]))

@@ -65,6 +65,8 @@ def decode(embedding: object) -> np.ndarray:
 
 
 class RemoteEmbeddingBackend(EmbeddingBackend):
+    pads_batches = False  # the endpoint tokenizes and prices each text itself: merging never adds padding here
+
     def __init__(self, config: OpenAIConfig) -> None:
         if not config.base_url:
             raise ValueError("the openai embedding backend needs a base URL")

@@ -168,3 +168,43 @@ async def test_real_model_under_concurrency_gives_each_caller_its_vector(onnx_ba
         await batcher.close()
     for text, vector in zip(texts, results):
         assert float(vector @ alone[text]) > 0.99999
+
+
+async def test_a_merge_that_adds_too_much_padding_waits_for_a_better_batch(scripted):
+    gate = scripted.gate = asyncio.Event()
+    batcher = Batcher(scripted, BatcherConfig(max_batch_size=16, max_batch_tokens=10_000, max_added_padding=4))
+    batcher.start()
+    first = batcher.append(scripted.prepare([words(3, "first")]))
+    await asyncio.sleep(0.01)  # the model holds this one while the rest queue up
+    texts = [words(n, f"t{i}") for i, n in enumerate([10, 40, 12, 11, 41, 40, 25])]
+    futures = batcher.append(scripted.prepare(texts))
+    gate.set()
+    await asyncio.gather(*first, *futures)
+    await batcher.close()
+    groups = sorted(sorted(len(t.split()) for t in batch) for batch in scripted.batches[1:])
+    # 10/11/12 merge (each adds <= 4 padding tokens), 40/40/41 merge, 25 is 13+ tokens from both: alone.
+    assert groups == [[10, 11, 12], [25], [40, 40, 41]], groups
+
+
+async def test_a_backend_that_does_not_pad_merges_any_lengths(scripted):
+    scripted.pads_batches = False  # a remote API: each text is priced alone, padding is not ours to pay
+    gate = scripted.gate = asyncio.Event()
+    batcher = Batcher(scripted, BatcherConfig(max_batch_size=16, max_batch_tokens=10_000, max_added_padding=4))
+    batcher.start()
+    first = batcher.append(scripted.prepare([words(3, "first")]))
+    await asyncio.sleep(0.01)
+    futures = batcher.append(scripted.prepare([words(n, f"t{i}") for i, n in enumerate([10, 40, 12, 25])]))
+    gate.set()
+    await asyncio.gather(*first, *futures)
+    await batcher.close()
+    assert [len(batch) for batch in scripted.batches] == [1, 4]
+
+
+def test_padding_limit_is_configured_and_remote_backends_do_not_pad():
+    from services.embedding.backends.onnx import OnnxBackend
+    from services.embedding.backends.remote import RemoteEmbeddingBackend
+    from services.embedding.config import EmbeddingConfig
+
+    assert EmbeddingConfig.from_env({}).batcher.max_added_padding == 16
+    assert EmbeddingConfig.from_env({"RAGFLEET_EMBEDDING_MAX_ADDED_PADDING": "8"}).batcher.max_added_padding == 8
+    assert OnnxBackend.pads_batches and not RemoteEmbeddingBackend.pads_batches

@@ -37,3 +37,16 @@ async def test_long_text_truncated_at_256_tokens(onnx_backend):
     assert not short.truncated and short.token_count == 6  # [CLS] mit ##och ##ond ##ria [SEP]
     vector = (await onnx_backend.embed([item]))[0]
     assert np.isfinite(vector).all()
+
+
+async def test_thread_spinning_is_off_unless_configured(onnx_backend):
+    from services.embedding.backends.onnx import default_model_path, load_session
+    from services.embedding.config import EmbeddingConfig
+
+    key = "session.intra_op.allow_spinning"
+    # Spinning threads would steal the cores the event loop and neighbouring services need between batches.
+    assert onnx_backend._session.get_session_options().get_session_config_entry(key) == "0"
+    spinning = load_session(default_model_path(), 1, allow_spinning=True)
+    assert spinning.get_session_options().get_session_config_entry(key) == "1"
+    assert EmbeddingConfig.from_env({}).onnx.allow_spinning is False
+    assert EmbeddingConfig.from_env({"RAGFLEET_EMBEDDING_ONNX_SPIN": "true"}).onnx.allow_spinning is True
