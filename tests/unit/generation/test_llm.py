@@ -1,12 +1,16 @@
 """The OpenAI backend with the real `openai` client against the simulated LLM: streaming, usage, retries only
-before the first token, timeouts, the caller's deadline, and cancellation reaching the HTTP request."""
+before the first token, timeouts, the caller's deadline, and cancellation reaching the HTTP request. SSE details
+the sim never sends (comments, multi-line data, CRLF, error events, malformed data, no [DONE]) come from a scripted
+HTTP peer that writes exact bytes."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import pytest
+from aiohttp import web
 
 from services.generation.base import Delta, Done, LLMStreamError, LLMUnavailable
 from services.generation.config import GenerationConfig, LLMConfig, LLMTimeouts
@@ -20,7 +24,7 @@ COUNTER = TokenCounter()
 
 def make(control, **kw) -> tuple[OpenAIAnswerer, GenerationConfig]:
     llm = LLMConfig(base_url=control.llm_url, default_model="sim-model",
-                    timeouts=LLMTimeouts(connect=1.0, first_token=kw.pop("first_token", 2.0), read=2.0),
+                    timeouts=LLMTimeouts(connect=1.0, first_token=kw.pop("first_token", 2.0), read=kw.pop("read", 2.0)),
                     retry_backoff=kw.pop("retry_backoff", 0.01), **kw)
     config = GenerationConfig(server=ServerConfig("generation"), llm=llm)
     return OpenAIAnswerer(llm, COUNTER), config
@@ -168,3 +172,164 @@ async def test_failed_summary_returns_none(sim):
         assert await answerer.summarise([{"role": "user", "content": "x"}], 50) is None
     finally:
         await answerer.close()
+
+
+# -- a scripted peer: exact SSE bytes, each piece its own write ------------------------------------------------------
+
+BREAK = b"<drop the connection>"
+PAUSE = b"<stay silent for 1 s>"
+
+
+class Scripted:
+    """An HTTP server whose Nth chat request gets the Nth script (a list of byte pieces, written 5 ms apart)."""
+
+    def __init__(self, scripts: list[list[bytes]]) -> None:
+        self.scripts = scripts
+        self.requests = 0
+        self.peers: list[tuple] = []
+        self.llm_url = ""
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        await request.read()
+        self.peers.append(request.transport.get_extra_info("peername"))  # type: ignore[union-attr]
+        script = self.scripts[min(self.requests, len(self.scripts) - 1)]
+        self.requests += 1
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for piece in script:
+            if piece is BREAK:
+                request.transport.close()  # type: ignore[union-attr]
+                return response
+            if piece is PAUSE:
+                await asyncio.sleep(1.0)
+                continue
+            await response.write(piece)
+            await asyncio.sleep(0.005)
+        await response.write_eof()
+        return response
+
+
+@pytest.fixture
+async def scripted():
+    servers: list[web.AppRunner] = []
+
+    async def start(*scripts: list[bytes]) -> Scripted:
+        peer = Scripted(list(scripts))
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", peer.chat)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        servers.append(runner)
+        peer.llm_url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1"  # type: ignore[union-attr]
+        return peer
+
+    try:
+        yield start
+    finally:
+        for runner in servers:
+            await runner.cleanup()
+
+
+def data(payload: dict) -> bytes:
+    return f"data: {json.dumps(payload)}\n\n".encode()
+
+
+def content(text: str, finish: str | None = None) -> bytes:
+    return data({"id": "c", "object": "chat.completion.chunk",
+                 "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": finish}]})
+
+
+DONE_BYTES = b"data: [DONE]\n\n"
+
+
+async def run(peer: Scripted, **kw) -> tuple[list, BaseException | None]:
+    answerer, config = make(peer, **kw)
+    got: list = []
+    try:
+        async for event in answerer.stream(await prompt_for(config)):
+            got.append(event)
+    except Exception as exc:  # noqa: BLE001 - returned for the assertions
+        return got, exc
+    finally:
+        await answerer.close()
+    return got, None
+
+
+async def test_sse_comments_multiline_data_and_crlf_through_the_client(scripted):
+    usage = {"prompt_tokens": 11, "completion_tokens": 3, "total_tokens": 14}
+    peer = await scripted([
+        b": connected\r\n\r\n",
+        data({"choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]}),
+        b'data: {"choices": [{"index": 0,\r\ndata: "delta": {"content": "Hel"}}]}\r\n\r', b"\n",
+        content("lo"), b": ping\n\n", content(" [1]", finish="stop"),
+        data({"choices": [], "usage": usage}), DONE_BYTES])
+    events, error = await run(peer)
+    assert error is None
+    assert [e.text for e in events[:-1]] == ["Hel", "lo", " [1]"]
+    assert events[-1] == Done("stop", 11, 3, "sim-model")
+
+
+async def test_body_ending_without_done_or_usage_still_finishes(scripted):
+    peer = await scripted([content("one"), content(" two", finish="length")])
+    events, error = await run(peer)
+    assert error is None and [e.text for e in events[:-1]] == ["one", " two"]
+    assert events[-1].finish_reason == "length" and events[-1].completion_tokens == 2  # counted locally
+
+
+async def test_malformed_json_mid_stream_is_a_stream_error_not_retried(scripted):
+    peer = await scripted([content("one"), content(" two"), b'data: {"choices": [\n\n', DONE_BYTES])
+    events, error = await run(peer, max_retries=3)
+    assert [e.text for e in events] == ["one", " two"]
+    assert isinstance(error, LLMStreamError) and "failed mid-stream: MalformedEvent" in str(error)
+    assert peer.requests == 1
+
+
+async def test_malformed_json_before_the_first_token_is_not_retried(scripted):
+    peer = await scripted([b"data: not json\n\n"])
+    _, error = await run(peer, max_retries=3)
+    assert isinstance(error, LLMUnavailable) and "after 1 attempt" in str(error) and peer.requests == 1
+
+
+async def test_error_event_before_the_first_token_is_retried_like_the_sdk_error(scripted):
+    failing = [b'event: error\ndata: {"error": {"message": "model overloaded"}}\n\n']
+    peer = await scripted(failing, failing)
+    _, error = await run(peer, max_retries=1)
+    assert isinstance(error, LLMUnavailable), error
+    assert "APIError: model overloaded after 2 attempt(s)" in str(error) and peer.requests == 2
+
+
+async def test_error_event_mid_stream_ends_the_answer(scripted):
+    peer = await scripted([content("partial"), data({"error": {"message": "upstream died"}}), DONE_BYTES])
+    events, error = await run(peer, max_retries=3)
+    assert [e.text for e in events] == ["partial"]
+    assert isinstance(error, LLMStreamError) and "APIError: upstream died" in str(error) and peer.requests == 1
+
+
+async def test_connection_is_reused_after_done(scripted):
+    stream = [content("a", finish="stop"), DONE_BYTES]
+    peer = await scripted(stream, stream)
+    answerer, config = make(peer)
+    try:
+        for _ in range(2):
+            events = [e async for e in answerer.stream(await prompt_for(config))]
+            assert isinstance(events[-1], Done)
+    finally:
+        await answerer.close()
+    assert peer.peers[0] == peer.peers[1]  # the body was read to its end, so the pool kept the connection
+
+
+async def test_connection_lost_before_the_first_token_is_retried(scripted):
+    broken = [data({"choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]}), BREAK]
+    peer = await scripted(broken, [content("ok", finish="stop"), DONE_BYTES])
+    events, error = await run(peer, max_retries=1)
+    assert error is None and [e.text for e in events[:-1]] == ["ok"] and peer.requests == 2
+
+
+async def test_silence_past_the_read_timeout_mid_stream_is_a_stream_error(scripted):
+    peer = await scripted([content("one"), PAUSE, content(" two"), DONE_BYTES])
+    started = time.perf_counter()
+    events, error = await run(peer, read=0.3, max_retries=3)
+    assert [e.text for e in events] == ["one"] and time.perf_counter() - started < 0.9
+    assert isinstance(error, LLMStreamError) and "APITimeoutError" in str(error) and peer.requests == 1
