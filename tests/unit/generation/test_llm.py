@@ -17,6 +17,7 @@ from services.generation.config import GenerationConfig, LLMConfig, LLMTimeouts
 from services.generation.llm import OpenAIAnswerer
 from services.generation.prompt import PromptBuilder, TokenCounter
 from services.runtime.config import ServerConfig
+from services.runtime.errors import DeadlineExceeded
 from services.runtime.pb.ragfleet.v1 import common_pb2, generation_pb2
 
 COUNTER = TokenCounter()
@@ -121,7 +122,7 @@ async def test_caller_deadline_bounds_the_wait(sim):
     prompt.deadline = asyncio.get_running_loop().time() + 0.25
     started = time.perf_counter()
     try:
-        with pytest.raises(LLMUnavailable):
+        with pytest.raises(DeadlineExceeded, match="deadline passed before the LLM"):
             async for _ in answerer.stream(prompt):
                 pass
     finally:
