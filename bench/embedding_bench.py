@@ -1,0 +1,766 @@
+"""Embedding service benchmark (issue 5): micro-batching vs none, local ONNX and remote backends, the model's
+in-process ceiling, and cache hit vs miss latency, all in one run.
+
+The services run as real processes (LocalMesh, `python -m services.embedding`), the simulated OpenAI-compatible
+endpoint as its own process (`python -m services.cli sim-llm`), and this process is the load generator: every
+process shares the machine's cores, which the result records.
+
+    flock /tmp/ragfleet-bench.lock .venv/bin/python bench/embedding_bench.py     # full run (~8 min on 2 cores)
+    flock /tmp/ragfleet-bench.lock .venv/bin/python bench/embedding_bench.py --quick   # smoke run (~1-2 min)
+
+The full run first waits (up to --quiet-timeout s) until other work leaves the cores alone, and records how much
+other work ran during each phase.
+
+Texts: SciFact (fixed seed), 85 % single abstract sentences and 15 % whole abstracts (truncated at 256 tokens), all
+distinct, so a model batch in arrival order mixes 20-token and 256-token texts as real traffic does.
+
+Phases:
+1. ceiling: the ONNX backend in this process (no gRPC, no service) over batch sizes 1..64 on the sweep texts, in
+   arrival order (naive batching), sorted by length within windows of 64 arrivals (the most a batcher that sees 64
+   queued texts can do), and sorted globally (perfect grouping, an upper bound no online batcher reaches), with
+   onnxruntime's thread spinning on (the model alone at its best). The ceiling of the targets is the best
+   arrival-order figure, re-measured after the sweep (the higher one counts).
+2. local sweep: N = 1, 8, 64, 256 concurrent gRPC callers, one text per call, each text once, against two services
+   (batching on, batching off) with L1 off and no Redis, so the model is measured, not the cache. Both services are
+   up for the whole phase; at N = 1 calls alternate between them text by text (paired p99), larger N run one
+   service at a time.
+3. cache: two replicas with L1 and Redis L2 (own key prefix, deleted afterwards); per text, a miss on replica A,
+   the L1 hit on A, the L2 hit on B (a replica that never saw it), then B's promoted L1 hit; one caller. Then the
+   gRPC capacity: 64 callers of cached texts (no model, no HTTP), the most any backend can get through gRPC here.
+4. remote sweep: the same N sweep with RAGFLEET_EMBEDDING_BACKEND=openai against the sim LLM (10 ms per HTTP call
+   + 0.2 ms per text), batching on vs off, default max 2 HTTP calls in flight.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any, Sequence
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import grpc  # noqa: E402
+from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
+
+from bench._common import percentiles, target, write_results  # noqa: E402
+from services.cli.mesh import LocalMesh, free_port  # noqa: E402
+from services.runtime.pb.ragfleet.v1 import common_pb2, embedding_pb2, embedding_pb2_grpc  # noqa: E402
+
+SCIFACT = ROOT.parent / "shared" / "data" / "scifact" / "corpus.jsonl"
+REDIS_URL = os.environ.get("RAGFLEET_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+SEED = 5
+SENTENCE_SHARE = 0.85
+CALLERS = (1, 8, 64, 256)
+BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
+WINDOW = 64
+SIM_CALL_MS = 10.0
+SIM_PER_TEXT_MS = 0.2
+RPC_TIMEOUT = 300.0
+QUERY = common_pb2.INPUT_TYPE_QUERY
+_SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+
+
+# -- texts ----------------------------------------------------------------------------------------------------------
+
+class TextPool:
+    """SciFact texts in a seeded random order; each `draw` takes fresh ones (distinct from every earlier draw):
+    SENTENCE_SHARE single sentences, the rest whole abstracts."""
+
+    def __init__(self, seed: int) -> None:
+        docs = [json.loads(line) for line in SCIFACT.read_text(encoding="utf-8").splitlines() if line.strip()]
+        self._rng = random.Random(seed)
+        self._rng.shuffle(docs)
+        half = len(docs) // 2  # abstracts and sentences from different documents
+        self._abstracts = list(dict.fromkeys(" ".join(d["text"].split()) for d in docs[:half]
+                                             if len(d["text"].split()) >= 60))
+        sentences = [" ".join(s.split()) for d in docs[half:] for s in _SENTENCE_SPLIT.split(d["text"])
+                     if len(s.split()) >= 4]
+        self._sentences = list(dict.fromkeys(sentences))
+        self._rng.shuffle(self._sentences)
+        self._next_abstract = self._next_sentence = 0
+
+    def draw(self, count: int) -> list[str]:
+        n_abstracts = round(count * (1 - SENTENCE_SHARE))
+        texts = self._abstracts[self._next_abstract:self._next_abstract + n_abstracts]
+        texts += self._sentences[self._next_sentence:self._next_sentence + count - n_abstracts]
+        if len(texts) != count:
+            raise RuntimeError(f"SciFact pool exhausted drawing {count} texts")
+        self._next_abstract += n_abstracts
+        self._next_sentence += count - n_abstracts
+        self._rng.shuffle(texts)
+        return texts
+
+
+# -- how busy the machine was ------------------------------------------------------------------------------------------
+
+class CpuMeter:
+    """CPU-seconds the whole machine spent busy vs this process and its (exited, reaped) children: the remainder is
+    other work on the machine during a phase, i.e. noise the figures carry."""
+
+    def __init__(self) -> None:
+        self._tick = os.sysconf("SC_CLK_TCK")
+        self.phases: dict[str, dict[str, float]] = {}
+        self._mark = self._read()
+
+    def _read(self) -> tuple[float, float, float]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        busy = (sum(fields[:8]) - fields[3] - fields[4]) / self._tick  # all but idle and iowait
+        t = os.times()
+        return time.monotonic(), busy, t.user + t.system + t.children_user + t.children_system
+
+    def phase(self, name: str) -> None:
+        """Close the phase that started at the last mark (call after its service processes have exited)."""
+        now = self._read()
+        wall, busy, own = (now[i] - self._mark[i] for i in range(3))
+        self._mark = now
+        cores = os.cpu_count() or 1
+        self.phases[name] = {"wall_seconds": wall, "machine_busy_cpu_s": busy, "bench_cpu_s": own,
+                             "other_cpu_s": max(0.0, busy - own),
+                             "other_share_of_machine": max(0.0, busy - own) / (wall * cores) if wall else 0.0}
+
+
+def wait_for_quiet(max_share: float, timeout: float) -> dict[str, float]:
+    """Wait (up to `timeout` s) until other work uses at most `max_share` of all cores over a 5 s sample: others
+    share this machine, and their tests would show up as noise in every figure. Returns what was seen."""
+    started = time.monotonic()
+    while True:
+        meter = CpuMeter()
+        time.sleep(5.0)
+        meter.phase("sample")
+        share = meter.phases["sample"]["other_share_of_machine"]
+        waited = time.monotonic() - started
+        if share <= max_share or waited >= timeout:
+            return {"other_share_at_start": share, "waited_seconds": waited, "quiet": share <= max_share}
+        print(f"  machine busy with other work ({100 * share:.0f} % of the cores); waiting", flush=True)
+
+
+# -- phase 1: the model's ceiling, in process ------------------------------------------------------------------------
+
+def _orders(items: list[Any]) -> dict[str, list[Any]]:
+    def by_len(chunk: list[Any]) -> list[Any]:
+        return sorted(chunk, key=lambda item: item.token_count)
+
+    windowed = [item for start in range(0, len(items), WINDOW) for item in by_len(items[start:start + WINDOW])]
+    return {"arrival": list(items), f"sorted_window{WINDOW}": windowed, "sorted_global": by_len(items)}
+
+
+def _pass(backend: Any, items: list[Any], batch_size: int, budget_s: float = 0.0) -> dict[str, float]:
+    """One pass over `items` in batches of `batch_size`: throughput and padding (padded / real tokens). With
+    `budget_s`, the pass stops at the first whole window of WINDOW texts after that many seconds (slow passes of
+    badly padded batches need not run to the end; a prefix of whole windows of shuffled texts is representative)."""
+    padded = real = done = 0
+    started = time.perf_counter()
+    for start in range(0, len(items), batch_size):
+        batch = items[start:start + batch_size]
+        backend.run_batch(batch)
+        padded += len(batch) * max(i.token_count for i in batch)
+        real += sum(i.token_count for i in batch)
+        done += len(batch)
+        if budget_s and done % WINDOW == 0 and time.perf_counter() - started > budget_s:
+            break
+    seconds = time.perf_counter() - started
+    return {"texts_per_s": done / seconds, "seconds": seconds, "texts": done, "padding_ratio": padded / real}
+
+
+async def open_backend(allow_spinning: bool) -> Any:
+    from services.embedding.backends.onnx import OnnxBackend
+    from services.embedding.config import OnnxConfig
+
+    backend = OnnxBackend(OnnxConfig(allow_spinning=allow_spinning))  # one intra-op thread per core, as served
+    await backend.start()
+    return backend
+
+
+def measure_ceiling(backend: Any, texts: list[str], warm: list[str], batch_sizes: Sequence[int],
+                    budget_s: float) -> dict[str, Any]:
+    items = backend.prepare(texts)
+    for size in (1, 8, 64):  # allocations for small and large shapes before timing
+        _pass(backend, backend.prepare(warm[:64]), size)
+    out: dict[str, Any] = {"threads": backend.config.threads, "allow_spinning": backend.config.allow_spinning,
+                           "texts": len(items), "real_tokens_mean": sum(i.token_count for i in items) / len(items),
+                           "truncated": sum(1 for i in items if i.truncated), "pass_budget_seconds": budget_s,
+                           "orders": {}}
+    single = _pass(backend, items, 1)  # order is irrelevant at batch size 1: measured once, in full
+    rows_arrival: dict[str, Any] = {}
+    print(f"  batch 1: {single['texts_per_s']:.1f} texts/s", flush=True)
+    for order, ordered in _orders(items).items():
+        rows = {"1": single}
+        for size in batch_sizes:
+            if size == 1:
+                continue
+            if order.startswith("sorted_window") and size >= WINDOW:
+                rows[str(size)] = rows_arrival[str(size)]  # a batch = a whole window: the arrival batch itself
+                continue
+            # A globally sorted prefix would hold only the shortest texts: those passes always run in full.
+            rows[str(size)] = _pass(backend, ordered, size, 0.0 if order == "sorted_global" else budget_s)
+            print(f"  {order} batch {size}: {rows[str(size)]['texts_per_s']:.1f} texts/s "
+                  f"(padding x{rows[str(size)]['padding_ratio']:.2f}, {rows[str(size)]['texts']} texts)", flush=True)
+        if order == "arrival":
+            rows_arrival = rows
+        best = max(rows, key=lambda k: rows[k]["texts_per_s"])
+        out["orders"][order] = {"by_batch_size": rows, "best_batch_size": int(best),
+                                "best_texts_per_s": rows[best]["texts_per_s"]}
+    return out
+
+
+def recheck_ceiling(backend: Any, texts: list[str], ceiling: dict[str, Any]) -> dict[str, Any]:
+    """After the sweep: batch 1 and the best arrival-order batch size again (drift check; the higher one counts)."""
+    items = backend.prepare(texts)
+    best = ceiling["orders"]["arrival"]["best_batch_size"]
+    again = {str(size): _pass(backend, items, size) for size in sorted({1, best})}
+    first = ceiling["orders"]["arrival"]["by_batch_size"]
+    return {"by_batch_size": again,
+            "ceiling_texts_per_s": max(first[str(best)]["texts_per_s"], again[str(best)]["texts_per_s"]),
+            "batch1_texts_per_s": max(first["1"]["texts_per_s"], again["1"]["texts_per_s"]),
+            "ceiling_batch_size": best}
+
+
+# -- services ---------------------------------------------------------------------------------------------------------
+
+def start_service(workdir: Path, name: str, env: dict[str, str]) -> LocalMesh:
+    base = {"RAGFLEET_LOG_LEVEL": "WARNING", "RAGFLEET_REDIS_URL": "", "RAGFLEET_EMBEDDING_L1_MAX_MB": "0"}
+    mesh = LocalMesh(data_dir=workdir / name, env={**base, **env})
+    mesh.start(["embedding"])
+    return mesh
+
+
+def scrape(mesh: LocalMesh) -> dict[str, float]:
+    """The embedding service's own counters (sums and counts of its histograms), from its metrics port."""
+    url = f"http://127.0.0.1:{mesh.metrics_ports['embedding']}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    wanted = ("ragfleet_embedding_batch_size_sum", "ragfleet_embedding_batch_size_count",
+              "ragfleet_embedding_batch_tokens_sum", "ragfleet_embedding_model_seconds_sum",
+              "ragfleet_embedding_queue_wait_seconds_sum", "ragfleet_embedding_queue_wait_seconds_count",
+              "ragfleet_embedding_overloaded_total", "process_cpu_seconds_total")
+    out = dict.fromkeys(wanted, 0.0)
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in out:
+            out[name] = float(value)
+    return out
+
+
+def service_view(before: dict[str, float], after: dict[str, float], wall: float) -> dict[str, float]:
+    d = {k: after[k] - before[k] for k in before}
+    batches = d["ragfleet_embedding_batch_size_count"] or 1.0
+    return {"batches": d["ragfleet_embedding_batch_size_count"],
+            "mean_batch_size": d["ragfleet_embedding_batch_size_sum"] / batches,
+            "padded_tokens": d["ragfleet_embedding_batch_tokens_sum"],
+            "model_busy_share": d["ragfleet_embedding_model_seconds_sum"] / wall if wall else 0.0,
+            "mean_queue_wait_ms": 1000 * d["ragfleet_embedding_queue_wait_seconds_sum"]
+            / (d["ragfleet_embedding_queue_wait_seconds_count"] or 1.0),
+            "overloaded": d["ragfleet_embedding_overloaded_total"],
+            # The whole service process (event loop, gRPC threads, model threads), in cores.
+            "service_cpu_cores": d["process_cpu_seconds_total"] / wall if wall else 0.0}
+
+
+class SimProcess:
+    """The simulated OpenAI-compatible endpoint, its own process, with a fixed + per-text embedding cost."""
+
+    def __init__(self, call_ms: float, per_text_ms: float) -> None:
+        self.port = free_port()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "services.cli", "sim-llm", "--port", str(self.port),
+             "--embedding-call-ms", str(call_ms), "--embedding-per-text-ms", str(per_text_ms)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                self.control("/_sim/stats")
+                return
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("sim-llm did not start") from None
+                time.sleep(0.1)
+
+    def control(self, path: str, payload: dict[str, Any] | None = None) -> dict[str, Any]:
+        data = None if payload is None else json.dumps(payload).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+# -- load generation --------------------------------------------------------------------------------------------------
+
+async def embed_one(stub: Any, text: str) -> tuple[float, embedding_pb2.EmbedResponse]:
+    started = time.perf_counter()
+    reply = await stub.Embed(embedding_pb2.EmbedRequest(texts=[text], input_type=QUERY), timeout=RPC_TIMEOUT)
+    elapsed = (time.perf_counter() - started) * 1000
+    if len(reply.embeddings) != 1 or len(reply.embeddings[0].values) != reply.dimension:
+        raise RuntimeError(f"bad reply: {len(reply.embeddings)} embeddings of dimension {reply.dimension}")
+    return elapsed, reply
+
+
+async def drive(stub: Any, texts: Sequence[str], callers: int) -> dict[str, Any]:
+    """`callers` closed-loop callers share the texts (each sent once, one per call) until all are done."""
+    latencies: list[float] = []
+    codes: Counter = Counter()
+    cursor = 0
+
+    async def caller() -> None:
+        nonlocal cursor
+        while cursor < len(texts):
+            text = texts[cursor]
+            cursor += 1
+            try:
+                ms, _ = await embed_one(stub, text)
+            except grpc.aio.AioRpcError as exc:
+                codes[exc.code().name] += 1
+                continue
+            latencies.append(ms)
+            codes["OK"] += 1
+
+    started, cpu = time.perf_counter(), time.process_time()
+    await asyncio.gather(*(caller() for _ in range(callers)))
+    wall = time.perf_counter() - started
+    return {"callers": callers, "texts": len(texts), "wall_seconds": wall, "texts_per_s": codes["OK"] / wall,
+            "latency_ms": percentiles(latencies), "codes": dict(codes),
+            "loadgen_cpu_cores": (time.process_time() - cpu) / wall}
+
+
+async def drive_paired(stubs: dict[str, Any], texts: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """One caller, alternating between the services text by text (random order per pair): both see the same texts
+    under the same machine noise, so the p99 difference is about the services, not about when they ran."""
+    rng = random.Random(SEED)
+    latencies: dict[str, list[float]] = {name: [] for name in stubs}
+    names = list(stubs)
+    for text in texts:
+        rng.shuffle(names)
+        for name in names:
+            ms, _ = await embed_one(stubs[name], text)
+            latencies[name].append(ms)
+    return {name: {"callers": 1, "texts": len(texts), "wall_seconds": sum(values) / 1000,
+                   "texts_per_s": len(values) / (sum(values) / 1000), "latency_ms": percentiles(values),
+                   "codes": {"OK": len(values)}, "paired": True}
+            for name, values in latencies.items()}
+
+
+async def warm_up(stub: Any, texts: Sequence[str], callers: int) -> None:
+    """Same caller count as the setting that follows, on texts that are not measured: allocations for the batch
+    shapes this load produces, and the batcher's burst signal in the state this load keeps it in."""
+    await drive(stub, texts[:max(24, min(len(texts), 2 * callers))], callers)
+
+
+async def sweep(meshes: dict[str, LocalMesh], texts: Sequence[str], warm: Sequence[str], callers: Sequence[int],
+                sim: SimProcess | None = None) -> dict[str, dict[str, Any]]:
+    """The N sweep against each service ("batched", "unbatched"): N = 1 paired, larger N one service at a time.
+    With `sim`, each setting also records the endpoint's own count of HTTP calls."""
+    results: dict[str, dict[str, Any]] = {name: {} for name in meshes}
+    channels = {name: grpc.aio.insecure_channel(mesh.address("embedding")) for name, mesh in meshes.items()}
+    try:
+        stubs = {name: embedding_pb2_grpc.EmbeddingServiceStub(ch) for name, ch in channels.items()}
+        for n in callers:
+            groups = [list(meshes)] if n == 1 else [[name] for name in meshes]
+            for group in groups:
+                for name in group:
+                    await warm_up(stubs[name], warm, n)
+                before = {name: scrape(meshes[name]) for name in group}
+                if sim is not None:
+                    sim.control("/_sim/reset", {})
+                if n == 1:
+                    rows = await drive_paired({name: stubs[name] for name in group}, texts)
+                else:
+                    rows = {group[0]: await drive(stubs[group[0]], texts, n)}
+                stats = sim.control("/_sim/stats") if sim is not None else None
+                for name, row in rows.items():
+                    row["service"] = service_view(before[name], scrape(meshes[name]), row["wall_seconds"])
+                    if stats is not None:
+                        # Paired runs share the sim: its counters cover both services then.
+                        row["sim"] = {k: stats[k] for k in ("embedding_requests", "embedding_inputs",
+                                                            "max_embedding_batch")} | {"services": len(group)}
+                    results[name][str(n)] = row
+            for name in meshes:
+                row = results[name][str(n)]
+                lat = row["latency_ms"]
+                print(f"  {name:9s} N={n:3d}: {row['texts_per_s']:7.1f} texts/s  p50 {lat['p50']:8.1f}  "
+                      f"p95 {lat['p95']:8.1f}  p99 {lat['p99']:8.1f} ms  batches {row['service']['batches']:.0f} "
+                      f"(mean {row['service']['mean_batch_size']:.1f})  service CPU "
+                      f"{row['service']['service_cpu_cores']:.2f} cores  {row['codes']}", flush=True)
+    finally:
+        for channel in channels.values():
+            await channel.close()
+    return results
+
+
+# -- phase 3: cache hit vs miss ---------------------------------------------------------------------------------------
+
+async def measure_cache(mesh_a: LocalMesh, mesh_b: LocalMesh, texts: Sequence[str],
+                        warm: Sequence[str]) -> dict[str, Any]:
+    series: dict[str, list[float]] = {"miss": [], "l1_hit": [], "l2_hit": [], "l2_promoted_l1_hit": [],
+                                      "grpc_health_check": []}
+    wrong_flag = 0
+    async with grpc.aio.insecure_channel(mesh_a.address("embedding")) as ch_a, \
+            grpc.aio.insecure_channel(mesh_b.address("embedding")) as ch_b:
+        a, b = embedding_pb2_grpc.EmbeddingServiceStub(ch_a), embedding_pb2_grpc.EmbeddingServiceStub(ch_b)
+        for text in warm[:24]:  # connections, model allocations, Redis pool on both replicas
+            for stub in (a, b, a, b):
+                await embed_one(stub, text)
+        health = health_pb2_grpc.HealthStub(ch_a)
+        for text in texts:
+            started = time.perf_counter()
+            await health.Check(health_pb2.HealthCheckRequest(), timeout=RPC_TIMEOUT)
+            series["grpc_health_check"].append((time.perf_counter() - started) * 1000)
+            for key, stub, expect_cached in (("miss", a, False), ("l1_hit", a, True), ("l2_hit", b, True),
+                                             ("l2_promoted_l1_hit", b, True)):
+                ms, reply = await embed_one(stub, text)
+                wrong_flag += reply.embeddings[0].cached != expect_cached
+                series[key].append(ms)
+        # The most Embed RPCs this service and this load generator can do at all: 64 callers, every text an L1
+        # hit, so no model and no HTTP. No backend can beat it through gRPC on this machine.
+        before = scrape(mesh_a)
+        capacity = await drive(a, list(texts) * max(1, 2000 // len(texts)), 64)
+        capacity["service"] = service_view(before, scrape(mesh_a), capacity["wall_seconds"])
+    out: dict[str, Any] = {name: percentiles(values) for name, values in series.items()}
+    out["rpc_capacity_64_callers"] = capacity
+    out["unexpected_cached_flags"] = wrong_flag
+    out["texts"] = len(texts)
+    for level in ("l1_hit", "l2_hit"):
+        out[f"{level}_speedup_p50"] = out["miss"]["p50"] / out[level]["p50"]
+        out[f"{level}_faster_pct_p50"] = 100 * (1 - out[level]["p50"] / out["miss"]["p50"])
+    out["raw_ms"] = series
+    return out
+
+
+def cleanup_redis(prefix: str) -> int:
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        keys = list(client.scan_iter(match=prefix + "*", count=1000))
+        if keys:
+            client.delete(*keys)
+        return len(keys)
+    finally:
+        client.close()
+
+
+# -- report -----------------------------------------------------------------------------------------------------------
+
+def _sweep_rows(sweep_result: dict[str, dict[str, Any]], callers: Sequence[int],
+                real_tokens: float | None = None) -> list[str]:
+    """One row per (callers, mode). `real_tokens` (the texts' own tokens) adds the padding column (local model)."""
+    pad = real_tokens is not None
+    lines = ["| callers | mode | texts/s | p50 ms | p95 ms | p99 ms | mean batch | " + ("padding | " if pad else "")
+             + "backend busy | service CPU | errors |", "|---|---|---|---|---|---|---|" + ("---|" if pad else "")
+             + "---|---|---|"]
+    for n in callers:
+        for mode in ("batched", "unbatched"):
+            r = sweep_result[mode][str(n)]
+            lat, svc = r["latency_ms"], r["service"]
+            errors = sum(v for k, v in r["codes"].items() if k != "OK")
+            padding = f"x{svc['padded_tokens'] / real_tokens:.2f} | " if real_tokens else ""
+            lines.append(f"| {n} | {mode} | {r['texts_per_s']:.1f} | {lat['p50']:.1f} | {lat['p95']:.1f} | "
+                         f"{lat['p99']:.1f} | {svc['mean_batch_size']:.1f} | {padding}"
+                         f"{100 * svc['model_busy_share']:.0f} % | {svc['service_cpu_cores']:.2f} cores | {errors} |")
+    return lines
+
+
+def report(figures: dict[str, Any], callers: Sequence[int]) -> tuple[list[dict[str, Any]], str]:
+    ceiling = figures["ceiling"]
+    recheck = figures["ceiling_recheck"]
+    local, remote, cache = figures["local"], figures["remote"], figures["cache"]
+    capacity = cache["rpc_capacity_64_callers"]
+    top = str(64 if 64 in callers else max(callers))
+    ceiling_tps, batch1_tps = recheck["ceiling_texts_per_s"], recheck["batch1_texts_per_s"]
+    local64 = local["batched"][top]["texts_per_s"]
+    remote_top, remote_base = remote["batched"][top]["texts_per_s"], remote["unbatched"][top]["texts_per_s"]
+    remote_ratio = remote_top / remote_base
+    local_p99 = local["batched"]["1"]["latency_ms"]["p99"] - local["unbatched"]["1"]["latency_ms"]["p99"]
+    remote_p99 = remote["batched"]["1"]["latency_ms"]["p99"] - remote["unbatched"]["1"]["latency_ms"]["p99"]
+    targets = [
+        target(f"local: {top} callers / ceiling ({ceiling_tps:.1f} texts/s)", local64 / ceiling_tps, ">= 0.85",
+               local64 / ceiling_tps >= 0.85),
+        target(f"local: {top} callers / in-process batch-1 ({batch1_tps:.1f} texts/s)", local64 / batch1_tps,
+               "> 1", local64 / batch1_tps > 1),
+        target(f"remote: {top} callers batched / unbatched throughput", remote_ratio, ">= 8", remote_ratio >= 8),
+        target("local: 1 caller p99 batched - unbatched (ms)", local_p99, "<= 3", local_p99 <= 3),
+        target("remote: 1 caller p99 batched - unbatched (ms)", remote_p99, "<= 3", remote_p99 <= 3),
+        target("gRPC cache: miss p50 / L1 hit p50", cache["l1_hit_speedup_p50"], ">= 20",
+               cache["l1_hit_speedup_p50"] >= 20),
+    ]
+    lines = [f"## Local ONNX backend through gRPC ({local['batched'][top]['texts']} texts per setting, one text per "
+             "call)", ""]
+    lines += _sweep_rows(local, callers, ceiling["real_tokens_mean"] * ceiling["texts"])
+    orders = ceiling["orders"]
+    lines += ["", f"{top} callers, batched: {local64:.1f} texts/s = {100 * local64 / ceiling_tps:.0f} % of the "
+              f"arrival-order ceiling, {100 * local64 / orders[f'sorted_window{WINDOW}']['best_texts_per_s']:.0f} % "
+              f"of the window-sorted best, {100 * local64 / orders['sorted_global']['best_texts_per_s']:.0f} % of "
+              f"the globally sorted best; {local64 / batch1_tps:.2f}x in-process batch 1.", "",
+              f"## Ceiling: ONNX backend in process ({ceiling['texts']} texts, mean {ceiling['real_tokens_mean']:.0f} "
+              f"real tokens, {ceiling['truncated']} truncated at 256, {ceiling['threads']} intra-op threads)", "",
+              "texts/s by batch size (padded / real tokens in brackets; * = pass stopped after "
+              f"{ceiling['pass_budget_seconds']:.0f} s at a whole window of {WINDOW} texts)", "",
+              "| batch size | " + " | ".join(orders) + " |", "|---|" + "---|" * len(orders)]
+    for size in orders["arrival"]["by_batch_size"]:
+        cells = [f"{orders[o]['by_batch_size'][size]['texts_per_s']:.1f} "
+                 f"(x{orders[o]['by_batch_size'][size]['padding_ratio']:.2f})"
+                 + ("*" if orders[o]["by_batch_size"][size]["texts"] < ceiling["texts"] else "") for o in orders]
+        lines.append(f"| {size} | " + " | ".join(cells) + " |")
+    again = recheck["by_batch_size"]
+    lines += ["", "Re-measured after the sweep (drift check): " + ", ".join(
+        f"batch {k}: {v['texts_per_s']:.1f} texts/s" for k, v in again.items())
+        + f". Ceiling used: {ceiling_tps:.1f} texts/s (arrival order, batch {recheck['ceiling_batch_size']}, the "
+          f"higher of the two passes); batch-1: {batch1_tps:.1f} texts/s. onnxruntime threads may spin here (the "
+          f"model's best alone); with spinning off, as the service runs it, batch 1 gave "
+          f"{figures['batch1_as_served']['texts_per_s']:.1f} texts/s.", "",
+        f"## Remote backend (sim LLM: {SIM_CALL_MS:.0f} ms per HTTP call + {SIM_PER_TEXT_MS} ms per text, "
+        f"{remote['batched'][top]['texts']} texts per setting)", ""]
+    lines += _sweep_rows(remote, callers)
+    lines += ["", "Model batches = HTTP calls per setting, from the service's batch counter (in brackets the sim's own "
+              "count of calls; at 1 caller the two services share the sim, so it covers both): " + ", ".join(
+                  f"{mode} N={n}: {remote[mode][str(n)]['service']['batches']:.0f} "
+                  f"({remote[mode][str(n)]['sim']['embedding_requests']})"
+                  for mode in ("batched", "unbatched") for n in callers), "",
+        f"gRPC capacity on this machine: {capacity['texts_per_s']:.0f} cached Embed RPCs/s at 64 callers (every "
+        f"text an L1 hit: no model, no HTTP; service CPU {capacity['service']['service_cpu_cores']:.2f} cores). "
+        f"Remote batched at {top} callers reached {100 * remote_top / capacity['texts_per_s']:.0f} % of it; "
+        f"{8 * remote_base:.0f} texts/s (8x unbatched) would be {100 * 8 * remote_base / capacity['texts_per_s']:.0f} "
+        "%.", "",
+        f"## Cache hit vs miss through gRPC (one caller, {cache['texts']} texts; L1 + Redis L2, two replicas)", "",
+        "| path | p50 ms | p95 ms | p99 ms | p50 speed-up vs miss |", "|---|---|---|---|---|"]
+    for key, label in (("miss", "miss (model)"), ("l1_hit", "L1 hit (same replica)"),
+                       ("l2_hit", "L2 hit (other replica, Redis)"), ("l2_promoted_l1_hit", "promoted L1 hit"),
+                       ("grpc_health_check", "floor: gRPC health check")):
+        s = cache[key]
+        speed = f"{cache['miss']['p50'] / s['p50']:.1f}x" if key != "miss" else ""
+        lines.append(f"| {label} | {s['p50']:.3f} | {s['p95']:.3f} | {s['p99']:.3f} | {speed} |")
+    lines += ["", f"L1 hit {cache['l1_hit_faster_pct_p50']:.1f} % faster than a miss at p50, L2 hit "
+              f"{cache['l2_hit_faster_pct_p50']:.1f} %; replies with an unexpected `cached` flag: "
+              f"{cache['unexpected_cached_flags']}."]
+    return targets, "\n".join(lines)
+
+
+def plot(figures: dict[str, Any], callers: Sequence[int]):  # type: ignore[no-untyped-def]
+    def draw(path: Path) -> None:
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+        recheck, orders = figures["ceiling_recheck"], figures["ceiling"]["orders"]
+        for ax, backend, title in ((axes[0][0], "local", "local ONNX through gRPC"),
+                                   (axes[0][1], "remote", "remote (sim 10 ms/call) through gRPC")):
+            for mode, style in (("batched", "o-"), ("unbatched", "s--")):
+                ax.plot(callers, [figures[backend][mode][str(n)]["texts_per_s"] for n in callers], style,
+                        label=mode)
+            if backend == "local":
+                ax.axhline(recheck["ceiling_texts_per_s"], color="red", lw=1,
+                           label=f"ceiling (arrival order, batch {recheck['ceiling_batch_size']})")
+                ax.axhline(0.85 * recheck["ceiling_texts_per_s"], color="red", lw=0.8, ls=":", label="85 % of ceiling")
+                ax.axhline(orders["sorted_global"]["best_texts_per_s"], color="grey", lw=0.8, ls="-.",
+                           label="globally length-sorted best")
+            else:
+                top = str(64 if 64 in callers else max(callers))
+                ax.axhline(8 * figures["remote"]["unbatched"][top]["texts_per_s"], color="red", lw=0.8, ls=":",
+                           label=f"8x unbatched at {top} callers (target)")
+                ax.axhline(figures["cache"]["rpc_capacity_64_callers"]["texts_per_s"], color="grey", lw=0.8,
+                           ls="-.", label="gRPC capacity (cached RPCs, 64 callers)")
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(list(callers), [str(n) for n in callers])
+            ax.set(title=title, xlabel="concurrent single-text callers", ylabel="texts/s")
+            ax.set_ylim(bottom=0)
+            ax.legend(fontsize=8)
+        ax = axes[1][0]
+        for order, rows in orders.items():
+            sizes = [int(k) for k in rows["by_batch_size"]]
+            ax.plot(sizes, [rows["by_batch_size"][str(s)]["texts_per_s"] for s in sizes], "o-", label=order)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sizes, [str(n) for n in sizes])
+        ax.set(title="ONNX in process: throughput by batch size", xlabel="batch size", ylabel="texts/s")
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=8)
+        ax = axes[1][1]
+        for backend, color in (("local", "tab:blue"), ("remote", "tab:orange")):
+            for mode, style in (("batched", "o-"), ("unbatched", "s--")):
+                ax.plot(callers, [figures[backend][mode][str(n)]["latency_ms"]["p99"] for n in callers], style,
+                        color=color, label=f"{backend} {mode} p99")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(list(callers), [str(n) for n in callers])
+        ax.set(title="p99 latency by callers", xlabel="concurrent single-text callers", ylabel="ms")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=90)
+
+    return draw
+
+
+# -- main -------------------------------------------------------------------------------------------------------------
+
+def service_defaults() -> dict[str, Any]:
+    """The embedding service's batcher and openai defaults, as this checkout defines them (the sweeps use them)."""
+    from dataclasses import asdict
+
+    from services.embedding.config import BatcherConfig, OpenAIConfig
+
+    openai = OpenAIConfig()
+    return {"batcher": asdict(BatcherConfig()), "openai_max_batch_size": openai.max_batch_size,
+            "openai_max_in_flight": openai.max_in_flight}
+
+
+async def run(args: argparse.Namespace) -> int:
+    n_local, n_remote, n_cache = (32, 96, 16) if args.quick else (args.texts, args.remote_texts, args.cache_texts)
+    batch_sizes = (1, 8) if args.quick else BATCH_SIZES
+    callers = CALLERS
+    pool = TextPool(SEED)
+    warm = pool.draw(256)
+    local_texts = pool.draw(n_local)
+    cache_texts = pool.draw(n_cache)
+    remote_texts = pool.draw(n_remote)
+    workdir = Path(tempfile.mkdtemp(prefix="embedding-bench-"))
+    prefix = f"ragfleet-bench:{uuid.uuid4().hex[:8]}:emb:"
+    figures: dict[str, Any] = {"seed": SEED, "sentence_share": SENTENCE_SHARE, "callers": list(callers),
+                               "service_defaults": service_defaults()}
+    if args.quiet_timeout > 0 and not args.quick:
+        figures["start"] = wait_for_quiet(0.15, args.quiet_timeout)
+    figures["load_average_before"] = os.getloadavg()
+    meter = CpuMeter()
+    meshes: list[LocalMesh] = []
+    sim: SimProcess | None = None
+    try:
+        print(f"phase 1: in-process ceiling ({n_local} texts)", flush=True)
+        # The ceiling is the model at its best alone: onnxruntime threads may spin (the service turns spinning off,
+        # which costs a lone model a little and saves a shared machine a lot); batch 1 as served is measured too.
+        backend = await open_backend(allow_spinning=False)
+        figures["batch1_as_served"] = _pass(backend, backend.prepare(local_texts), 1)
+        await backend.close()
+        del backend
+        backend = await open_backend(allow_spinning=True)
+        figures["ceiling"] = measure_ceiling(backend, local_texts, warm, batch_sizes, args.pass_seconds)
+        await backend.close()  # no model threads in the load generator during the sweep
+        del backend
+        meter.phase("ceiling")
+
+        print("phase 2: local sweep (batched vs unbatched)", flush=True)
+        local = {"batched": start_service(workdir, "local-batched", {}),
+                 "unbatched": start_service(workdir, "local-unbatched", {"RAGFLEET_EMBEDDING_BATCHING": "false"})}
+        meshes += local.values()
+        figures["local"] = await sweep(local, local_texts, warm, callers)
+        for mesh in local.values():
+            mesh.stop()
+        meter.phase("local_sweep")
+
+        print("  ceiling re-check", flush=True)
+        backend = await open_backend(allow_spinning=True)
+        figures["ceiling_recheck"] = recheck_ceiling(backend, local_texts, figures["ceiling"])
+        await backend.close()
+        del backend
+        meter.phase("ceiling_recheck")
+
+        print("phase 3: cache hit vs miss (two replicas, L1 + Redis L2)", flush=True)
+        cache_env = {"RAGFLEET_EMBEDDING_L1_MAX_MB": "64", "RAGFLEET_REDIS_URL": REDIS_URL,
+                     "RAGFLEET_EMBEDDING_L2_PREFIX": prefix}
+        replicas = [start_service(workdir, f"cache-{side}", cache_env) for side in "ab"]
+        meshes += replicas
+        figures["cache"] = await measure_cache(replicas[0], replicas[1], cache_texts, warm)
+        c = figures["cache"]
+        print(f"  miss p50 {c['miss']['p50']:.2f} ms, L1 hit p50 {c['l1_hit']['p50']:.3f} ms "
+              f"({c['l1_hit_speedup_p50']:.1f}x), L2 hit p50 {c['l2_hit']['p50']:.3f} ms; cached Embed RPCs at 64 "
+              f"callers: {c['rpc_capacity_64_callers']['texts_per_s']:.0f}/s", flush=True)
+        for mesh in replicas:
+            mesh.stop()
+        meter.phase("cache")
+
+        print(f"phase 4: remote sweep ({n_remote} texts, sim {SIM_CALL_MS} ms/call + {SIM_PER_TEXT_MS} ms/text)",
+              flush=True)
+        sim = SimProcess(SIM_CALL_MS, SIM_PER_TEXT_MS)
+        remote_env = {"RAGFLEET_EMBEDDING_BACKEND": "openai", "RAGFLEET_EMBEDDING_OPENAI_BASE_URL": sim.base_url,
+                      "RAGFLEET_EMBEDDING_OPENAI_MODEL": "sim-embed"}
+        remote = {"batched": start_service(workdir, "remote-batched", remote_env),
+                  "unbatched": start_service(workdir, "remote-unbatched",
+                                             {**remote_env, "RAGFLEET_EMBEDDING_BATCHING": "false"})}
+        meshes += remote.values()
+        figures["remote"] = await sweep(remote, remote_texts, warm, callers, sim)
+        figures["remote_sim"] = {"call_ms": SIM_CALL_MS, "per_text_ms": SIM_PER_TEXT_MS}
+        for mesh in remote.values():
+            mesh.stop()
+        sim.stop()
+        meter.phase("remote_sweep")
+        figures["load_average_after"] = os.getloadavg()
+        figures["cpu_by_phase"] = meter.phases
+    finally:
+        for mesh in meshes:
+            mesh.stop()
+        if sim is not None:
+            sim.stop()
+        figures["redis_keys_deleted"] = cleanup_redis(prefix)
+    targets, markdown = report(figures, callers)
+    d = figures["service_defaults"]
+    b = d["batcher"]
+    other = figures.get("cpu_by_phase", {})
+    noise = ", ".join(f"{name} {100 * v['other_share_of_machine']:.0f} %" for name, v in other.items())
+    notes = [
+        f"All processes share this machine's {os.cpu_count()} cores: the load generator (this process, one asyncio "
+        "loop, also the in-process ceiling), the embedding service(s) and, in phase 4, the sim LLM. The ONNX "
+        "session uses one intra-op thread per core in the service and in the ceiling alike; the ceiling runs alone.",
+        f"Other work on the machine during each phase (share of all cores not used by this benchmark's processes): "
+        f"{noise or 'n/a'}; load average before {figures['load_average_before'][0]:.2f}"
+        + (f"; waited {figures['start']['waited_seconds']:.0f} s for a quiet machine (quiet: "
+           f"{'yes' if figures['start']['quiet'] else 'no, ran anyway'})." if "start" in figures else "."),
+        f"Texts: SciFact corpus, seed {SEED}, {round(100 * SENTENCE_SHARE)} % single abstract sentences and "
+        f"{100 - round(100 * SENTENCE_SHARE)} % whole abstracts, all distinct; each setting sends every text once "
+        "(one text per call, closed loop); throughput = texts / wall time of the setting.",
+        "Sweeps: L1 cache off, no Redis (the model is measured, not the cache); the service's default batcher "
+        f"({b}); unbatched = RAGFLEET_EMBEDDING_BATCHING=false (batches of one, no wait). Each setting is preceded "
+        "by a warm-up with the same caller count on other texts.",
+        "At 1 caller, calls alternate between the batched and unbatched service text by text (paired), so both "
+        "see the same texts under the same machine noise; throughput there = texts / sum of latencies.",
+        "Ceiling = best in-process throughput of the ONNX backend over batch sizes "
+        f"{'/'.join(map(str, batch_sizes))} in arrival order (naive batching), the higher of a pass before and after "
+        "the sweep, with onnxruntime's thread spinning on (the model alone at its best; the service runs with it "
+        "off). Window-sorted and globally sorted passes show what grouping by length can give.",
+        f"Remote: sim LLM {SIM_CALL_MS:.0f} ms per HTTP call + {SIM_PER_TEXT_MS} ms per text; the service's default "
+        f"openai settings (max {d['openai_max_in_flight']} HTTP calls in flight, max {d['openai_max_batch_size']} "
+        "texts per call).",
+        "Cache: replica A computes a text (miss) and answers it again (L1 hit); replica B, sharing Redis, answers "
+        "it from L2, then from its promoted L1 entry; a bare gRPC health check on A is the floor of any hit. Keys "
+        "under a per-run prefix, deleted afterwards.",
+    ]
+    write_results("embedding_bench_quick" if args.quick else "embedding_bench", figures=figures, targets=targets,
+                  markdown=markdown, plot=plot(figures, callers), notes=notes)
+    for t in targets:
+        print(f"  {t['name']}: {t['value']:.4g} (goal {t['goal']}) {'met' if t['met'] else 'NOT met'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    # A SIGTERM (e.g. from `timeout`) must still stop the services and the sim: SystemExit runs the `finally`s.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smoke run: few texts, batch sizes 1/8/64 (~1 min)")
+    parser.add_argument("--texts", type=int, default=384, help="texts per local setting and for the ceiling")
+    parser.add_argument("--remote-texts", type=int, default=1000, help="texts per remote setting")
+    parser.add_argument("--cache-texts", type=int, default=200, help="texts in the cache phase")
+    parser.add_argument("--pass-seconds", type=float, default=10.0,
+                        help="in-process passes in arrival / window order stop at the next whole window after this")
+    parser.add_argument("--quiet-timeout", type=float, default=300.0,
+                        help="wait up to this many seconds for other work on the machine to stop (0: don't wait)")
+    return asyncio.run(run(parser.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
