@@ -224,6 +224,36 @@ async def inprocess_ttft(pipeline: AskPipeline, question: str, **fields: Any) ->
     return first
 
 
+async def measure_floor(n: int) -> dict[str, Any]:
+    """Python gRPC's own cost here: a bare grpc.aio server process (bench/_floor_server.py), no interceptors, no
+    work. A unary Embed and a 3-message stream shaped like a cached answer, client-side, same client as the mesh."""
+    from services.runtime.pb.ragfleet.v1 import embedding_pb2, embedding_pb2_grpc
+
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "bench._floor_server", str(port)], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            await asyncio.wait_for(channel.channel_ready(), 30)
+            embed = embedding_pb2_grpc.EmbeddingServiceStub(channel)
+            ask = gateway_pb2_grpc.GatewayServiceStub(channel)
+            request = embedding_pb2.EmbedRequest(texts=[QUESTIONS[0]])
+            unary, stream = [], []
+            for i in range(n + 50):  # the first 50 warm up
+                started = time.perf_counter()
+                await embed.Embed(request, timeout=10)
+                middle = time.perf_counter()
+                async for _ in ask.Ask(gateway_pb2.AskRequest(question=QUESTIONS[0]), timeout=10):
+                    pass
+                if i >= 50:
+                    unary.append((middle - started) * 1000)
+                    stream.append((time.perf_counter() - middle) * 1000)
+    finally:
+        process.terminate()
+        process.wait(10)
+    return {"unary_ms": percentiles(unary), "stream_ms": percentiles(stream)}
+
+
 async def measure_cached(stub: Any, n: int) -> dict[str, Any]:
     question = QUESTIONS[0]
     await ask_once(stub, question)
@@ -395,16 +425,26 @@ def report(figures: dict[str, Any], levels: list[int]) -> tuple[list[dict[str, A
         c = conc["1000"]
         targets.append(target("1000 streams: errors other than RESOURCE_EXHAUSTED", c["other_errors"], "== 0",
                               c["other_errors"] == 0))
+    floor = figures["floor"]
     lines = ["## Cached Ask (end to end through the gateway)", "",
-             f"p50 {cached['p50']:.3f} ms, p95 {cached['p95']:.3f} ms, p99 {cached['p99']:.3f} ms over {cached['n']} "
-             f"asks; statuses {figures['cached']['statuses']}", "",
+             "| call | p50 ms | p95 ms | p99 ms |", "|---|---|---|---|",
+             f"| cached Ask through the gateway ({cached['n']} asks) | {cached['p50']:.3f} | {cached['p95']:.3f} | "
+             f"{cached['p99']:.3f} |",
+             f"| floor: bare grpc.aio 3-message stream, same shape | {floor['stream_ms']['p50']:.3f} | "
+             f"{floor['stream_ms']['p95']:.3f} | {floor['stream_ms']['p99']:.3f} |",
+             f"| floor: bare grpc.aio unary Embed | {floor['unary_ms']['p50']:.3f} | {floor['unary_ms']['p95']:.3f} | "
+             f"{floor['unary_ms']['p99']:.3f} |", "",
+             f"statuses {figures['cached']['statuses']}; the floors are a server process with no interceptors and "
+             "no work (bench/_floor_server.py): Python gRPC's own cost on this machine.", "",
              "## Mesh overhead (uncached Ask, time to first token)", "",
              "| path | p50 ms | p95 ms | p99 ms |", "|---|---|---|---|"]
     for name, key in (("mesh (4 processes, gRPC)", "mesh_ttft_ms"), ("in-process (same stages)", "inprocess_ttft_ms")):
         s = overhead[key]
         lines.append(f"| {name} | {s['p50']:.2f} | {s['p95']:.2f} | {s['p99']:.2f} |")
+    four_hop_floor = 2 * floor["stream_ms"]["p50"] + 2 * floor["unary_ms"]["p50"]
     lines += ["", f"overhead p50 = {overhead['overhead_p50_ms']:.2f} ms; paired difference p50 "
-              f"{overhead['paired_difference_ms']['p50']:.2f} ms", "",
+              f"{overhead['paired_difference_ms']['p50']:.2f} ms; the same four hops on the bare floor "
+              f"(2 streams + 2 unary calls) = {four_hop_floor:.2f} ms", "",
               "## Fan-out (time to Sources, controlled branch latencies)", "",
               f"branches (ms): {fan['branch_delays_ms']}, {fan['variants']} query variants", "",
               "| mode | p50 ms | added over baseline ms | model ms |", "|---|---|---|---|",
@@ -486,6 +526,8 @@ async def run(args: argparse.Namespace) -> int:
         sim.configure(FAST_SIM)
         async with grpc.aio.insecure_channel(mesh.address("gateway")) as channel:
             stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+            print("phase 0: transport floor", flush=True)
+            figures["floor"] = await measure_floor(n_cached // 2)
             print("phase 1: cached Ask", flush=True)
             figures["cached"] = await measure_cached(stub, n_cached)
             print("phase 2: mesh overhead", flush=True)
