@@ -40,7 +40,6 @@ import os
 import random
 import re
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -58,7 +57,8 @@ import grpc  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
 from bench._common import percentiles, target, write_results  # noqa: E402
-from services.cli.mesh import LocalMesh, free_port  # noqa: E402
+from bench._sim import SimProcess  # noqa: E402
+from services.cli.mesh import LocalMesh  # noqa: E402
 from services.runtime.pb.ragfleet.v1 import common_pb2, embedding_pb2, embedding_pb2_grpc  # noqa: E402
 
 SCIFACT = ROOT.parent / "shared" / "data" / "scifact" / "corpus.jsonl"
@@ -268,42 +268,6 @@ def service_view(before: dict[str, float], after: dict[str, float], wall: float)
             "overloaded": d["ragfleet_embedding_overloaded_total"],
             # The whole service process (event loop, gRPC threads, model threads), in cores.
             "service_cpu_cores": d["process_cpu_seconds_total"] / wall if wall else 0.0}
-
-
-class SimProcess:
-    """The simulated OpenAI-compatible endpoint, its own process, with a fixed + per-text embedding cost."""
-
-    def __init__(self, call_ms: float, per_text_ms: float) -> None:
-        self.port = free_port()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", "sim-llm", "--port", str(self.port),
-             "--embedding-call-ms", str(call_ms), "--embedding-per-text-ms", str(per_text_ms)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        self.base_url = f"http://127.0.0.1:{self.port}/v1"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                self.control("/_sim/stats")
-                return
-            except OSError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("sim-llm did not start") from None
-                time.sleep(0.1)
-
-    def control(self, path: str, payload: dict[str, Any] | None = None) -> dict[str, Any]:
-        data = None if payload is None else json.dumps(payload).encode()
-        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data,
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return json.loads(response.read())
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
 
 
 # -- load generation --------------------------------------------------------------------------------------------------
@@ -687,7 +651,7 @@ async def run(args: argparse.Namespace) -> int:
 
         print(f"phase 4: remote sweep ({n_remote} texts, sim {SIM_CALL_MS} ms/call + {SIM_PER_TEXT_MS} ms/text)",
               flush=True)
-        sim = SimProcess(SIM_CALL_MS, SIM_PER_TEXT_MS)
+        sim = SimProcess(["--embedding-call-ms", str(SIM_CALL_MS), "--embedding-per-text-ms", str(SIM_PER_TEXT_MS)])
         remote_env = {"RAGFLEET_EMBEDDING_BACKEND": "openai", "RAGFLEET_EMBEDDING_OPENAI_BASE_URL": sim.base_url,
                       "RAGFLEET_EMBEDDING_OPENAI_MODEL": "sim-embed"}
         remote = {"batched": start_service(workdir, "remote-batched", remote_env),

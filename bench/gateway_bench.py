@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import signal
@@ -29,7 +28,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -42,6 +40,7 @@ if str(ROOT) not in sys.path:
 import grpc  # noqa: E402
 
 from bench._common import percentiles, target, write_results  # noqa: E402
+from bench._sim import SimProcess, cpu_seconds  # noqa: E402
 from services.cli.ingest import ingest_path  # noqa: E402
 from services.cli.mesh import LocalMesh, free_port  # noqa: E402
 from services.gateway.ask import AskPipeline  # noqa: E402
@@ -64,39 +63,6 @@ QUESTIONS = [
 ]
 LOAD_SIM = {"ttft_ms": 200.0, "tokens_per_second": 20.0, "max_tokens": 100}
 FAST_SIM = {"ttft_ms": 0.0, "tokens_per_second": 5000.0, "max_tokens": 8}
-
-
-# -- the simulated LLM, as its own process -------------------------------------------------------------------------
-
-class SimProcess:
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.process = subprocess.Popen([sys.executable, "-m", "services.cli", "sim-llm", "--port", str(self.port)],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        self.base_url = f"http://127.0.0.1:{self.port}/v1"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                self.control("/_sim/stats")
-                return
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("sim-llm did not start") from None
-                time.sleep(0.1)
-
-    def control(self, path: str, payload: dict[str, Any] | None = None) -> dict[str, Any]:
-        data = None if payload is None else json.dumps(payload).encode()
-        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data,
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return json.loads(response.read())
-
-    def configure(self, settings: dict[str, Any]) -> None:
-        self.control("/_sim/config", settings)
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(10)
 
 
 # -- the same stages in-process: servicers called directly, behind the gateway's client interfaces -----------------
@@ -341,12 +307,6 @@ async def measure_fanout(stack: InProcessStack, n: int) -> dict[str, Any]:
     for mode in ("parallel", "sequential"):
         out[f"{mode}_added_ms"] = out[mode]["p50"] - out["baseline"]["p50"]
     return out
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def measure_concurrency(address: str, sim: SimProcess, levels: list[int], ramp_s: float,

@@ -23,13 +23,11 @@ import argparse
 import asyncio
 import importlib.util
 import json
-import os
 import resource
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +36,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench._common import percentiles, target, write_results  # noqa: E402
-from services.cli.mesh import free_port  # noqa: E402
+from bench._sim import SimProcess  # noqa: E402
 
 LOAD_SIM = {"ttft_ms": 200.0, "tokens_per_second": 20.0, "max_tokens": 100}
 RAMP_SECONDS = 5.0
@@ -156,38 +154,6 @@ async def _cell(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # -- parent: the sim, the matrix, the results -----------------------------------------------------------------------
-
-class SimProcess:
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.process = subprocess.Popen([sys.executable, "-m", "services.cli", "sim-llm", "--port", str(self.port)],
-                                        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                        start_new_session=True)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                self.control("/_sim/stats")
-                return
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("sim-llm did not start") from None
-                time.sleep(0.1)
-
-    def control(self, path: str, payload: dict[str, Any] | None = None) -> dict[str, Any]:
-        data = None if payload is None else json.dumps(payload).encode()
-        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data,
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return json.loads(response.read())
-
-    def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(10)
-
 
 def run_cell(sim: SimProcess, llm: Path, coalesce: Path, path: str, streams: int) -> dict[str, Any]:
     sim_cpu = sim.cpu_seconds()

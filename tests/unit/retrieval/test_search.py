@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.retrieval.config import Bm25Settings, IndexConfig, SearchSettings
+from services.retrieval.config import IndexConfig, SearchSettings
 from services.retrieval.rerank import Reranker, RerankQuery
 from services.retrieval.search import SearchPipeline, SearchQuery
-from services.retrieval.sparse import Bm25Encoder
 from services.retrieval.store.edge import EdgeStore
 
 from .conftest import DIM, make_record, unit
