@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 
 import aiohttp
@@ -105,3 +106,16 @@ async def test_batcher_merges_callers_into_calls_within_the_batch_limit(sim):
                                    atol=1e-6)
     await batcher.close()
     await backend.close()
+
+
+def test_base64_and_float_list_answers_decode_to_the_same_vectors():
+    # We ask for base64; a server that ignores encoding_format answers with float lists, which must work too.
+    backend = backend_for("http://127.0.0.1:9/v1", dimension=3)
+    rows = np.array([[1.0, 2.0, 2.0], [0.0, 3.0, 4.0]], dtype=np.float32)
+    as_base64 = {"data": [{"index": i, "embedding": base64.b64encode(r.tobytes()).decode()} for i, r in enumerate(rows)]}
+    as_lists = {"data": [{"index": i, "embedding": r.tolist()} for i, r in reversed(list(enumerate(rows)))]}
+    expected = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    np.testing.assert_allclose(backend._check(as_base64, 2), expected, atol=1e-6)
+    np.testing.assert_allclose(backend._check(as_lists, 2), expected, atol=1e-6)  # sorted back into input order
+    with pytest.raises(Unavailable, match="2 vectors for 3 texts"):
+        backend._check(as_lists, 3)
