@@ -11,7 +11,9 @@ Policy (TEI's queue, adapted to a CPU model whose cost grows with padded tokens)
   slower than running both alone. Backends that do not pad (`pads_batches` False, a remote API) skip this limit.
 - Waiting: none while a full batch is queued; when the model is free and traffic is bursty (at least half of the
   last 16 requests arrived within `max_wait` of the previous one), it waits up to `max_wait` after the oldest arrival
-  for more texts; with sparse traffic (a lone caller) it never waits, so batching adds no latency there.
+  for more texts; with sparse traffic (a lone caller) it never waits, so batching adds no latency there. A backend
+  that does not pad (remote) also waits, whatever the traffic, while another of its calls is in flight: otherwise
+  each free slot takes a single text as it arrives.
 - Work happens in `batching_task`; up to `backend.max_in_flight` batches run at once (1 for the local model).
 - A text whose caller cancelled before its batch started is dropped; each caller's future resolves as soon as the
   batch holding its text is done.
@@ -144,10 +146,16 @@ class Batcher:
             await asyncio.sleep(0)
 
     def _should_wait(self) -> bool:
+        if self._max_wait <= 0 or self.max_batch_size <= 1 or self._full_batch_queued():
+            return False
+        if not self.backend.pads_batches and self._in_flight > 0:
+            # A remote call is already running, so this one is not the caller's only way forward: a slot filled
+            # with one or two texts costs a whole HTTP call (the endpoint's per-call cost and our ~3 ms of CPU),
+            # and with several calls allowed in flight every free slot took a single text as it arrived.
+            return True
         # Wait only if at least half of the recent arrivals came in bursts: then more texts are likely on their
         # way; a lone caller's arrivals are far apart and it never pays the wait.
-        return (self._max_wait > 0 and self.max_batch_size > 1 and not self._full_batch_queued()
-                and 2 * sum(self._close_arrivals) >= max(len(self._close_arrivals), 2))
+        return 2 * sum(self._close_arrivals) >= max(len(self._close_arrivals), 2)
 
     def _full_batch_queued(self) -> bool:
         return self._live >= self.max_batch_size

@@ -208,3 +208,28 @@ def test_padding_limit_is_configured_and_remote_backends_do_not_pad():
     assert EmbeddingConfig.from_env({}).batcher.max_added_padding == 16
     assert EmbeddingConfig.from_env({"RAGFLEET_EMBEDDING_MAX_ADDED_PADDING": "8"}).batcher.max_added_padding == 8
     assert OnnxBackend.pads_batches and not RemoteEmbeddingBackend.pads_batches
+
+
+async def test_a_remote_backend_with_calls_in_flight_waits_instead_of_sending_single_texts(scripted):
+    # Texts trickle in 0.5-4 ms apart (not bursty enough for the idle-model wait) to a backend that does not pad
+    # and allows 4 calls in flight: without waiting, nearly every text took a free slot alone (mean batch ~1.06).
+    import random
+
+    scripted.pads_batches = False
+    scripted.max_in_flight = 4
+    scripted.delay = 0.010
+    batcher = Batcher(scripted, BatcherConfig(max_batch_size=32, max_wait_ms=2.0))
+    batcher.start()
+    rng = random.Random(1)
+    futures = []
+    try:
+        for i in range(300):
+            futures += batcher.append(scripted.prepare([f"trickle {i}"]))
+            await asyncio.sleep(rng.uniform(0.0005, 0.004))
+        await asyncio.gather(*futures)
+    finally:
+        await batcher.close()
+    assert scripted.texts_embedded == 300
+    assert len(scripted.batches) <= 0.8 * 300, f"{len(scripted.batches)} calls for 300 texts"
+    order = [text for batch in scripted.batches for text in batch]
+    assert order == [f"trickle {i}" for i in range(300)]  # first come, first served
