@@ -37,6 +37,7 @@ from services.generation.config import LLMConfig
 from services.generation.prompt import Prompt, TokenCounter
 from services.generation.sse import ErrorEvent, SSEDecoder, decode_data, is_done
 from services.runtime.errors import DeadlineExceeded
+from services.runtime.openai_client import openai_client
 from services.runtime.telemetry import tracer
 
 log = logging.getLogger("ragfleet.generation.llm")
@@ -127,14 +128,10 @@ class OpenAIAnswerer:
         self._config = config
         self._counter = counter
         t = config.timeouts
-        self._client = openai.AsyncOpenAI(
-            base_url=config.base_url, api_key=config.api_key,
-            max_retries=0,  # retries are ours: only before the first token
-            timeout=openai.Timeout(t.read, connect=t.connect, read=t.read, write=t.read, pool=t.connect),
-            # The SDK's aiohttp transport: about half the CPU per streamed chunk of its default httpx stack.
-            http_client=openai.DefaultAioHttpClient(limits=httpx2.Limits(
-                max_connections=config.max_connections, max_keepalive_connections=config.max_connections)),
-        )
+        # Retries are ours: only before the first token.
+        self._client = openai_client(
+            base_url=config.base_url, api_key=config.api_key, max_connections=config.max_connections,
+            timeout=openai.Timeout(t.read, connect=t.connect, read=t.read, write=t.read, pool=t.connect))
         self._summaries: OrderedDict[str, str] = OrderedDict()
 
     @property

@@ -23,6 +23,7 @@ import openai
 from services.embedding.backends.base import EmbeddingBackend, PreparedText, l2_normalise
 from services.embedding.config import OpenAIConfig
 from services.runtime.errors import Unavailable
+from services.runtime.openai_client import openai_client
 
 log = logging.getLogger("ragfleet.embedding.remote")
 
@@ -37,20 +38,12 @@ _client_key: tuple | None = None
 
 
 def shared_client(config: OpenAIConfig) -> openai.AsyncOpenAI:
-    """The process's one AsyncOpenAI client (retries are ours, so the client's own are off).
-
-    It uses the SDK's aiohttp transport: its default httpx stack cost ~5 ms of CPU per call, which saturated the
-    service's core well before the endpoint (bench/embedding_bench.py). The pool holds one connection per call
-    allowed in flight, all kept alive.
-    """
+    """The process's one AsyncOpenAI client; its pool holds one connection per call allowed in flight."""
     global _client, _client_key
     key = (config.base_url, config.api_key, config.timeout_seconds, config.max_in_flight)
     if _client is None or _client_key != key:
-        connections = max(1, config.max_in_flight)
-        _client = openai.AsyncOpenAI(
-            base_url=config.base_url, api_key=config.api_key, timeout=config.timeout_seconds, max_retries=0,
-            http_client=openai.DefaultAioHttpClient(limits=httpx2.Limits(
-                max_connections=connections, max_keepalive_connections=connections)))
+        _client = openai_client(base_url=config.base_url, api_key=config.api_key, timeout=config.timeout_seconds,
+                                max_connections=config.max_in_flight)
         _client_key = key
     return _client
 
