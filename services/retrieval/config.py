@@ -66,6 +66,10 @@ class IndexConfig:
     indexing_threshold_kb: int = 2000
     quantization: str = "none"
     optimize_idle_seconds: float = 2.0
+    # Filters keeping at most this share of the points (a big tenant) search with ACORN: a filtered HNSW walk also
+    # steps through neighbours of neighbours. Qdrant adds per-value links only for values under ~1/6 of a segment,
+    # so without it a 30 % tenant's recall@10 fell to 0.52-0.88 at ef 64 (bench/retrieval_speed.py). 0 = never.
+    acorn_max_selectivity: float = 0.4
 
 
 @dataclass(frozen=True)
@@ -138,6 +142,9 @@ class RetrievalConfig:
         if rerank == "onnx" and not model_dir:
             raise ConfigError("RAGFLEET_RETRIEVAL_RERANK=onnx needs RAGFLEET_RETRIEVAL_RERANK_MODEL_DIR")
         alpha = env.float("RERANK_ALPHA", 0.5, minimum=0.0)
+        acorn = env.float("ACORN_MAX_SELECTIVITY", 0.4, minimum=0.0)
+        if acorn > 1.0:
+            raise ConfigError(f"RAGFLEET_RETRIEVAL_ACORN_MAX_SELECTIVITY={acorn} must be in [0, 1] (0 turns ACORN off)")
         if alpha > 1.0:
             raise ConfigError(f"RAGFLEET_RETRIEVAL_RERANK_ALPHA={alpha} must be in [0, 1]")
         return cls(
@@ -158,6 +165,7 @@ class RetrievalConfig:
                 indexing_threshold_kb=env.int("INDEXING_THRESHOLD_KB", 2000, minimum=1),
                 quantization=quantization,
                 optimize_idle_seconds=env.float("OPTIMIZE_IDLE_SECONDS", 2.0, minimum=0.0),
+                acorn_max_selectivity=acorn,
             ),
             bm25=Bm25Settings(k1=env.float("BM25_K1", 1.2, minimum=0.0), b=env.float("BM25_B", 0.75, minimum=0.0),
                               avg_len=env.float("BM25_AVG_LEN", 200.0, minimum=1.0)),

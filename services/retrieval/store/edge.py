@@ -85,6 +85,17 @@ def _filter(tenant: str, conditions: Sequence[Condition], *, must: Sequence[Any]
     return qe.Filter(must=must, must_not=must_not)
 
 
+def search_params(index: IndexConfig, hnsw_ef: int | None = None, exact: bool = False) -> qe.SearchParams:
+    """Dense search parameters the service uses (public so the speed benchmark measures exactly these)."""
+    quant = None
+    if index.quantization == "int8":
+        quant = qe.QuantizationSearchParams(rescore=True, oversampling=2.0)
+    acorn = None
+    if index.acorn_max_selectivity > 0:
+        acorn = qe.AcornSearchParams(enable=True, max_selectivity=index.acorn_max_selectivity)
+    return qe.SearchParams(hnsw_ef=hnsw_ef or index.hnsw_ef, exact=exact, quantization=quant, acorn=acorn)
+
+
 def _detail(record: Any) -> Candidate:
     # Each property access converts from Rust again (a 384-float list per `.vector`): read each exactly once.
     vectors = record.vector
@@ -215,17 +226,11 @@ class EdgeStore(VectorStore):
             await self._apply(qe.UpdateOperation.delete_points_by_filter(flt), "delete")
         return removed
 
-    def _params(self, hnsw_ef: int | None, exact: bool) -> qe.SearchParams:
-        quant = None
-        if self.index.quantization == "int8":
-            quant = qe.QuantizationSearchParams(rescore=True, oversampling=2.0)
-        return qe.SearchParams(hnsw_ef=hnsw_ef or self.index.hnsw_ef, exact=exact, quantization=quant)
-
     async def dense(self, tenant: str, vector: Sequence[float], limit: int, conditions: Sequence[Condition],
                     *, hnsw_ef: int | None = None, exact: bool = False) -> list[Candidate]:
         request = qe.QueryRequest(limit=limit, query=qe.Query.Nearest(list(vector), using=DENSE),
                                   filter=_filter(tenant, conditions), with_payload=False,
-                                  params=self._params(hnsw_ef, exact))
+                                  params=search_params(self.index, hnsw_ef, exact))
         points = await self._run(self._readers, lambda: self.shard.query(request), "search")
         return [Candidate(str(p.id), float(p.score), {}) for p in points]
 

@@ -117,7 +117,11 @@ class RemoteStore(VectorStore):
         quant = None
         if self.index.quantization == "int8":
             quant = models.QuantizationSearchParams(rescore=True, oversampling=2.0)
-        return models.SearchParams(hnsw_ef=hnsw_ef or self.index.hnsw_ef, exact=exact, quantization=quant)
+        acorn = None
+        if self.index.acorn_max_selectivity > 0:
+            acorn = models.AcornSearchParams(enable=True, max_selectivity=self.index.acorn_max_selectivity)
+        return models.SearchParams(hnsw_ef=hnsw_ef or self.index.hnsw_ef, exact=exact, quantization=quant,
+                                   acorn=acorn)
 
     async def dense(self, tenant: str, vector: Sequence[float], limit: int, conditions: Sequence[Condition],
                     *, hnsw_ef: int | None = None, exact: bool = False) -> list[Candidate]:
