@@ -73,9 +73,29 @@ def _code_of(context: grpc.aio.ServicerContext, error: BaseException | None) -> 
     return "OK" if error is None else "UNKNOWN"
 
 
+class _MethodMetrics:
+    """One method's metric children, looked up once: ``labels()`` per RPC was ~2 % of a busy service's CPU."""
+
+    __slots__ = ("in_flight", "latency", "_method", "_requests")
+
+    def __init__(self, method: str) -> None:
+        self._method = method
+        self.in_flight = RPC_IN_FLIGHT.labels(method)
+        self.latency = RPC_LATENCY.labels(method)
+        self._requests: dict[str, Any] = {}
+
+    def requests(self, code: str) -> Any:
+        child = self._requests.get(code)
+        if child is None:
+            child = self._requests[code] = RPC_REQUESTS.labels(self._method, code)
+        return child
+
+
 class RpcInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, in_flight: InFlight) -> None:
         self._in_flight = in_flight
+        # The wrapped handler of each method, built on its first call: the registered handler never changes.
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -85,23 +105,31 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         method = details.method
         if handler is None or method.startswith(_UNTRACKED):
             return handler
+        cached = self._wrapped.get(method)
+        if cached is None or cached[0] is not handler:
+            cached = self._wrapped[method] = (handler, self._wrap(handler, method))
+        return cached[1]
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        metrics = _MethodMetrics(method)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(handler.unary_unary, method),
+                self._wrap_unary(handler.unary_unary, method, metrics),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(handler.unary_stream, method),
+                self._wrap_stream(handler.unary_stream, method, metrics),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
         return handler
 
-    def _wrap_unary(self, behavior: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Awaitable[Any]]:
+    def _wrap_unary(self, behavior: Callable[..., Awaitable[Any]], method: str,
+                    metrics: _MethodMetrics) -> Callable[..., Awaitable[Any]]:
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
             start = time.perf_counter()
             self._in_flight.enter()
-            RPC_IN_FLIGHT.labels(method).inc()
+            metrics.in_flight.inc()
             error: BaseException | None = None
             try:
                 return await behavior(request, context)
@@ -112,18 +140,19 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                 await _abort_for(exc, context, method)
                 raise
             finally:
-                RPC_IN_FLIGHT.labels(method).dec()
+                metrics.in_flight.dec()
                 self._in_flight.exit()
-                RPC_LATENCY.labels(method).observe(time.perf_counter() - start)
-                RPC_REQUESTS.labels(method, _code_of(context, error)).inc()
+                metrics.latency.observe(time.perf_counter() - start)
+                metrics.requests(_code_of(context, error)).inc()
 
         return unary
 
-    def _wrap_stream(self, behavior: Callable[..., AsyncIterator[Any]], method: str) -> Callable[..., AsyncIterator[Any]]:
+    def _wrap_stream(self, behavior: Callable[..., AsyncIterator[Any]], method: str,
+                     metrics: _MethodMetrics) -> Callable[..., AsyncIterator[Any]]:
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             start = time.perf_counter()
             self._in_flight.enter()
-            RPC_IN_FLIGHT.labels(method).inc()
+            metrics.in_flight.inc()
             error: BaseException | None = None
             try:
                 async for item in behavior(request, context):
@@ -135,9 +164,9 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                 await _abort_for(exc, context, method)
                 raise
             finally:
-                RPC_IN_FLIGHT.labels(method).dec()
+                metrics.in_flight.dec()
                 self._in_flight.exit()
-                RPC_LATENCY.labels(method).observe(time.perf_counter() - start)
-                RPC_REQUESTS.labels(method, _code_of(context, error)).inc()
+                metrics.latency.observe(time.perf_counter() - start)
+                metrics.requests(_code_of(context, error)).inc()
 
         return stream
