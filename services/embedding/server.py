@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from services.embedding.backends import build_backend
@@ -14,7 +13,7 @@ from services.embedding.servicer import SERVICE_NAME, EmbeddingServiceServicer
 from services.runtime.config import ServerConfig
 from services.runtime.errors import ConfigError
 from services.runtime.pb.ragfleet.v1 import common_pb2, embedding_pb2_grpc
-from services.runtime.serve import Binding, bootstrap, run_server
+from services.runtime.serve import Binding, bootstrap, serve
 
 log = logging.getLogger("ragfleet.embedding")
 
@@ -48,5 +47,5 @@ def main() -> int:
         binding = Binding(SERVICE_NAME, embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server, servicer)
         return [binding], embedder.close
 
-    asyncio.run(run_server(config.server, build))
+    serve(config.server, build)
     return 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any, Awaitable, Callable, Sequence
 
@@ -19,7 +18,7 @@ from services.gateway.upstreams import EmbeddingClient, GenerationClient, Retrie
 from services.runtime.channels import ChannelPool
 from services.runtime.errors import ConfigError
 from services.runtime.pb.ragfleet.v1 import gateway_pb2, gateway_pb2_grpc
-from services.runtime.serve import Binding, bootstrap, run_server
+from services.runtime.serve import Binding, bootstrap, serve
 
 log = logging.getLogger("ragfleet.gateway")
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
@@ -72,5 +71,5 @@ def main() -> int:
         servicer, close = build_servicer(config)
         return [Binding(SERVICE_NAME, gateway_pb2_grpc.add_GatewayServiceServicer_to_server, servicer)], close
 
-    asyncio.run(run_server(config.server, build))
+    serve(config.server, build)
     return 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 from typing import Awaitable, Callable, Sequence
@@ -13,7 +12,7 @@ from services.generation.prompt import PromptBuilder, TokenCounter
 from services.generation.servicer import SERVICE_NAME, GenerationServiceServicer
 from services.runtime.errors import ConfigError
 from services.runtime.pb.ragfleet.v1 import generation_pb2_grpc
-from services.runtime.serve import Binding, bootstrap, run_server
+from services.runtime.serve import Binding, bootstrap, serve
 
 log = logging.getLogger("ragfleet.generation")
 
@@ -44,5 +43,5 @@ def main() -> int:
         print(f"generation: configuration error: {exc}", file=sys.stderr)
         return 2
     bootstrap(config.server)
-    asyncio.run(run_server(config.server, lambda: build(config)))
+    serve(config.server, lambda: build(config))
     return 0

@@ -19,7 +19,7 @@ from services.retrieval.validation import Limits
 from services.runtime.channels import ChannelPool
 from services.runtime.errors import ConfigError
 from services.runtime.pb.ragfleet.v1 import retrieval_pb2, retrieval_pb2_grpc
-from services.runtime.serve import Binding, bootstrap, run_server
+from services.runtime.serve import Binding, bootstrap, serve
 
 SERVICE_NAME = retrieval_pb2.DESCRIPTOR.services_by_name["RetrievalService"].full_name
 log = logging.getLogger("ragfleet.retrieval")
@@ -64,7 +64,7 @@ def main() -> int:
         return 2
     bootstrap(config.server)
     try:
-        asyncio.run(run_server(config.server, lambda: build(config)))
+        serve(config.server, lambda: build(config))
     except (StoreStartupError, ConfigError) as exc:
         log.error("start-up failed: %s", exc)
         print(f"retrieval: start-up failed: {exc}", file=sys.stderr)

