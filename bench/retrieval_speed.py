@@ -227,7 +227,8 @@ def main() -> int:
     pick = min(best, key=lambda r: r["latency_ms"]["p99"]) if best else None
     targets = [target("p99 ms at recall@10 >= 0.97 (float32 HNSW)", pick["latency_ms"]["p99"] if pick else float("nan"),
                       "<= 5 ms", bool(pick and pick["latency_ms"]["p99"] <= 5.0))]
-    builds = [figures["none"]["tenant_filtered"]] + [r["tenant_filtered"] for r in figures["none"]["tenant_filtered_rebuilds"]]
+    builds = [figures["none"]["tenant_filtered"]]
+    builds += [r["tenant_filtered"] for r in figures["none"]["tenant_filtered_rebuilds"]]
     service_rows = [r for b in builds for r in b["big"] if r["search"].startswith("service") and r["hnsw_ef"] == 64]
     worst = min(r["recall@10"] for r in service_rows)
     targets.append(target(f"30 % tenant recall@10 at ef 64, worst of {len(builds)} builds (service search)", worst,
@@ -240,7 +241,8 @@ def main() -> int:
         for r in figures[q]["unfiltered"]:
             rows.append(f"| {'float32' if q == 'none' else 'int8 + rescore'} | {r['hnsw_ef']} | {r['recall@10']:.4f} | "
                         f"{r['latency_ms']['p50']:.2f} | {r['latency_ms']['p99']:.2f} |")
-    rows += ["", f"Real-only subset ({figures['vectors']['real_model_outputs']} points, no derived vectors):", "", "| hnsw_ef | recall@10 | p50 ms | p99 ms |", "|---|---|---|---|"]
+    rows += ["", f"Real-only subset ({figures['vectors']['real_model_outputs']} points, no derived vectors):", "",
+             "| hnsw_ef | recall@10 | p50 ms | p99 ms |", "|---|---|---|---|"]
     for r in figures["real_only"]["unfiltered"]:
         rows.append(f"| {r['hnsw_ef']} | {r['recall@10']:.4f} | {r['latency_ms']['p50']:.2f} | "
                     f"{r['latency_ms']['p99']:.2f} |")
