@@ -1,7 +1,8 @@
 """Pluggable rerank stage: one narrow interface, three implementations chosen by RAGFLEET_RETRIEVAL_RERANK.
 
-- FusionRescorer (default): convex combination of min-max-normalised dense cosine (from the stored vectors) and
-  the max-normalised BM25 score; no model needed, tuned by `alpha` on SciFact's train split.
+- FusionRescorer (default): convex combination of min-max-normalised dense cosine and the max-normalised BM25
+  score; no model needed, tuned by `alpha` on SciFact's train split. The cosine is the dense leg's own score where
+  that leg returned the candidate, else computed from the stored vector (fetched for those candidates only).
 - TeiReranker: POST {url}/rerank of a text-embeddings-inference compatible server ({"query", "texts"} ->
   [{"index", "score"}]).
 - OnnxCrossEncoder: a cross-encoder exported to ONNX (`model.onnx` + `tokenizer.json`) from a directory the
@@ -31,11 +32,15 @@ class RerankQuery:
     vector: np.ndarray | None
     # BM25 score of each candidate the sparse leg returned (absent = below the leg's cut, treated as 0).
     lexical: Mapping[str, float] = field(default_factory=dict)
+    # Cosine of each candidate the dense leg returned (the engine's exact score for it).
+    dense: Mapping[str, float] = field(default_factory=dict)
 
 
 class Reranker(abc.ABC):
     name: str
-    needs_vectors = False  # whether scores() reads Candidate.vector (then the pipeline fetches stored vectors)
+    # Whether scores() reads Candidate.vector for candidates without a dense-leg score (the pipeline then fetches
+    # the stored vectors of those candidates only).
+    needs_vectors = False
 
     @abc.abstractmethod
     async def scores(self, query: RerankQuery, candidates: Sequence[Candidate]) -> list[float]:
@@ -69,10 +74,18 @@ class FusionRescorer(Reranker):
         lexical = np.array([query.lexical.get(c.point_id, 0.0) for c in candidates], dtype=np.float32)
         top = float(lexical.max()) if lexical.size else 0.0
         lexical = lexical / top if top > 0 else lexical
-        if query.vector is None or any(c.vector is None for c in candidates):
+        if query.vector is None:
             return lexical.tolist()
         q = query.vector / max(float(np.linalg.norm(query.vector)), 1e-12)
-        dense = _minmax(np.stack([c.vector for c in candidates]) @ q)
+        cosines = []
+        for c in candidates:
+            score = query.dense.get(c.point_id)
+            if score is None:
+                if c.vector is None:
+                    return lexical.tolist()
+                score = float(c.vector @ q)
+            cosines.append(score)
+        dense = _minmax(np.asarray(cosines, dtype=np.float32))
         if top <= 0:
             return dense.tolist()
         return (self.alpha * dense + (1.0 - self.alpha) * lexical).tolist()

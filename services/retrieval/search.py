@@ -101,6 +101,16 @@ class SearchPipeline:
             out["candidates"] = len(hits)
         return hits
 
+    async def _attach_vectors(self, tenant: str, ranked: list[Candidate], known: set[str]) -> list[Candidate]:
+        """Stored vectors for the candidates whose dense score is not already known (usually few): converting a
+        vector out of the engine cost more than the rest of a Search's Python work put together."""
+        missing = [c.point_id for c in ranked if c.point_id not in known and c.vector is None]
+        if not missing:
+            return ranked
+        vectors = await self.store.fetch(tenant, missing, with_vectors=True)
+        return [Candidate(c.point_id, c.score, c.payload, vectors[c.point_id].vector) if c.point_id in vectors else c
+                for c in ranked]
+
     async def _fetch(self, tenant: str, ranked: list[Candidate], *, with_vectors: bool) -> list[Candidate]:
         """Attach payloads (and vectors) to the surviving candidates, keeping rank and score. A point deleted since
         the legs ran is dropped rather than returned without its text."""
@@ -139,9 +149,14 @@ class SearchPipeline:
         reranking = query.rerank and self.reranker is not None
         pool_size = max(query.top_k, self.settings.rerank_candidates if reranking else 0,
                         self.settings.mmr_candidates if query.mmr_lambda is not None else 0)
-        need_vectors = query.mmr_lambda is not None or (reranking and getattr(self.reranker, "needs_vectors", False))
+        dense_scores = {c.point_id: c.score for c in dense_hits}
         with self._stage("fetch", timings) as out:
-            ranked = await self._fetch(query.tenant, ranked[:pool_size], with_vectors=need_vectors)
+            # MMR compares candidates with each other: every vector. The fusion rescorer only needs a cosine per
+            # candidate, which the dense leg already holds for most of them.
+            ranked = await self._fetch(query.tenant, ranked[:pool_size], with_vectors=query.mmr_lambda is not None)
+            if reranking and vector is not None and getattr(self.reranker, "needs_vectors", False):
+                depth = self.settings.rerank_candidates
+                ranked = await self._attach_vectors(query.tenant, ranked[:depth], set(dense_scores)) + ranked[depth:]
             out["candidates"] = len(ranked)
 
         if reranking and ranked:
@@ -152,7 +167,8 @@ class SearchPipeline:
             with self._stage("rerank", timings, **{"ragfleet.reranker": self.reranker.name,
                                                    "ragfleet.candidates_in": len(pool)}) as out:
                 lexical = {c.point_id: c.score for c in sparse_hits}
-                ranked = await self.reranker.rerank(RerankQuery(query.text, vector, lexical), pool) + tail
+                ranked = await self.reranker.rerank(RerankQuery(query.text, vector, lexical, dense_scores),
+                                                    pool) + tail
                 out["candidates"] = len(pool)
 
         if query.mmr_lambda is not None and ranked:

@@ -132,3 +132,20 @@ async def test_onnx_cross_encoder_from_operator_directory(tmp_path):
 def test_onnx_cross_encoder_missing_files_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="model.onnx"):
         OnnxCrossEncoder(str(tmp_path))
+
+
+async def test_fusion_rescorer_takes_the_dense_legs_cosines_and_needs_vectors_only_for_the_rest():
+    q = np.array([1.0, 0.0])
+    lexical = {"lexical": 10.0, "both": 6.0}
+    # "semantic" and "both" came back from the dense leg (their cosines are known); "lexical" did not: its vector.
+    cands = [cand("lexical", "x", [0.0, 1.0]), cand("semantic", "y"), cand("both", "z")]
+    query = RerankQuery("q", q, lexical, dense={"semantic": 1.0, "both": 0.8})
+    with_vectors = [cand("lexical", "x", [0.0, 1.0]), cand("semantic", "y", [1.0, 0.0]), cand("both", "z", [0.8, 0.6])]
+    for alpha in (1.0, 0.5):
+        mixed = await FusionRescorer(alpha).rerank(query, cands)
+        stored = await FusionRescorer(alpha).rerank(RerankQuery("q", q, lexical), with_vectors)
+        assert [(c.point_id, round(c.score, 6)) for c in mixed] == [(c.point_id, round(c.score, 6)) for c in stored]
+    # A candidate with neither a dense score nor a vector: no cosine for anyone, BM25 decides.
+    out = await FusionRescorer(1.0).rerank(RerankQuery("q", q, lexical, dense={"semantic": 1.0}),
+                                           [cand("lexical", "x"), cand("semantic", "y")])
+    assert [c.point_id for c in out] == ["lexical", "semantic"]
