@@ -102,8 +102,8 @@ class SearchPipeline:
         return hits
 
     async def _attach_vectors(self, tenant: str, ranked: list[Candidate], known: set[str]) -> list[Candidate]:
-        """Stored vectors for the candidates whose dense score is not already known (usually few): converting a
-        vector out of the engine cost more than the rest of a Search's Python work put together."""
+        """Stored vectors for the candidates whose dense score is not already known (usually few): converting the
+        pool's vectors out of the engine was the largest single Python cost of a Search (~0.5 of 2.4 ms)."""
         missing = [c.point_id for c in ranked if c.point_id not in known and c.vector is None]
         if not missing:
             return ranked
