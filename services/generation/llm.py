@@ -78,14 +78,12 @@ def describe(error: BaseException) -> str:
 def _sdk_error(exc: Exception, request: httpx2.Request) -> Exception:
     """The SDK's exception for a failure while reading the body (as its own stream reader raises them)."""
     if isinstance(exc, httpx2.TimeoutException):
-        mapped: Exception = openai.APITimeoutError(request=request)
-    elif isinstance(exc, (httpx2.RequestError, ssl.SSLError, anyio.EndOfStream)):
-        mapped = openai.APIConnectionError(request=request)
-    elif isinstance(exc, ErrorEvent):
-        mapped = openai.APIError(exc.message, request, body=exc.body)
-    else:
-        return exc
-    return mapped
+        return openai.APITimeoutError(request=request)
+    if isinstance(exc, (httpx2.RequestError, ssl.SSLError, anyio.EndOfStream)):
+        return openai.APIConnectionError(request=request)
+    if isinstance(exc, ErrorEvent):
+        return openai.APIError(exc.message, request, body=exc.body)
+    return exc
 
 
 async def _chunks(response: httpx2.Response) -> AsyncGenerator[dict[str, Any], None]:

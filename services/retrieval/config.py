@@ -142,11 +142,11 @@ class RetrievalConfig:
         if rerank == "onnx" and not model_dir:
             raise ConfigError("RAGFLEET_RETRIEVAL_RERANK=onnx needs RAGFLEET_RETRIEVAL_RERANK_MODEL_DIR")
         alpha = env.float("RERANK_ALPHA", 0.5, minimum=0.0)
+        if alpha > 1.0:
+            raise ConfigError(f"RAGFLEET_RETRIEVAL_RERANK_ALPHA={alpha} must be in [0, 1]")
         acorn = env.float("ACORN_MAX_SELECTIVITY", 0.4, minimum=0.0)
         if acorn > 1.0:
             raise ConfigError(f"RAGFLEET_RETRIEVAL_ACORN_MAX_SELECTIVITY={acorn} must be in [0, 1] (0 turns ACORN off)")
-        if alpha > 1.0:
-            raise ConfigError(f"RAGFLEET_RETRIEVAL_RERANK_ALPHA={alpha} must be in [0, 1]")
         return cls(
             server=ServerConfig.from_env("retrieval", environ),
             store=store,

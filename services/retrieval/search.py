@@ -149,7 +149,7 @@ class SearchPipeline:
         reranking = query.rerank and self.reranker is not None
         pool_size = max(query.top_k, self.settings.rerank_candidates if reranking else 0,
                         self.settings.mmr_candidates if query.mmr_lambda is not None else 0)
-        dense_scores = {c.point_id: c.score for c in dense_hits}
+        dense_scores = {c.point_id: c.score for c in dense_hits} if reranking else {}
         with self._stage("fetch", timings) as out:
             # MMR compares candidates with each other: every vector. The fusion rescorer only needs a cosine per
             # candidate, which the dense leg already holds for most of them.
