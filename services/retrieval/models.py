@@ -100,5 +100,5 @@ class IndexStatus:
     points: int
     indexed_vectors: int
     segments: int
-    state: str  # "empty" | "exact" (writes pending index) | "optimizing" | "indexed"
+    state: str  # "empty" | "exact" (writes pending index, or too small to index) | "optimizing" | "indexed"
     last_optimize_seconds: float | None = None

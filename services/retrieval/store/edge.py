@@ -117,6 +117,7 @@ class EdgeStore(VectorStore):
         self._last_write = 0.0
         self._dirty = False
         self._optimizing = False
+        self._below_threshold = False  # the last check found the shard too small for an index: exact by design
         self._last_optimize_seconds: float | None = None
         self._wake: asyncio.Event | None = None
         self._indexing_task: asyncio.Task | None = None
@@ -265,7 +266,7 @@ class EdgeStore(VectorStore):
             state = "empty"
         elif self._optimizing:
             state = "optimizing"
-        elif self._dirty:
+        elif self._dirty or self._below_threshold:
             state = "exact"
         else:
             state = "indexed"
@@ -349,8 +350,20 @@ class EdgeStore(VectorStore):
             if quiet < idle:
                 await asyncio.sleep(idle - quiet)
                 continue
+            if await self._too_small_to_index():
+                # No HNSW for it anyway, and a build would copy the shard's preallocated files (~180 MB even for a
+                # handful of points) and start a child process after every burst of writes, for nothing.
+                self._dirty = False
+                continue
             if not await self.optimize():
                 self._dirty = False  # retry after the next write, not in a tight loop
+
+    async def _too_small_to_index(self) -> bool:
+        """Whether the dense vectors fit under the indexing threshold, below which the engine searches exactly."""
+        info = await self._run(self._readers, lambda: self.shard.info(), "read shard info")
+        size_kb = info.points_count * self.index.dimension * 4 / 1024
+        self._below_threshold = size_kb < self.index.indexing_threshold_kb
+        return self._below_threshold
 
     async def close(self) -> None:
         if self._indexing_task is not None:

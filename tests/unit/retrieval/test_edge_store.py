@@ -57,6 +57,42 @@ async def test_hnsw_is_built_in_background_once_writes_settle(tmp_path, encoder,
         await store.close()
 
 
+async def test_a_shard_below_the_indexing_threshold_is_never_copied_for_a_build(tmp_path, encoder):
+    # 50 points x 16 dims x 4 bytes = 3 KB, under the 2000 KB default: the engine would not index it, so the store
+    # must not copy the shard and start a build child after every burst of writes.
+    index = IndexConfig(dimension=DIM, optimize_idle_seconds=0.05)
+    store = EdgeStore(path=str(tmp_path / "s"), index=index)
+    builds = []
+    real_optimize = store.optimize
+
+    async def counting_optimize() -> bool:
+        builds.append(1)
+        return await real_optimize()
+
+    store.optimize = counting_optimize  # type: ignore[method-assign]
+    await store.start()
+    try:
+        data = records(encoder, 50)
+        await store.upsert(data)
+        await asyncio.sleep(0.5)  # ten idle periods: the indexing loop has long since looked at the shard
+        await store.upsert(records(encoder, 5, seed=1))
+        await asyncio.sleep(0.5)
+        status = await store.status()
+        assert builds == [] and status.state == "exact" and status.last_optimize_seconds is None
+        assert (await store.dense("acme", data[30].vector, 1, ()))[0].point_id == data[30].point_id
+        # Once the shard is over the threshold (lowered here), the next write gets it indexed.
+        store.index = dataclasses.replace(index, indexing_threshold_kb=1)
+        await store.upsert(records(encoder, 5, seed=2))
+
+        async def indexed() -> bool:
+            return (await store.status()).state == "indexed"
+
+        await wait_for(indexed)
+        assert builds == [1]
+    finally:
+        await store.close()
+
+
 async def test_data_persists_and_a_second_opener_gets_a_clear_error(tmp_path, encoder):
     path = str(tmp_path / "s")
     index = IndexConfig(dimension=DIM, optimize_idle_seconds=0)
