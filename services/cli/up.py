@@ -14,6 +14,7 @@ import argparse
 import signal
 import socket
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -129,17 +130,24 @@ def print_banner(mesh: LocalMesh, cold_start: float, out: TextIO) -> None:
 
 
 def supervise(mesh: LocalMesh, out: TextIO) -> int:
-    """Block until Ctrl-C/SIGTERM (-> 0) or until a service dies (-> 1, with its log tail)."""
+    """Block until Ctrl-C/SIGTERM (-> 0) or until a service dies (-> 1, with its log tail).
+
+    Here the signals only set a flag: a KeyboardInterrupt raised inside `Popen.poll()` can leave the Popen's wait
+    lock held, and the `wait()` of the shutdown that follows then never returns.
+    """
+    stop = threading.Event()
+    handlers = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while True:
+        while not stop.wait(POLL_SECONDS):
             dead = mesh.exited()
             if dead is not None:
                 print(f"\n{dead.name} exited with code {dead.process.returncode}; last lines of {dead.log_path}:\n"
                       f"{dead.log_tail()}", file=sys.stderr, flush=True)
                 return 1
-            time.sleep(POLL_SECONDS)
-    except KeyboardInterrupt:
         return 0
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 def resolve_data_dir(arg: str | None) -> Path:

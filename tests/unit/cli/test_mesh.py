@@ -98,7 +98,8 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def test_up_serves_until_ctrl_c_then_stops_every_service(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
+def test_up_serves_until_ctrl_c_then_stops_every_service(tmp_path: Path, stop_signal: int) -> None:
     process, lines, pids, gateway = _start_up(tmp_path)
     try:
         with grpc.insecure_channel(gateway) as channel:
@@ -106,7 +107,7 @@ def test_up_serves_until_ctrl_c_then_stops_every_service(tmp_path: Path) -> None
                 health_pb2.HealthCheckRequest(service="ragfleet.v1.GatewayService"), timeout=5)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
         assert (tmp_path / "logs" / "gateway.log").exists()
-        process.send_signal(signal.SIGINT)
+        process.send_signal(stop_signal)
         assert process.wait(30) == 0
         assert not [name for name, pid in pids.items() if _alive(pid)]
         assert "unclean exits" not in "".join(lines.seen) + process.stdout.read()
