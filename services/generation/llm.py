@@ -130,6 +130,9 @@ class OpenAIAnswerer:
         self._client = openai_client(
             base_url=config.base_url, api_key=config.api_key, max_connections=config.max_connections,
             timeout=openai.Timeout(t.read, connect=t.connect, read=t.read, write=t.read, pool=t.connect))
+        # The SDK imports a resource's modules on first access (~20 ms for chat): pay that at start, not in the
+        # first Ask's time to first token.
+        self._client.chat.completions  # noqa: B018
         self._summaries: OrderedDict[str, str] = OrderedDict()
 
     @property
