@@ -30,7 +30,7 @@ Generation service variables (prefix RAGFLEET_GENERATION_; plus the server ones 
 | MAX_RETRIES | 2 | retries before the first token (never after) |
 | RETRY_BACKOFF_SECONDS | 0.1 | first retry delay; doubles, capped at 1 s, with jitter |
 | FALLBACK | false | answer with the extractive answerer when the LLM fails (else UNAVAILABLE) |
-| MAX_CONNECTIONS | 256 | pooled HTTP connections to the LLM |
+| MAX_CONNECTIONS | = MAX_CONCURRENT | pooled HTTP connections to the LLM; each open stream holds one, so fewer than MAX_CONCURRENT makes admitted streams queue in the HTTP client |
 | MAX_CONCURRENT | 1024 | in-flight Generate calls; beyond it RESOURCE_EXHAUSTED at once |
 | COALESCE_MAX_BYTES | 1024 | largest merged delta when the consumer lags |
 | COALESCE_MAX_DELAY_MS | 5 | longest a delta waits to be merged while the consumer lags |
@@ -83,7 +83,7 @@ class LLMConfig:
     timeouts: LLMTimeouts = LLMTimeouts()
     max_retries: int = 2
     retry_backoff: float = 0.1
-    max_connections: int = 256
+    max_connections: int = 1024  # from_env defaults it to Limits.max_concurrent: one per admissible stream
     summary_model: str | None = None
 
 
@@ -143,6 +143,7 @@ class GenerationConfig:
             encoding=env.str("ENCODING", m.encoding),
         )
         base_url = shared.optional_str("BASE_URL")
+        max_concurrent = env.int("MAX_CONCURRENT", lim.max_concurrent, minimum=1)
         # Parsed even when no LLM is configured, so a bad value fails start-up instead of lying in wait.
         llm = LLMConfig(
             base_url=base_url or "",
@@ -155,7 +156,7 @@ class GenerationConfig:
             ),
             max_retries=env.int("MAX_RETRIES", base.max_retries, minimum=0),
             retry_backoff=env.float("RETRY_BACKOFF_SECONDS", base.retry_backoff, minimum=0),
-            max_connections=env.int("MAX_CONNECTIONS", base.max_connections, minimum=1),
+            max_connections=env.int("MAX_CONNECTIONS", max_concurrent, minimum=1),
             summary_model=env.optional_str("SUMMARY_MODEL"),
         )
         return cls(
@@ -174,7 +175,7 @@ class GenerationConfig:
                           max_passages=env.int("MAX_PASSAGES", lim.max_passages, minimum=1),
                           max_history_turns=env.int("MAX_HISTORY_TURNS", lim.max_history_turns, minimum=0),
                           max_tokens=env.int("MAX_TOKENS_LIMIT", lim.max_tokens, minimum=1),
-                          max_concurrent=env.int("MAX_CONCURRENT", lim.max_concurrent, minimum=1)),
+                          max_concurrent=max_concurrent),
         )
 
 

@@ -27,6 +27,10 @@ async def build(config: GenerationConfig) -> tuple[Sequence[Binding], Callable[[
         from services.generation.llm import OpenAIAnswerer
 
         llm = OpenAIAnswerer(config.llm, counter)
+        if config.llm.max_connections < config.limits.max_concurrent:
+            log.warning("RAGFLEET_GENERATION_MAX_CONNECTIONS (%d) < MAX_CONCURRENT (%d): admitted streams beyond %d "
+                        "wait inside the HTTP client for a connection, and their time to first token grows",
+                        config.llm.max_connections, config.limits.max_concurrent, config.llm.max_connections)
     summariser = llm.summarise if llm is not None and config.llm and config.llm.summary_model else None
     prompts = PromptBuilder(config, counter, summariser=summariser)
     servicer = GenerationServiceServicer(config, answerer=llm or offline, offline=offline, prompts=prompts)

@@ -29,6 +29,16 @@ def test_llm_and_model_settings():
     assert config.settings_for("other") == config.defaults
 
 
+def test_the_llm_connection_pool_follows_the_admission_limit():
+    # Each open stream holds one HTTP connection: a smaller pool would queue admitted streams out of sight.
+    url = {"RAGFLEET_LLM_BASE_URL": "http://127.0.0.1:9/v1"}
+    assert GenerationConfig.from_env(url).llm.max_connections == GenerationConfig.from_env(url).limits.max_concurrent
+    assert GenerationConfig.from_env({**url, "RAGFLEET_GENERATION_MAX_CONCURRENT": "300"}).llm.max_connections == 300
+    explicit = GenerationConfig.from_env({**url, "RAGFLEET_GENERATION_MAX_CONCURRENT": "300",
+                                          "RAGFLEET_GENERATION_MAX_CONNECTIONS": "40"})
+    assert (explicit.llm.max_connections, explicit.limits.max_concurrent) == (40, 300)
+
+
 @pytest.mark.parametrize("value, message", [
     ("not json", "not valid JSON"), ('["a"]', "must be a JSON object"),
     ('{"m": {"max_tokenz": 1}}', "unknown setting 'max_tokenz'"), ('{"m": {"max_tokens": "x"}}', "wrong type"),

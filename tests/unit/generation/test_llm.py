@@ -57,6 +57,34 @@ async def test_streams_deltas_then_done_with_upstream_usage(sim):
     assert body["messages"][-1]["content"].startswith("Sources:\n\n[1]")
 
 
+async def test_concurrent_streams_wait_for_a_connection_only_when_the_pool_is_smaller(sim):
+    # 6 streams at once, each 0.1 s to its first token and ~0.6 s long. With a connection per stream every first
+    # token arrives at about the sim's TTFT; with 2 connections the last streams wait for earlier ones to finish.
+    await sim.configure(ttft_ms=100.0, tokens_per_second=10.0, max_tokens=6)
+
+    async def first_tokens(connections: int) -> list[float]:
+        answerer, config = make(sim, max_connections=connections)
+        prompt = await prompt_for(config)
+
+        async def one() -> float:
+            started = time.perf_counter()
+            first = 0.0
+            async for event in answerer.stream(prompt):
+                if isinstance(event, Delta) and not first:
+                    first = time.perf_counter() - started
+            return first
+
+        try:
+            return sorted(await asyncio.gather(*(one() for _ in range(6))))
+        finally:
+            await answerer.close()
+
+    pooled = await first_tokens(6)
+    assert pooled[-1] < 0.4, pooled
+    starved = await first_tokens(2)
+    assert starved[-1] > 0.9, starved
+
+
 async def test_failures_before_first_token_are_retried_then_reported(sim):
     await sim.configure(**{"failure_rate": 1.0})
     answerer, config = make(sim, max_retries=2)
