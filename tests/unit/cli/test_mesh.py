@@ -98,6 +98,15 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _kill_all(process: subprocess.Popen, pids: dict[str, int]) -> None:
+    """After a failed test: `up` and the services it started (own sessions: killing `up` alone orphans them)."""
+    if process.poll() is None:
+        process.kill()
+    for pid in pids.values():
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
 def test_up_serves_until_ctrl_c_then_stops_every_service(tmp_path: Path, stop_signal: int) -> None:
     process, lines, pids, gateway = _start_up(tmp_path)
@@ -112,8 +121,7 @@ def test_up_serves_until_ctrl_c_then_stops_every_service(tmp_path: Path, stop_si
         assert not [name for name, pid in pids.items() if _alive(pid)]
         assert "unclean exits" not in "".join(lines.seen) + process.stdout.read()
     finally:
-        if process.poll() is None:
-            process.kill()
+        _kill_all(process, pids)
 
 
 def test_up_exits_non_zero_with_the_log_tail_when_a_service_dies(tmp_path: Path) -> None:
@@ -126,8 +134,7 @@ def test_up_exits_non_zero_with_the_log_tail_when_a_service_dies(tmp_path: Path)
         assert "retrieval.log" in stderr and '"service": "retrieval"' in stderr  # the tail of its own log
         assert not [name for name, pid in pids.items() if _alive(pid)]
     finally:
-        if process.poll() is None:
-            process.kill()
+        _kill_all(process, pids)
 
 
 def test_demo_answers_the_sample_question_with_sources(tmp_path: Path) -> None:
