@@ -138,7 +138,7 @@ class GenerationConfig:
             temperature=env.float("TEMPERATURE", m.temperature, minimum=0),
             max_tokens=env.int("MAX_TOKENS", m.max_tokens, minimum=1),
             top_p=_optional_float(env, "TOP_P"),
-            stop=env.list("STOP"),
+            stop=_stop_sequences(list(env.list("STOP")), env.prefix + "STOP"),
             context_tokens=env.int("CONTEXT_TOKENS", m.context_tokens, minimum=256),
             encoding=env.str("ENCODING", m.encoding),
         )
@@ -186,6 +186,16 @@ def _optional_float(env: Env, name: str) -> float | None:
 _SETTING_TYPES = {"temperature": float, "max_tokens": int, "top_p": float, "context_tokens": int, "encoding": str}
 
 
+def _stop_sequences(value: object, name: str) -> tuple[str, ...]:
+    """A list of at most MAX_STOP_SEQUENCES non-empty strings (the OpenAI API's limit), or start-up fails: a bare
+    string would become one stop per character, and a fifth sequence would make the LLM refuse every request."""
+    if not isinstance(value, (list, tuple)) or not all(isinstance(s, str) and s for s in value):
+        raise ConfigError(f"{name} must be a list of non-empty strings, got {value!r}")
+    if len(value) > MAX_STOP_SEQUENCES:
+        raise ConfigError(f"{name} has {len(value)} stop sequences; the limit is {MAX_STOP_SEQUENCES}")
+    return tuple(value)
+
+
 def _model_settings(env: Env, defaults: ModelSettings) -> dict[str, ModelSettings]:
     """Parse MODEL_SETTINGS JSON; unknown keys fail start-up so a typo never silently falls back to defaults."""
     raw = env.optional_str("MODEL_SETTINGS")
@@ -206,13 +216,14 @@ def _model_settings(env: Env, defaults: ModelSettings) -> dict[str, ModelSetting
         for key, value in spec.items():
             try:
                 if key == "stop":
-                    values[key] = tuple(str(s) for s in value)
-                else:
-                    values[key] = _SETTING_TYPES[key](value)
+                    continue  # checked below, outside this try: its own message beats "wrong type"
+                values[key] = _SETTING_TYPES[key](value)
             except KeyError:
                 raise ConfigError(f"{name}[{model!r}]: unknown setting {key!r} "
                                   f"(known: {', '.join([*_SETTING_TYPES, 'stop'])})") from None
             except (TypeError, ValueError):
                 raise ConfigError(f"{name}[{model!r}].{key}={value!r} has the wrong type") from None
+        if "stop" in spec:
+            values["stop"] = _stop_sequences(spec["stop"], f"{name}[{model!r}].stop")
         models[model] = replace(defaults, **values)  # type: ignore[arg-type]
     return models

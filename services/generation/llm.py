@@ -129,7 +129,9 @@ class OpenAIAnswerer:
         # Retries are ours: only before the first token.
         self._client = openai_client(
             base_url=config.base_url, api_key=config.api_key, max_connections=config.max_connections,
-            timeout=openai.Timeout(t.read, connect=t.connect, read=t.read, write=t.read, pool=t.connect))
+            # `pool` bounds the wait for a pooled connection plus the connect (aiohttp's `connect`): a stream that
+            # waits for a free connection is waiting for its first token, so it gets that budget, not `connect`.
+            timeout=openai.Timeout(t.read, connect=t.connect, read=t.read, write=t.read, pool=t.first_token))
         # The SDK imports a resource's modules on first access (~20 ms for chat): pay that at start, not in the
         # first Ask's time to first token.
         self._client.chat.completions  # noqa: B018

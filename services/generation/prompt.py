@@ -163,12 +163,19 @@ class PromptBuilder:
             if cost <= left:
                 packed.append(passage)
                 left -= cost
-        if not packed and ranked and budget > 16:
-            # Even the best passage is too long: a truncated best passage beats an ungrounded answer.
+        if not packed and ranked:
+            # Even the best passage is too long: a truncated best passage beats an ungrounded answer. Its header
+            # ("[n] title") counts too, and tokens do not add up exactly across a cut, so check the rendered cost.
             best = common_pb2.Passage()
             best.CopyFrom(ranked[0])
-            best.text = self._counter.truncate(best.text, budget - 16, enc)
-            packed.append(best)
+            best.text = ""
+            room = budget - (self._counter.count(render_passage(best), enc) + 2)
+            while room > 8:
+                best.text = self._counter.truncate(ranked[0].text, room, enc)
+                if self._counter.count(render_passage(best), enc) + 2 <= budget:
+                    packed.append(best)
+                    break
+                room -= 4
         return packed
 
     async def _trim_history(self, turns: Sequence[common_pb2.ChatTurn], enc: str,
@@ -179,7 +186,8 @@ class PromptBuilder:
         costs = [sum(self._cost(t["content"], enc) for t in unit) for unit in units]
         if sum(costs) <= budget:
             return messages, 0, False
-        summarise = self._summariser is not None
+        # A summary only when its slot fits the budget: else it would push the prompt past the window.
+        summarise = self._summariser is not None and budget >= self._summary_reserve()
         keep_budget = budget - (self._summary_reserve() if summarise else 0)
         kept_from = len(units)
         used = 0

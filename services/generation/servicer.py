@@ -72,9 +72,9 @@ class GenerationServiceServicer(generation_pb2_grpc.GenerationServiceServicer):
         loop = asyncio.get_running_loop()
         started = loop.time()
         prompt = await self._prompts.build(request)
-        remaining = context.time_remaining()
+        remaining = context.time_remaining()  # read after the build (which may call a summariser): it is now
         if remaining is not None:
-            prompt.deadline = started + remaining
+            prompt.deadline = loop.time() + remaining
         metrics.PASSAGES_DROPPED.inc(len(request.passages) - len(prompt.passages))
         if prompt.history_dropped:
             metrics.HISTORY_TURNS_DROPPED.labels("summarised" if prompt.history_summarised else "dropped").inc(

@@ -39,6 +39,17 @@ def test_the_llm_connection_pool_follows_the_admission_limit():
     assert (explicit.llm.max_connections, explicit.limits.max_concurrent) == (40, 300)
 
 
+@pytest.mark.parametrize("environ, message", [
+    ({"RAGFLEET_GENERATION_MODEL_SETTINGS": '{"m": {"stop": "END"}}'}, r"\.stop must be a list of non-empty strings"),
+    ({"RAGFLEET_GENERATION_MODEL_SETTINGS": '{"m": {"stop": ["a", "b", "c", "d", "e"]}}'}, "5 stop sequences; the limit is 4"),
+    ({"RAGFLEET_GENERATION_STOP": "a,b,c,d,e,f"}, "RAGFLEET_GENERATION_STOP has 6 stop sequences; the limit is 4"),
+])
+def test_default_stop_sequences_are_checked_at_start_up(environ, message):
+    # Requests are held to 4 stop sequences; a default over it would make the LLM refuse every request.
+    with pytest.raises(ConfigError, match=message):
+        GenerationConfig.from_env(environ)
+
+
 @pytest.mark.parametrize("value, message", [
     ("not json", "not valid JSON"), ('["a"]', "must be a JSON object"),
     ('{"m": {"max_tokenz": 1}}', "unknown setting 'max_tokenz'"), ('{"m": {"max_tokens": "x"}}', "wrong type"),

@@ -25,7 +25,8 @@ COUNTER = TokenCounter()
 
 def make(control, **kw) -> tuple[OpenAIAnswerer, GenerationConfig]:
     llm = LLMConfig(base_url=control.llm_url, default_model="sim-model",
-                    timeouts=LLMTimeouts(connect=1.0, first_token=kw.pop("first_token", 2.0), read=kw.pop("read", 2.0)),
+                    timeouts=LLMTimeouts(connect=kw.pop("connect", 1.0), first_token=kw.pop("first_token", 2.0),
+                                         read=kw.pop("read", 2.0)),
                     retry_backoff=kw.pop("retry_backoff", 0.01), **kw)
     config = GenerationConfig(server=ServerConfig("generation"), llm=llm)
     return OpenAIAnswerer(llm, COUNTER), config
@@ -83,6 +84,23 @@ async def test_concurrent_streams_wait_for_a_connection_only_when_the_pool_is_sm
     assert pooled[-1] < 0.4, pooled
     starved = await first_tokens(2)
     assert starved[-1] > 0.9, starved
+
+
+async def test_waiting_for_a_pooled_connection_is_not_a_connect_timeout(sim):
+    # One connection, two streams of ~0.6 s: the second waits ~0.6 s for the connection, longer than the 0.2 s
+    # connect timeout but well inside its 5 s first-token budget. It must get through on its first attempt.
+    await sim.configure(ttft_ms=50.0, tokens_per_second=10.0, max_tokens=6)
+    answerer, config = make(sim, max_connections=1, connect=0.2, first_token=5.0, max_retries=0)
+    prompt = await prompt_for(config)
+
+    async def answer() -> list:
+        return [event async for event in answerer.stream(prompt)]
+
+    try:
+        answers = await asyncio.gather(answer(), answer())
+    finally:
+        await answerer.close()
+    assert all(isinstance(events[-1], Done) for events in answers)  # max_retries=0: a timeout would have failed
 
 
 async def test_failures_before_first_token_are_retried_then_reported(sim):

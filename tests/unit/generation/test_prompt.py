@@ -60,6 +60,16 @@ async def test_best_passage_is_truncated_when_nothing_fits():
     assert COUNTER.count(prompt.passages[0].text) <= 100 and big.text.startswith(prompt.passages[0].text)
 
 
+async def test_a_truncated_best_passage_counts_its_title_against_the_window():
+    # A long title on the one passage in a tight window: the cut must leave room for "[n] title" too.
+    long_title = common_pb2.Passage(number=1, score=1.0, text="evidence " * 2000,
+                                    title="A very long descriptive title about randomized controlled trials " * 2)
+    small = config(defaults=ModelSettings(context_tokens=1000, max_tokens=500))
+    prompt = await PromptBuilder(small, COUNTER).build(request([long_title]))
+    assert prompt.passages_used == [1]
+    assert prompt.prompt_tokens + 500 <= 1000
+
+
 async def test_question_that_cannot_fit_is_invalid():
     small = config(defaults=ModelSettings(context_tokens=300, max_tokens=280))
     with pytest.raises(InvalidArgument, match="context window of 300 tokens"):
@@ -106,6 +116,17 @@ async def test_history_summarised_when_a_summariser_is_configured():
     assert prompt.messages[1] == {"role": "system", "content": SUMMARY_PREFIX + "The user asked about blah nine times."}
     assert prompt.messages[2]["content"].startswith("question ")
     assert calls[0][0] == prompt.history_dropped
+
+
+async def test_no_summary_when_its_slot_does_not_fit_the_window():
+    # The window leaves less history room than a summary needs: dropping turns is the only way to fit.
+    async def summariser(old, max_tokens):
+        return "A summary " * 100
+
+    small = config(defaults=ModelSettings(context_tokens=600, max_tokens=450))
+    prompt = await PromptBuilder(small, COUNTER, summariser=summariser).build(request(history=turns(10)))
+    assert not prompt.history_summarised and prompt.history_dropped > 0
+    assert prompt.prompt_tokens + 450 <= 600
 
 
 async def test_failed_summary_falls_back_to_dropping():

@@ -7,7 +7,7 @@ from dataclasses import replace
 import grpc
 import pytest
 
-from services.generation.config import GenerationConfig, Limits, LLMConfig, LLMTimeouts
+from services.generation.config import GenerationConfig, Limits, LLMConfig, LLMTimeouts, PromptBudget
 from services.generation.server import build
 from services.runtime.config import ServerConfig
 from services.runtime.pb.ragfleet.v1 import common_pb2, generation_pb2, generation_pb2_grpc
@@ -137,6 +137,20 @@ async def test_client_cancel_reaches_the_llm(sim):
         call.cancel()
         stats = await sim.wait_disconnected()
     assert stats["disconnects"] == 1 and stats["active_streams"] == 0 and stats["completed_streams"] == 0
+
+
+async def test_the_llm_gets_the_time_left_after_a_slow_history_summary(sim):
+    # Each sim call takes 0.5 s to its first token; the summary comes first. With a 1.4 s deadline the answer's
+    # first token is due at ~1.0-1.1 s: in time, unless the summary's 0.5 s is charged twice against the deadline.
+    await sim.configure(ttft_ms=500.0, tokens_per_second=1000.0, max_tokens=5)
+    config = llm_config(sim, fallback=False, first_token=5.0, budget=PromptBudget(history_tokens=300))
+    config = replace(config, llm=replace(config.llm, summary_model="sim-summary"))
+    history = [common_pb2.ChatTurn(role=role, content=f"turn {i} " + "words " * 40)
+               for i in range(6) for role in (common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT)]
+    async with Service(config) as stub:
+        messages = await collect(stub, request(history=history), timeout=1.4)
+    assert messages[-1].HasField("finished") and any(m.HasField("delta") for m in messages)
+    assert (await sim.stats())["chat_requests"] == 2  # the summary, then the answer
 
 
 async def test_small_context_reports_the_passages_used():
