@@ -17,6 +17,8 @@ Policy (TEI's queue, adapted to a CPU model whose cost grows with padded tokens)
 - Work happens in `batching_task`; up to `backend.max_in_flight` batches run at once (1 for the local model).
 - A text whose caller cancelled before its batch started is dropped; each caller's future resolves as soon as the
   batch holding its text is done.
+- A batch the backend refuses as bad input (InvalidArgument, e.g. an endpoint's 400 for one over-long text) is
+  split in halves and retried until the bad text is alone, so it fails only its own caller.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import numpy as np
 from services.embedding import metrics
 from services.embedding.backends.base import EmbeddingBackend, PreparedText
 from services.embedding.config import BatcherConfig
-from services.runtime.errors import Overloaded
+from services.runtime.errors import InvalidArgument, Overloaded
 
 log = logging.getLogger("ragfleet.embedding.batcher")
 
@@ -223,17 +225,37 @@ class Batcher:
         for entry in batch:
             metrics.QUEUE_WAIT.observe(started - entry.enqueued)
         try:
-            vectors = await self.backend.embed([e.item for e in batch])
-        except Exception as exc:  # noqa: BLE001 - every caller of this batch gets the failure
-            log.warning("embedding batch failed: %s", exc)
-            for entry in batch:
-                if not entry.future.done():
-                    entry.future.set_exception(exc)
-        else:
-            for entry, vector in zip(batch, vectors):
-                if not entry.future.done():
-                    entry.future.set_result(Embedded(vector, len(batch), started - entry.enqueued))
+            await self._embed(batch, started)
         finally:
             metrics.MODEL_TIME.observe(time.perf_counter() - started)
             self._in_flight -= 1
             self._wakeup.set()
+
+    async def _embed(self, batch: list[_Entry], started: float) -> None:
+        """One backend call whose outcome goes to every caller in `batch`, except a refusal of a batch of several:
+        its halves are retried one after the other (staying within max_in_flight), so one bad text costs its
+        neighbours about two calls per halving, not their answers."""
+        try:
+            vectors = await self.backend.embed([e.item for e in batch])
+        except InvalidArgument as exc:
+            live = [e for e in batch if not e.future.done()]
+            if len(batch) == 1 or not live:
+                self._fail(batch, exc)
+                return
+            log.info("embedding batch of %d texts refused (%s); retrying its halves", len(live), exc)
+            half = (len(live) + 1) // 2
+            await self._embed(live[:half], started)
+            await self._embed(live[half:], started)
+        except Exception as exc:  # noqa: BLE001 - every caller of this batch gets the failure
+            log.warning("embedding batch failed: %s", exc)
+            self._fail(batch, exc)
+        else:
+            for entry, vector in zip(batch, vectors):
+                if not entry.future.done():
+                    entry.future.set_result(Embedded(vector, len(batch), started - entry.enqueued))
+
+    @staticmethod
+    def _fail(batch: list[_Entry], exc: Exception) -> None:
+        for entry in batch:
+            if not entry.future.done():
+                entry.future.set_exception(exc)

@@ -26,6 +26,7 @@ log = logging.getLogger("ragfleet.embedding.cache")
 _ENTRY_OVERHEAD = 200  # bytes of bookkeeping per L1 entry (key, node, object headers)
 _BACKOFF_START = 0.5
 _BACKOFF_MAX = 10.0
+_MAX_CONNECTIONS = 32
 
 
 def normalise_text(text: str) -> str:
@@ -105,10 +106,14 @@ class L2Cache:
         self.prefix = prefix
         self.ttl_seconds = ttl_seconds
         self.dimension = dimension
-        self._client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
-                                            max_connections=32, health_check_interval=30,
-                                            # Our own back-off handles outages; redis' retries would only add delay.
-                                            retry=Retry(NoBackoff(), 0))
+        # A blocking pool: a burst of more than 32 concurrent requests waits (up to `timeout`) for a free connection;
+        # the default pool raises 'Too many connections' at once, which read as an outage and skipped L2.
+        pool = redis.BlockingConnectionPool.from_url(url, max_connections=_MAX_CONNECTIONS, timeout=timeout,
+                                                     socket_timeout=timeout, socket_connect_timeout=timeout,
+                                                     health_check_interval=30,
+                                                     # Our own back-off handles outages; redis' retries only add delay.
+                                                     retry=Retry(NoBackoff(), 0))
+        self._client = redis.Redis.from_pool(pool)  # the client owns the pool: aclose() disconnects it
         self._down_since: float | None = None
         self._retry_at = 0.0
         self._backoff = _BACKOFF_START

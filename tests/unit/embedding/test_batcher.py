@@ -11,7 +11,8 @@ from prometheus_client import REGISTRY
 
 from services.embedding.batcher import Batcher
 from services.embedding.config import BatcherConfig
-from services.runtime.errors import Overloaded
+from services.runtime.errors import InvalidArgument, Overloaded
+from tests.unit.embedding.conftest import ScriptedBackend
 
 
 def words(n: int, tag: str = "w") -> str:
@@ -155,6 +156,37 @@ async def test_backend_failure_reaches_only_that_batch(scripted):
     scripted.fail_with = None
     assert (await embed_one(batcher, "fine")).shape == (8,)
     await batcher.close()
+
+
+async def test_a_refused_batch_is_split_until_the_bad_text_fails_alone(text_vector):
+    class RefusesBadTexts(ScriptedBackend):
+        active = peak = 0
+
+        async def embed(self, items):
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+            try:
+                vectors = await super().embed(items)  # records the call
+            finally:
+                self.active -= 1
+            if any("bad" in i.text for i in items):
+                raise InvalidArgument("texts: the endpoint refused a text")
+            return vectors
+
+    backend = RefusesBadTexts(delay=0.002)
+    batcher = Batcher(backend, BatcherConfig(max_batch_size=32))
+    batcher.start()
+    texts = [f"good {i}" for i in range(5)] + ["bad text"] + [f"good {i}" for i in range(5, 8)]
+    try:
+        results = await asyncio.gather(*batcher.append(backend.prepare(texts)), return_exceptions=True)
+    finally:
+        await batcher.close()
+    assert isinstance(results[5], InvalidArgument)
+    for text, result in zip(texts, results):
+        if text != "bad text":
+            np.testing.assert_array_equal(result.vector, text_vector(text))
+    assert len(backend.batches[0]) == 9 and len(backend.batches) <= 1 + 2 * 4  # halvings, not a call per text
+    assert backend.peak == backend.max_in_flight == 1  # the halves ran one after the other
 
 
 async def test_real_model_under_concurrency_gives_each_caller_its_vector(onnx_backend, scifact_texts):

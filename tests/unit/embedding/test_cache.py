@@ -117,3 +117,19 @@ async def test_l2_reconnects_by_itself_when_redis_comes_back(redis_cleanup):
         proxy.close()
     finally:
         await l2.close()
+
+
+async def test_l2_burst_beyond_the_connection_pool_waits_and_hits(redis_cleanup, caplog):
+    """100 concurrent requests share a pool of 32 connections: they wait their turn, none reads as an outage."""
+    l2 = L2Cache(REDIS_URL, prefix=redis_cleanup, ttl_seconds=60, timeout=0.5, dimension=DIM)
+    try:
+        await l2.put_many([(f"k{i}", vec(i)) for i in range(100)])
+        before = redis_errors()
+        with caplog.at_level(logging.WARNING, logger="ragfleet.embedding.cache"):
+            got = await asyncio.gather(*(l2.get_many([f"k{i}"]) for i in range(100)))
+        assert sum(g[0] is None for g in got) == 0  # every stored key is a hit
+        np.testing.assert_array_equal(got[57][0], vec(57))
+        assert redis_errors() == before and l2.available
+        assert not caplog.records
+    finally:
+        await l2.close()

@@ -9,10 +9,11 @@ import pytest
 
 from services.cli.mesh import free_port
 from services.embedding.batcher import Batcher
+from tests.unit.embedding.conftest import ScriptedBackend
 from services.embedding.cache import L1Cache, L2Cache
 from services.embedding.config import BatcherConfig
 from services.embedding.embedder import Embedder
-from services.runtime.errors import InvalidArgument
+from services.runtime.errors import InvalidArgument, Unavailable
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 QUERY, DOCUMENT = 1, 2
@@ -91,6 +92,71 @@ async def test_cancelled_request_drops_its_queued_texts(scripted):
     ran = {t for b in scripted.batches for t in b}
     assert "kept alive" in ran and not ran & {"never run 1", "never run 2"}
     await embedder.close()
+
+
+async def test_request_arriving_as_a_flight_is_cancelled_gets_its_own_computation(scripted, text_vector):
+    gate = scripted.gate = asyncio.Event()
+    embedder = make_embedder(scripted)
+    blocker = asyncio.create_task(embedder.embed(["occupies the model"], QUERY))
+    await asyncio.sleep(0.01)
+    abandoned = asyncio.create_task(embedder.embed(["hot"], QUERY))
+    await asyncio.sleep(0.01)
+    # In one loop step: A's RPC is cancelled (cancelling its flight) and B asks for the same text. B runs before
+    # the flight's done-callbacks, so it must not join the cancelled flight.
+    abandoned.cancel()
+    healthy = asyncio.create_task(embedder.embed(["hot"], QUERY))
+    await asyncio.sleep(0.01)
+    gate.set()
+    await blocker
+    result = await healthy
+    np.testing.assert_array_equal(result.items[0].vector, text_vector("hot"))
+    assert result.computed == 1 and result.joined == 0
+    assert abandoned.cancelled() and scripted.batches == [["occupies the model"], ["hot"]]
+    await embedder.close()
+
+
+async def test_request_arriving_as_a_flight_fails_gets_its_text_tried(text_vector):
+    class FailsFirstCall(ScriptedBackend):
+        def __init__(self) -> None:
+            super().__init__()
+            self.failing = asyncio.Event()
+
+        async def embed(self, items):
+            if not self.failing.is_set():
+                self.batches.append([i.text for i in items])
+                # Wakes B now: its step runs after A's flight has failed but before the flight's done-callbacks.
+                self.failing.set()
+                raise Unavailable("model crashed")
+            return await super().embed(items)
+
+    backend = FailsFirstCall()
+    embedder = make_embedder(backend)
+
+    async def arrives_as_the_first_call_fails():
+        await backend.failing.wait()
+        return await embedder.embed(["hot"], QUERY)
+
+    late = asyncio.create_task(arrives_as_the_first_call_fails())
+    with pytest.raises(Unavailable):
+        await embedder.embed(["hot"], QUERY)
+    result = await late
+    np.testing.assert_array_equal(result.items[0].vector, text_vector("hot"))
+    assert backend.batches == [["hot"], ["hot"]]  # B's text was tried, not failed with A's error
+    await embedder.close()
+
+
+async def test_l1_keeps_compact_vectors_not_views_of_batch_matrices(onnx_backend):
+    batcher = Batcher(onnx_backend, BatcherConfig(max_batch_size=32))
+    batcher.start()
+    embedder = Embedder(onnx_backend, batcher, L1Cache(1 << 22, 60), None)
+    results = await asyncio.gather(*(embedder.embed([f"query number {i}"], QUERY) for i in range(32)))
+    assert max(r.max_batch_size for r in results) > 1  # the vectors came out of shared (batch, dim) matrices
+    cached = [embedder.l1.get(key).vector for key in list(embedder.l1._entries)]
+    assert len(cached) == 32
+    for vector in cached:
+        # L1 counts vector.nbytes: a row view would pin its whole batch matrix behind that count.
+        assert vector.base is None or vector.base.nbytes == vector.nbytes
+    await batcher.close()  # not embedder.close(): the ONNX backend is shared by the session
 
 
 async def test_l2_hit_is_promoted_to_l1_and_shared_across_replicas(scripted, redis_cleanup):

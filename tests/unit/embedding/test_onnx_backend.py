@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
+import pytest
+
+from services.embedding.backends.onnx import MODEL_ID, OnnxBackend, default_model_path
+from services.embedding.cache import cache_key
+from services.embedding.config import OnnxConfig
+from services.runtime.errors import ConfigError
 
 
 async def test_matches_fp32_reference(onnx_backend, reference):
@@ -50,3 +58,24 @@ async def test_thread_spinning_is_off_unless_configured(onnx_backend):
     assert spinning.get_session_options().get_session_config_entry(key) == "1"
     assert EmbeddingConfig.from_env({}).onnx.allow_spinning is False
     assert EmbeddingConfig.from_env({"RAGFLEET_EMBEDDING_ONNX_SPIN": "true"}).onnx.allow_spinning is True
+
+
+def test_custom_model_path_gets_a_model_id_of_its_own(tmp_path):
+    """The model id is part of every cache key and the response's `model`: another model must not share it."""
+    def model_id(path) -> str:
+        return OnnxBackend(OnnxConfig(model_path=str(path))).model_id
+
+    replica_a, replica_b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    shutil.copyfile(default_model_path(), replica_a)
+    shutil.copyfile(default_model_path(), replica_b)
+    other = tmp_path / "other.onnx"
+    other.write_bytes(replica_a.read_bytes()[:-1] + b"\x00")  # stands in for a fine-tuned model: other bytes
+
+    assert OnnxBackend(OnnxConfig()).model_id == MODEL_ID
+    custom = model_id(replica_a)
+    assert custom.startswith(MODEL_ID) and custom != MODEL_ID
+    assert model_id(replica_b) == custom  # content, not path: replicas with their own copy share the L2 cache
+    assert model_id(other) not in (custom, MODEL_ID)
+    assert cache_key(model_id(other), 1, "q") != cache_key(custom, 1, "q")
+    with pytest.raises(ConfigError, match="RAGFLEET_EMBEDDING_ONNX_MODEL_PATH"):
+        model_id(tmp_path / "missing.onnx")

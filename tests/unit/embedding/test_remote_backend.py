@@ -1,4 +1,5 @@
-"""The OpenAI-compatible backend against a real HTTP server speaking the embeddings protocol (sim_llm)."""
+"""The OpenAI-compatible backend against a real HTTP server speaking the embeddings protocol (sim_llm, and sim_llm
+with a context limit)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,42 @@ import time
 import aiohttp
 import numpy as np
 import pytest
+from aiohttp import web
 
-from services.cli.sim_llm import SimConfig, start
-from services.embedding.backends.remote import RemoteEmbeddingBackend
+from services.cli.sim_llm import SimConfig, SimLLM, start
+from services.embedding.backends.remote import REMOTE_MAX_TOKENS, RemoteEmbeddingBackend
 from services.embedding.batcher import Batcher
 from services.embedding.config import BatcherConfig, OpenAIConfig
-from services.runtime.errors import Unavailable
+from services.embedding.embedder import Embedder
+from services.runtime.errors import InvalidArgument, Unavailable
+
+QUERY = 1
+
+
+class ContextLimitedSim(SimLLM):
+    """sim_llm with a context limit, as real endpoints have: a word is a token and so is each CJK character; one
+    text over the limit gets OpenAI's 400 for the whole call. Records the texts of every call, refused or not."""
+
+    def __init__(self, config: SimConfig, max_tokens: int = REMOTE_MAX_TOKENS) -> None:
+        super().__init__(config)
+        self.max_tokens = max_tokens
+        self.calls: list[list[str]] = []
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        inputs = (await request.json())["input"]
+        self.calls.append(inputs)
+        longest = max(map(self.tokens, inputs))
+        if longest > self.max_tokens:
+            message = (f"This model's maximum context length is {self.max_tokens} tokens, however you requested "
+                       f"{longest} tokens. Please reduce your prompt.")
+            return web.json_response({"error": {"message": message, "type": "invalid_request_error",
+                                                "param": None, "code": None}}, status=400)
+        return await super().embeddings(request)
+
+    @staticmethod
+    def tokens(text: str) -> int:
+        spaced = "".join(f" {c} " if "\u4e00" <= c <= "\u9fff" else c for c in text)
+        return len(spaced.split())
 
 
 @pytest.fixture
@@ -34,10 +65,27 @@ async def sim():
     await runner.cleanup()
 
 
+@pytest.fixture
+async def limited_sim():
+    sim = ContextLimitedSim(SimConfig(embedding_call_ms=2, embedding_per_text_ms=0.1, seed=3))
+    runner = web.AppRunner(sim.app(), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    yield f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1", sim
+    await runner.cleanup()
+
+
 def backend_for(url: str, **overrides) -> RemoteEmbeddingBackend:
     settings = {"base_url": url, "model": "sim-embed", "dimension": 384, "timeout_seconds": 2.0,
                 "max_retries": 2, "max_batch_size": 16} | overrides
     return RemoteEmbeddingBackend(OpenAIConfig(**settings))
+
+
+def embedder_for(backend: RemoteEmbeddingBackend, *, truncate: bool) -> Embedder:
+    batcher = Batcher(backend, BatcherConfig())
+    batcher.start()
+    return Embedder(backend, batcher, None, None, truncate=truncate)
 
 
 async def test_vectors_in_order_normalised_and_checked(sim):
@@ -119,3 +167,57 @@ def test_base64_and_float_list_answers_decode_to_the_same_vectors():
     np.testing.assert_allclose(backend._check(as_lists, 2), expected, atol=1e-6)  # sorted back into input order
     with pytest.raises(Unavailable, match="2 vectors for 3 texts"):
         backend._check(as_lists, 3)
+
+
+def test_prepare_flags_and_cuts_texts_over_the_limit_counting_characters():
+    backend = backend_for("http://127.0.0.1:9/v1")
+    cjk, english, short = backend.prepare(["漢" * 9000, "word " * 2000, "a short query"])
+    assert cjk.truncated and cjk.text == "漢" * REMOTE_MAX_TOKENS  # ~1 token per CJK character: 9000 tokens
+    assert english.truncated and len(english.text) == REMOTE_MAX_TOKENS  # a character is counted as up to a token
+    assert not short.truncated and short.text == "a short query"
+
+
+async def test_over_limit_text_is_rejected_or_truncated_before_the_endpoint_sees_it(limited_sim):
+    url, sim = limited_sim
+    backend = backend_for(url)
+    strict, lenient = embedder_for(backend, truncate=False), embedder_for(backend, truncate=True)
+    too_long = "漢" * 9000
+    innocent, refused = await asyncio.gather(strict.embed(["an innocent short query"], QUERY),
+                                             strict.embed([too_long], QUERY), return_exceptions=True)
+    assert isinstance(refused, InvalidArgument) and "limit of 8191 characters" in refused.message
+    np.testing.assert_allclose(innocent.items[0].vector, sim._vector("an innocent short query"), atol=1e-6)
+    assert sim.calls == [["an innocent short query"]]  # the over-long text never shared (and failed) its call
+    cut = (await lenient.embed([too_long], QUERY)).items[0]
+    assert cut.truncated
+    np.testing.assert_allclose(cut.vector, sim._vector("漢" * REMOTE_MAX_TOKENS), atol=1e-6)
+    await strict.batcher.close()
+    await lenient.close()
+
+
+async def test_endpoint_refusal_is_invalid_argument_and_spares_its_batch_neighbours(limited_sim):
+    url, sim = limited_sim
+    sim.max_tokens = 50  # a smaller model than our limit assumes: the text passes prepare, the endpoint refuses it
+    backend = backend_for(url)
+    bad = "word " * 60
+    with pytest.raises(InvalidArgument, match="HTTP 400.*maximum context length is 50 tokens"):
+        await backend.embed(backend.prepare([bad]))
+    assert len(sim.calls) == 1  # refused input is not retried
+    sim.calls.clear()
+    embedder = embedder_for(backend, truncate=True)
+    texts = [f"neighbour query {i}" for i in range(7)] + [bad]
+    results = await asyncio.gather(*(embedder.embed([t], QUERY) for t in texts), return_exceptions=True)
+    assert isinstance(results[-1], InvalidArgument) and "maximum context length is 50 tokens" in results[-1].message
+    for text, result in zip(texts[:-1], results):
+        np.testing.assert_allclose(result.items[0].vector, sim._vector(text), atol=1e-6)
+    assert len(sim.calls[0]) == 8  # all eight shared one call, which the endpoint refused
+    assert len(sim.calls) == 1 + 2 * 3  # then halves until the bad text was alone: ~2 calls per halving
+    await embedder.close()
+
+
+async def test_endpoint_configuration_errors_stay_unavailable(limited_sim):
+    # A 404 (wrong base URL or model) is our setup, not the caller's text: it must not read as INVALID_ARGUMENT.
+    url, _ = limited_sim
+    backend = backend_for(url.removesuffix("/v1") + "/wrong")
+    with pytest.raises(Unavailable, match="404"):
+        await backend.embed(backend.prepare(["x"]))
+    await backend.close()
