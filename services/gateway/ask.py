@@ -4,6 +4,8 @@ Stream contract (GatewayService.Ask): exactly one Sources event, then text delta
 (forwarded one for one, never buffered), then one AskFinished with usage, cache status and per-stage timings.
 Everything that can be refused (bad input) is checked in ``plan`` before the first event. A failure after the
 first event ends the stream with that error's status; a started generation stream is never retried.
+The Redis writes after the answer (conversation turn, cache entry) are best effort within their stage budgets: a
+slow or hung Redis delays AskFinished by at most that budget, never by its socket timeout.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, Callable
 
 from prometheus_client import Histogram
 from redis.exceptions import RedisError
@@ -26,7 +28,7 @@ from services.gateway.fusion import query_variants, rrf_merge
 from services.gateway.response_cache import CachedAnswer, ResponseCache
 from services.gateway.upstreams import EmbeddingClient, GenerationClient, RetrievalClient
 from services.runtime import telemetry
-from services.runtime.errors import Unavailable, require
+from services.runtime.errors import DeadlineExceeded, Unavailable, require
 from services.runtime.pb.ragfleet.v1 import common_pb2, gateway_pb2, generation_pb2, retrieval_pb2
 
 log = logging.getLogger("ragfleet.gateway.ask")
@@ -54,6 +56,8 @@ class AskPlan:
     variants: list[str]
     use_cache: bool
     cache_key: str | None
+    # Everything besides the question that shapes the answer; a semantic hit must share it.
+    fingerprint: bytes = b""
 
 
 @dataclass
@@ -110,8 +114,10 @@ class AskPipeline:
         top_k = request.top_k or limits.default_top_k
         # Conversations use the cache too, but only while their history is empty (see _prefetch).
         use_cache = self.cache.enabled and not request.bypass_cache
-        key = self.cache.key(tenant, question, _fingerprint(request, top_k)) if use_cache else None
-        return AskPlan(question, top_k, query_variants(question, limits.query_variants), use_cache, key)
+        fingerprint = _fingerprint(request, top_k)
+        key = self.cache.key(tenant, question, fingerprint) if use_cache else None
+        return AskPlan(question, top_k, query_variants(question, limits.query_variants), use_cache, key,
+                       fingerprint)
 
     # -- the stream -------------------------------------------------------------------------------------------------
 
@@ -127,7 +133,7 @@ class AskPipeline:
         if hit is not None:
             status = gateway_pb2.CACHE_STATUS_HIT_EXACT
         elif use_cache and self.cache.config.semantic and pre.version is not None and pre.vectors:
-            hit = self.cache.lookup_semantic(tenant, pre.version, pre.vectors[0])
+            hit = self.cache.lookup_semantic(tenant, pre.version, pre.vectors[0], fingerprint=plan.fingerprint)
             if hit is not None:
                 status = gateway_pb2.CACHE_STATUS_HIT_SEMANTIC
         self.cache.record({gateway_pb2.CACHE_STATUS_HIT_EXACT: "hit_exact",
@@ -136,7 +142,7 @@ class AskPipeline:
                                status, "miss" if pre.version is not None else "error"))
         if hit is not None:
             if request.conversation_id:
-                await self._remember_turn(tenant, request.conversation_id, plan.question, hit.answer)
+                await self._remember_turn(tenant, request.conversation_id, plan.question, hit.answer, deadline)
             for event in _replay(hit, status, timings, started, request.conversation_id):
                 yield event
             return
@@ -165,16 +171,17 @@ class AskPipeline:
             raise Unavailable("generation service: the stream ended without a final message")
 
         answer = "".join(parts)
+        writes: list[Awaitable[None]] = []
         if request.conversation_id:
-            await self._remember_turn(tenant, request.conversation_id, plan.question, answer)
+            writes.append(self._remember_turn(tenant, request.conversation_id, plan.question, answer, deadline))
         if (use_cache and plan.cache_key is not None and pre.version is not None and answer and not finished.fallback_used
                 and finished.finish_reason in _CACHEABLE):
-            sources = gateway_pb2.Sources(passages=passages).SerializeToString()
-            usage = (finished.usage.prompt_tokens, finished.usage.completion_tokens, finished.usage.total_tokens)
-            await self.cache.store(tenant, plan.cache_key,
-                                   CachedAnswer(pre.version, answer, sources, finished.finish_reason, usage,
-                                                finished.model),
-                                   pre.vectors[0] if pre.vectors else None)
+            key, entry = plan.cache_key, _cache_entry(pre.version, answer, passages, finished)
+            vector = pre.vectors[0] if pre.vectors else None
+            writes.append(_best_effort("response cache store", self.budgets.cache, deadline,
+                                       lambda: self.cache.store(tenant, key, entry, vector,
+                                                                fingerprint=plan.fingerprint)))
+        await asyncio.gather(*writes)  # concurrently: AskFinished waits for the slower one only
         timings.total_ms = _ms_since(started)
         ASK_STAGE_SECONDS.labels("total").observe(timings.total_ms / 1000)
         yield gateway_pb2.AskResponse(finished=gateway_pb2.AskFinished(
@@ -278,11 +285,32 @@ class AskPipeline:
         return [common_pb2.Passage(number=i, chunk_id=h.chunk_id, doc_id=h.doc_id, title=h.title, text=h.text,
                                    score=h.score, metadata=h.metadata) for i, h in enumerate(hits, start=1)]
 
-    async def _remember_turn(self, tenant: str, conversation_id: str, question: str, answer: str) -> None:
-        try:
-            await self.conversations.append(tenant, conversation_id, question, answer)
-        except (OSError, RedisError) as exc:
-            log.warning("could not store conversation turn: %s", exc)
+    async def _remember_turn(self, tenant: str, conversation_id: str, question: str, answer: str,
+                             deadline: Deadline) -> None:
+        await _best_effort("conversation store", self.budgets.history, deadline,
+                           lambda: self.conversations.append(tenant, conversation_id, question, answer))
+
+
+async def _best_effort(stage: str, stage_budget: float, deadline: Deadline,
+                       write: Callable[[], Awaitable[None]]) -> None:
+    """Run a write the answer does not depend on within its stage budget (cut to the client's deadline); a
+    failure or timeout is logged and skipped, so the finished answer still reaches the client."""
+    try:
+        timeout = deadline.budget(stage_budget, stage)
+        await asyncio.wait_for(write(), timeout)
+    except DeadlineExceeded:
+        log.warning("%s skipped: the client's deadline is spent", stage)
+    except asyncio.TimeoutError:
+        log.warning("%s skipped: Redis did not answer within %.0f ms", stage, timeout * 1000)
+    except (OSError, RedisError) as exc:
+        log.warning("%s failed, skipped: %s", stage, exc)
+
+
+def _cache_entry(version: int, answer: str, passages: list[common_pb2.Passage],
+                 finished: generation_pb2.GenerationFinished) -> CachedAnswer:
+    usage = (finished.usage.prompt_tokens, finished.usage.completion_tokens, finished.usage.total_tokens)
+    return CachedAnswer(version, answer, gateway_pb2.Sources(passages=passages).SerializeToString(),
+                        finished.finish_reason, usage, finished.model)
 
 
 def _fingerprint(request: gateway_pb2.AskRequest, top_k: int) -> bytes:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from services.runtime.errors import ConfigError
+
 log = logging.getLogger("ragfleet.gateway.chunker")
 
 _WORD_RE = re.compile(r"\w+|[^\w\s]")
@@ -66,9 +68,17 @@ class HuggingFaceTokenizer:
 
 
 def load_tokenizer(path: str | None) -> Tokenizer:
-    """The configured tokenizer.json, else one vendored under services/embedding, else the word estimate."""
-    candidates = [Path(path)] if path else sorted(_EMBEDDING_DIR.rglob("tokenizer.json"))
-    for candidate in candidates:
+    """The configured tokenizer.json, else one vendored under services/embedding, else the word estimate.
+
+    An explicitly configured path that cannot be loaded is a ConfigError: silently chunking with another tokenizer
+    would let chunks overflow the model the operator chose."""
+    if path:
+        try:
+            return HuggingFaceTokenizer(path)
+        except Exception as exc:  # noqa: BLE001 - any load failure means the same: a bad setting
+            raise ConfigError(f"RAGFLEET_GATEWAY_TOKENIZER_PATH={path!r} cannot be loaded as a tokenizer.json "
+                              f"({exc}); point it at a valid file, or unset it to use the default") from exc
+    for candidate in sorted(_EMBEDDING_DIR.rglob("tokenizer.json")):
         try:
             return HuggingFaceTokenizer(candidate)
         except Exception as exc:  # noqa: BLE001 - fall back, but say why

@@ -9,7 +9,7 @@
 | RAGFLEET_GATEWAY_API_KEYS | (none) | `key1=tenantA,key2=tenantB`; no keys at all (here or in the file) disables auth |
 | RAGFLEET_GATEWAY_API_KEYS_FILE | (none) | mounted secrets file, one `key=tenant` per line (`#` comments) |
 | RAGFLEET_GATEWAY_MAX_IN_FLIGHT | 512 | Asks in progress per replica; beyond it RESOURCE_EXHAUSTED at once |
-| RAGFLEET_GATEWAY_DEFAULT_TOP_K | 5 | passages when AskRequest.top_k is 0 |
+| RAGFLEET_GATEWAY_DEFAULT_TOP_K | 5 | passages when AskRequest.top_k is 0 (at most MAX_TOP_K) |
 | RAGFLEET_GATEWAY_MAX_TOP_K | 50 | largest accepted top_k |
 | RAGFLEET_GATEWAY_MAX_QUESTION_CHARS | 4000 | longest accepted question |
 | RAGFLEET_GATEWAY_QUERY_VARIANTS | 1 | query variants searched in parallel and merged by RRF (1 = the question only) |
@@ -30,10 +30,10 @@
 | RAGFLEET_GATEWAY_CORPUS_VERSION_KEY | ragfleet:retrieval:version:{tenant} | Redis key of a tenant's corpus version: the one retrieval INCRs on every write; the gateway bumps it too after each Ingest/Delete |
 | RAGFLEET_GATEWAY_CONVERSATION_TTL_S | 86400 | conversation lifetime after its last turn |
 | RAGFLEET_GATEWAY_CONVERSATION_MAX_TURNS | 20 | turns kept per conversation (oldest dropped) |
-| RAGFLEET_GATEWAY_CHUNK_TOKENS | 200 | default chunk size in tokens |
-| RAGFLEET_GATEWAY_CHUNK_OVERLAP | 40 | default chunk overlap in tokens |
+| RAGFLEET_GATEWAY_CHUNK_TOKENS | 200 | default chunk size in tokens (at most MAX_CHUNK_TOKENS) |
+| RAGFLEET_GATEWAY_CHUNK_OVERLAP | 40 | default chunk overlap in tokens; at most CHUNK_TOKENS/4 (else start-up fails); a request with its own chunk_tokens gets at most a quarter of those |
 | RAGFLEET_GATEWAY_MAX_CHUNK_TOKENS | 512 | largest accepted IngestRequest.chunk_tokens |
-| RAGFLEET_GATEWAY_TOKENIZER_PATH | (auto) | tokenizer.json for chunking; default: the one vendored under services/embedding, else a word estimate |
+| RAGFLEET_GATEWAY_TOKENIZER_PATH | (auto) | tokenizer.json for chunking (start-up fails if it cannot be loaded); unset: the one vendored under services/embedding, else a word estimate |
 | RAGFLEET_GATEWAY_EMBED_BATCH | 64 | texts per Embed call while ingesting |
 | RAGFLEET_GATEWAY_UPSERT_BATCH | 256 | chunks per Upsert call (whole documents only) |
 | RAGFLEET_GATEWAY_INGEST_CONCURRENCY | 4 | Embed/Upsert calls in flight per Ingest |
@@ -150,8 +150,17 @@ class GatewayConfig:
             concurrency=env.int("INGEST_CONCURRENCY", 4, minimum=1),
             max_documents=env.int("MAX_DOCUMENTS", 1000, minimum=1),
         )
-        if ingest.chunk_overlap >= ingest.chunk_tokens:
-            raise ConfigError("RAGFLEET_GATEWAY_CHUNK_OVERLAP must be smaller than RAGFLEET_GATEWAY_CHUNK_TOKENS")
+        _check_ingest(ingest)
+        ask = AskLimits(
+            max_in_flight=env.int("MAX_IN_FLIGHT", 512, minimum=1),
+            default_top_k=env.int("DEFAULT_TOP_K", 5, minimum=1),
+            max_top_k=env.int("MAX_TOP_K", 50, minimum=1),
+            max_question_chars=env.int("MAX_QUESTION_CHARS", 4000, minimum=1),
+            query_variants=env.int("QUERY_VARIANTS", 1, minimum=1),
+            parallel_fanout=env.bool("PARALLEL_FANOUT", True),
+            max_context_tokens=env.int("MAX_CONTEXT_TOKENS", 0, minimum=0),
+        )
+        _check_ask(ask)
         return cls(
             server=ServerConfig.from_env("gateway", environ),
             embedding_address=env.str("EMBEDDING_ADDRESS", DEFAULT_EMBEDDING_ADDRESS),
@@ -159,15 +168,7 @@ class GatewayConfig:
             generation_address=env.str("GENERATION_ADDRESS", DEFAULT_GENERATION_ADDRESS),
             api_keys=keys,
             redis_url=redis_url(environ),
-            ask=AskLimits(
-                max_in_flight=env.int("MAX_IN_FLIGHT", 512, minimum=1),
-                default_top_k=env.int("DEFAULT_TOP_K", 5, minimum=1),
-                max_top_k=env.int("MAX_TOP_K", 50, minimum=1),
-                max_question_chars=env.int("MAX_QUESTION_CHARS", 4000, minimum=1),
-                query_variants=env.int("QUERY_VARIANTS", 1, minimum=1),
-                parallel_fanout=env.bool("PARALLEL_FANOUT", True),
-                max_context_tokens=env.int("MAX_CONTEXT_TOKENS", 0, minimum=0),
-            ),
+            ask=ask,
             budgets=StageBudgets(
                 cache=env.float("CACHE_TIMEOUT_S", 0.25, minimum=0.001),
                 history=env.float("HISTORY_TIMEOUT_S", 0.5, minimum=0.001),
@@ -191,6 +192,29 @@ class GatewayConfig:
             ),
             ingest=ingest,
         )
+
+
+def default_overlap_cap(chunk_tokens: int) -> int:
+    """Largest default overlap for a chunk size: a quarter of it (more re-embeds the same text for little recall)."""
+    return chunk_tokens // 4
+
+
+def _check_ingest(ingest: IngestConfig) -> None:
+    """Refuse chunking settings the ingest path would otherwise reject or silently change."""
+    if ingest.chunk_tokens > ingest.max_chunk_tokens:
+        raise ConfigError(f"RAGFLEET_GATEWAY_CHUNK_TOKENS={ingest.chunk_tokens} is larger than "
+                          f"RAGFLEET_GATEWAY_MAX_CHUNK_TOKENS={ingest.max_chunk_tokens}: every Ingest without its own "
+                          f"chunk_tokens would be refused; lower the first or raise the second")
+    cap = default_overlap_cap(ingest.chunk_tokens)
+    if ingest.chunk_overlap > cap:
+        raise ConfigError(f"RAGFLEET_GATEWAY_CHUNK_OVERLAP={ingest.chunk_overlap} is more than a quarter of "
+                          f"RAGFLEET_GATEWAY_CHUNK_TOKENS={ingest.chunk_tokens}: set it to at most {cap}")
+
+
+def _check_ask(ask: AskLimits) -> None:
+    if ask.default_top_k > ask.max_top_k:
+        raise ConfigError(f"RAGFLEET_GATEWAY_DEFAULT_TOP_K={ask.default_top_k} is larger than "
+                          f"RAGFLEET_GATEWAY_MAX_TOP_K={ask.max_top_k}: lower the first or raise the second")
 
 
 def parse_api_keys(text: str, *, source: str) -> dict[str, str]:

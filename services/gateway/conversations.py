@@ -2,11 +2,14 @@
 
 Redis when configured (a list per conversation, trimmed to the last ``max_turns`` and expiring ``ttl_seconds`` after
 the last turn, so every replica sees the same history); an in-process LRU otherwise. Keys include the tenant, so a
-conversation id guessed from another tenant reads nothing.
+conversation id guessed from another tenant reads nothing: ``<prefix>conv:<tenant>:<sha256(conversation id)>``. The
+id's fixed-length digest ends every key, so no (tenant, id) pair can spell another pair's key, even when either
+contains ":" (tenant "acme" + id "eu:1" is not tenant "acme:eu" + id "1").
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -30,12 +33,14 @@ class ConversationStore:
         # Whole user/assistant pairs only, so history never starts with an orphaned answer.
         self._keep = max(2, config.max_turns - config.max_turns % 2)
 
-    def _key(self, tenant: str, conversation_id: str) -> str:
-        return f"{self._prefix}conv:{tenant}:{conversation_id}"
+    def key(self, tenant: str, conversation_id: str) -> str:
+        """The conversation's Redis (or local) key; unambiguous for any tenant and id (see the module doc)."""
+        digest = hashlib.sha256(conversation_id.encode()).hexdigest()
+        return f"{self._prefix}conv:{tenant}:{digest}"
 
     async def history(self, tenant: str, conversation_id: str) -> list[common_pb2.ChatTurn]:
         """Earlier turns, oldest first; empty for an unknown or expired conversation."""
-        key = self._key(tenant, conversation_id)
+        key = self.key(tenant, conversation_id)
         if self._redis is not None:
             raw = await self._redis.lrange(key, 0, -1)
             turns = [tuple(json.loads(item)) for item in raw]
@@ -48,7 +53,7 @@ class ConversationStore:
 
     async def append(self, tenant: str, conversation_id: str, question: str, answer: str) -> None:
         """Store one user/assistant pair and push the expiry out."""
-        key = self._key(tenant, conversation_id)
+        key = self.key(tenant, conversation_id)
         pair = [(common_pb2.ROLE_USER, question), (common_pb2.ROLE_ASSISTANT, answer)]
         if self._redis is not None:
             async with self._redis.pipeline(transaction=True) as pipe:

@@ -3,7 +3,9 @@
 Idempotent per doc_id: chunk ids are deterministic (`<doc_id>#<index>`) and every Upsert carries whole documents
 with ``replace_documents``, so re-ingesting a shorter version removes the chunks it no longer has. (A document is
 never split across two Upserts: the second would delete the first one's chunks.) After any write the tenant's
-corpus version is bumped, which invalidates its cached answers on every replica.
+corpus version is bumped, which invalidates its cached answers on every replica; the response carries that bumped
+version. If the bump fails the write's own outcome still decides the status: a failed write raises its error, a
+successful one UNAVAILABLE (the data is in, but cached answers may be stale until a retry bumps the version).
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from typing import Awaitable, TypeVar
 
 from prometheus_client import Counter
 
 from services.gateway.chunker import TextChunk, Tokenizer, chunk_text, embed_text
 from services.gateway.concurrency import gather_or_cancel
-from services.gateway.config import IngestConfig, StageBudgets
+from services.gateway.config import IngestConfig, StageBudgets, default_overlap_cap
 from services.gateway.deadlines import Deadline
 from services.gateway.response_cache import ResponseCache
 from services.gateway.upstreams import EmbeddingClient, RetrievalClient
@@ -32,6 +35,8 @@ DOCUMENTS_INGESTED = Counter("ragfleet_gateway_ingest_documents_total", "Documen
 
 MAX_DOC_ID_CHARS = 256
 MIN_CHUNK_TOKENS = 16
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -67,7 +72,9 @@ class Ingestor:
         chunk_tokens = request.chunk_tokens or config.chunk_tokens
         require(MIN_CHUNK_TOKENS <= chunk_tokens <= config.max_chunk_tokens,
                 f"chunk_tokens: must be between {MIN_CHUNK_TOKENS} and {config.max_chunk_tokens}, got {chunk_tokens}")
-        overlap = request.chunk_overlap or min(config.chunk_overlap, chunk_tokens // 4)
+        # The configured overlap is at most a quarter of CHUNK_TOKENS (checked at start-up), so it applies as
+        # set; a request with its own smaller chunk_tokens gets it cut to a quarter of those.
+        overlap = request.chunk_overlap or min(config.chunk_overlap, default_overlap_cap(chunk_tokens))
         require(0 <= overlap < chunk_tokens,
                 f"chunk_overlap: must be >= 0 and smaller than chunk_tokens ({chunk_tokens}), got {overlap}")
         return chunk_tokens, overlap
@@ -79,33 +86,49 @@ class Ingestor:
             # Tokenising a large batch takes a while; keep the event loop (other Asks) responsive meanwhile.
             chunked = await asyncio.to_thread(self._chunk_all, list(request.documents), chunk_tokens, overlap)
         semaphore = asyncio.Semaphore(self.config.concurrency)
-        written = 0
-        version = 0
-        try:
-            results = await gather_or_cancel(self._write_group(tenant, group, semaphore, deadline)
-                                             for group in self._groups(chunked))
-            written = sum(upserted for upserted, _ in results)
-            version = max((v for _, v in results), default=0)
-        finally:
-            # Even a partly failed ingest may have changed the corpus: never let old answers survive it.
-            await self.cache.bump_version(tenant)
+        results = await self._then_invalidate(tenant, gather_or_cancel(
+            self._write_group(tenant, group, semaphore, deadline) for group in self._groups(chunked)))
+        written = sum(results)
         CHUNKS_WRITTEN.inc(written)
         DOCUMENTS_INGESTED.inc(len(chunked))
         log.info("ingested", extra={"fields": {"tenant": tenant, "documents": len(chunked), "chunks": written}})
+        version = await self._invalidate(tenant, f"{len(chunked)} document(s) ({written} chunks) were written")
         return gateway_pb2.IngestResponse(documents=len(chunked), chunks_written=written, corpus_version=version)
 
     async def delete(self, tenant: str, request: gateway_pb2.DeleteDocumentsRequest,
                      deadline: Deadline) -> gateway_pb2.DeleteDocumentsResponse:
         require(len(request.doc_ids) > 0, "doc_ids: at least one doc_id is required")
         require(all(d.strip() for d in request.doc_ids), "doc_ids: must not contain empty ids")
+        response = await self._then_invalidate(tenant, self.retrieval.delete(
+            retrieval_pb2.DeleteRequest(tenant=tenant, doc_ids=request.doc_ids),
+            timeout=deadline.budget(self.budgets.ingest, "delete")))
+        version = await self._invalidate(tenant, f"{response.deleted_chunks} chunks were deleted")
+        return gateway_pb2.DeleteDocumentsResponse(deleted_chunks=response.deleted_chunks, corpus_version=version)
+
+    # -- cache invalidation -----------------------------------------------------------------------------------------
+
+    async def _then_invalidate(self, tenant: str, write: Awaitable[T]) -> T:
+        """Await the write; if it fails (even part way, which may still have changed the corpus), bump the
+        version anyway and raise the write's own error, never the bump's."""
         try:
-            response = await self.retrieval.delete(retrieval_pb2.DeleteRequest(tenant=tenant,
-                                                                               doc_ids=request.doc_ids),
-                                                   timeout=deadline.budget(self.budgets.ingest, "delete"))
-        finally:
-            await self.cache.bump_version(tenant)
-        return gateway_pb2.DeleteDocumentsResponse(deleted_chunks=response.deleted_chunks,
-                                                   corpus_version=response.corpus_version)
+            return await write
+        except BaseException as exc:
+            try:
+                await self.cache.bump_version(tenant)
+            except Exception as bump_exc:  # noqa: BLE001 - the write's error is the one to report
+                log.error("corpus version bump failed after a failed write (tenant %s; write error: %r): %s",
+                          tenant, exc, bump_exc)
+            raise
+
+    async def _invalidate(self, tenant: str, done: str) -> int:
+        """Bump the tenant's corpus version after a successful write and return it. A failure is UNAVAILABLE
+        saying the data is in: the client may retry (writes are idempotent), and the retry's bump invalidates."""
+        try:
+            return await self.cache.bump_version(tenant)
+        except Exception as exc:  # noqa: BLE001 - any cache fault: report it the same way
+            log.error("corpus version bump failed after a successful write (tenant %s): %s", tenant, exc)
+            raise Unavailable(f"response cache: {done}, but cached answers could not be invalidated ({exc}); "
+                              f"they may be stale until the request is retried (it is idempotent)") from exc
 
     # -- internals --------------------------------------------------------------------------------------------------
 
@@ -130,8 +153,8 @@ class Ingestor:
         return groups
 
     async def _write_group(self, tenant: str, group: list[_ChunkedDocument], semaphore: asyncio.Semaphore,
-                           deadline: Deadline) -> tuple[int, int]:
-        """Embed one group's chunks in batches, then upsert the group; returns (chunks written, corpus version)."""
+                           deadline: Deadline) -> int:
+        """Embed one group's chunks in batches, then upsert the group; returns the chunks written."""
         pieces = [(doc, chunk) for doc in group for chunk in doc.chunks]
         texts = [embed_text(doc.document.title, chunk.text) for doc, chunk in pieces]
         batch = self.config.embed_batch
@@ -155,4 +178,4 @@ class Ingestor:
         if response.failed_chunk_ids:
             raise Unavailable(f"retrieval service: {len(response.failed_chunk_ids)} of {len(chunks)} chunks were not "
                               f"written (e.g. {response.failed_chunk_ids[0]!r}); ingest is idempotent, retry it")
-        return response.upserted, response.corpus_version
+        return response.upserted

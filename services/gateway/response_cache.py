@@ -2,12 +2,15 @@
 
 Invariants:
 - Every key starts with the tenant, and a semantic match only looks at the caller's tenant: nothing crosses tenants.
+- A semantic match also needs the same request fingerprint (filters, top_k, mode, generation params) as the entry:
+  only the question may differ, never what else shapes the answer.
+- Every entry expires ``ttl_seconds`` after it was stored, in Redis and in this process (L1 and semantic) alike.
 - Every entry records the tenant's corpus version it was computed at; a lookup first reads the CURRENT version and
   serves an entry only if the two are equal. The current version lives in Redis (``corpus_version_key``), so an
   ingest through any gateway replica invalidates every replica at once. It is bumped after every write with a value
   that never repeats (max(old + 1, now in microseconds)), so even a Redis flush cannot resurrect an old entry.
-- Exact lookups cost one Redis round trip: the version and the entry come back in one MGET (the L1 copy saves only
-  the payload; the version is always read).
+- Exact lookups cost one Redis round trip: the version and the entry (with its remaining TTL, so an L1 copy expires
+  with the Redis one) come back in one pipeline (the L1 copy saves only the payload; the version is always read).
 - If Redis fails, the cache steps aside (miss, no store) rather than risk a stale answer.
 """
 
@@ -74,17 +77,30 @@ class CachedAnswer:
                    finish_reason=int(data["f"]), usage=tuple(data["u"]), model=data["m"])  # type: ignore[arg-type]
 
 
-@dataclass
+def fingerprint_digest(fingerprint: bytes) -> str:
+    """Stable id of a request fingerprint: semantic entries only match requests with the same one."""
+    return hashlib.sha256(fingerprint).hexdigest()
+
+
+@dataclass(frozen=True)
+class _LocalEntry:
+    answer: CachedAnswer
+    expires: float  # time.monotonic() after which the entry counts as absent
+
+
+@dataclass(frozen=True)
 class _SemanticEntry:
     vector: np.ndarray
     answer: CachedAnswer
+    fingerprint: str  # fingerprint_digest of the request that produced the answer
+    expires: float
 
 
 class ResponseCache:
     def __init__(self, config: CacheConfig, redis: Any | None) -> None:
         self.config = config
         self._redis = redis
-        self._l1: OrderedDict[str, CachedAnswer] = OrderedDict()
+        self._l1: OrderedDict[str, _LocalEntry] = OrderedDict()
         self._local_versions: dict[str, int] = {}
         self._semantic: dict[str, list[_SemanticEntry]] = {}
         self._bump = redis.register_script(_BUMP_SCRIPT) if redis is not None else None
@@ -123,13 +139,24 @@ class ResponseCache:
     # -- lookups ----------------------------------------------------------------------------------------------------
 
     def has_local(self, key: str | None) -> bool:
-        """Whether L1 holds an entry for the key (valid or not: only a lookup checks the corpus version)."""
-        return key is not None and key in self._l1
+        """Whether L1 holds an unexpired entry for the key (valid or not: only a lookup checks the corpus version)."""
+        return key is not None and self._local(key) is not None
+
+    def _local(self, key: str) -> CachedAnswer | None:
+        """The L1 entry for the key, dropping it if its TTL has run out."""
+        local = self._l1.get(key)
+        if local is None:
+            return None
+        if local.expires <= time.monotonic():
+            del self._l1[key]
+            return None
+        return local.answer
 
     async def lookup(self, tenant: str, key: str) -> tuple[int | None, CachedAnswer | None]:
         """Return (current corpus version, entry if one is valid at that version). The version is None when the
         cache cannot be trusted right now (Redis error): the caller must then neither serve nor store."""
-        local = self._l1.get(key)
+        local = self._local(key)
+        remaining = 0.0
         try:
             if self._redis is None:
                 version = self._local_versions.get(tenant, 0)
@@ -138,22 +165,40 @@ class ResponseCache:
                 version = int(await self._redis.get(self._version_key(tenant)) or 0)
                 entry = local
             else:
-                raw_version, raw_entry = await self._redis.mget([self._version_key(tenant), key])
-                version = int(raw_version or 0)
-                entry = CachedAnswer.from_bytes(raw_entry) if raw_entry else None
+                version, entry, remaining = await self._fetch(tenant, key)
         except Exception as exc:  # noqa: BLE001 - a broken cache must not break Ask
             log.warning("response cache unavailable, skipping it: %s", exc)
             return None, None
         if entry is not None and entry.version != version:
             self._l1.pop(key, None)
             entry = None
-        if entry is not None:
-            self._remember(key, entry)
+        if entry is not None and local is None:
+            # L1 keeps it only as long as Redis does.
+            self._remember(key, entry, time.monotonic() + remaining)
+        elif entry is not None and key in self._l1:
+            self._l1.move_to_end(key)
         return version, entry
 
-    def lookup_semantic(self, tenant: str, version: int, vector: Sequence[float]) -> CachedAnswer | None:
-        """Closest cached question of the same tenant and corpus version, if its cosine clears the threshold."""
-        entries = [e for e in self._semantic.get(tenant, ()) if e.answer.version == version]
+    async def _fetch(self, tenant: str, key: str) -> tuple[int, CachedAnswer | None, float]:
+        """(current version, Redis entry, the entry's remaining seconds) in one round trip."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.mget([self._version_key(tenant), key])
+            pipe.pttl(key)
+            (raw_version, raw_entry), pttl = await pipe.execute()
+        ttl = float(self.config.ttl_seconds)
+        remaining = ttl if pttl is None or pttl < 0 else min(pttl / 1000.0, ttl)
+        entry = CachedAnswer.from_bytes(raw_entry) if raw_entry and remaining > 0 else None
+        return int(raw_version or 0), entry, remaining
+
+    def lookup_semantic(self, tenant: str, version: int, vector: Sequence[float], *,
+                        fingerprint: bytes) -> CachedAnswer | None:
+        """Closest cached question of the same tenant, corpus version and request fingerprint, if its cosine
+        clears the threshold. The fingerprint keeps e.g. an answer filtered to one document from answering the
+        same question filtered to another."""
+        digest = fingerprint_digest(fingerprint)
+        now = time.monotonic()
+        entries = [e for e in self._semantic.get(tenant, ())
+                   if e.answer.version == version and e.fingerprint == digest and e.expires > now]
         if not entries or not vector:
             return None
         query = np.asarray(vector, dtype=np.float32)
@@ -174,24 +219,34 @@ class ResponseCache:
 
     # -- stores -----------------------------------------------------------------------------------------------------
 
-    async def store(self, tenant: str, key: str, entry: CachedAnswer, vector: Sequence[float] | None) -> None:
-        self._remember(key, entry)
+    async def store(self, tenant: str, key: str, entry: CachedAnswer, vector: Sequence[float] | None, *,
+                    fingerprint: bytes) -> None:
+        """Keep the answer in L1 (and the semantic index, under its request fingerprint) and in Redis, each for
+        ``ttl_seconds``. The local copies are kept first, so a Redis write cut short still leaves them."""
+        expires = time.monotonic() + self.config.ttl_seconds
+        self._remember(key, entry, expires)
         if self.config.semantic and vector:
-            vec = np.asarray(vector, dtype=np.float32)
-            vec /= max(float(np.linalg.norm(vec)), 1e-12)
-            bucket = [e for e in self._semantic.get(tenant, ()) if e.answer.version == entry.version]
-            bucket.append(_SemanticEntry(vec, entry))
-            self._semantic[tenant] = bucket[-max(self.config.l1_entries, 1):]
+            self._remember_semantic(tenant, entry, vector, fingerprint_digest(fingerprint), expires)
         if self._redis is not None:
             try:
                 await self._redis.set(key, entry.to_bytes(), ex=self.config.ttl_seconds)
             except Exception as exc:  # noqa: BLE001
                 log.warning("response cache store failed: %s", exc)
 
-    def _remember(self, key: str, entry: CachedAnswer) -> None:
+    def _remember(self, key: str, entry: CachedAnswer, expires: float) -> None:
         if self.config.l1_entries <= 0:
             return
-        self._l1[key] = entry
+        self._l1[key] = _LocalEntry(entry, expires)
         self._l1.move_to_end(key)
         while len(self._l1) > self.config.l1_entries:
             self._l1.popitem(last=False)
+
+    def _remember_semantic(self, tenant: str, entry: CachedAnswer, vector: Sequence[float], fingerprint: str,
+                           expires: float) -> None:
+        """Add to the tenant's semantic index, dropping entries of older versions or past their TTL."""
+        vec = np.asarray(vector, dtype=np.float32)
+        vec /= max(float(np.linalg.norm(vec)), 1e-12)
+        now = time.monotonic()
+        bucket = [e for e in self._semantic.get(tenant, ()) if e.answer.version == entry.version and e.expires > now]
+        bucket.append(_SemanticEntry(vec, entry, fingerprint, expires))
+        self._semantic[tenant] = bucket[-max(self.config.l1_entries, 1):]

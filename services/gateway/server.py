@@ -8,7 +8,7 @@ from typing import Any, Awaitable, Callable, Sequence
 from services.gateway.admission import InFlightLimiter
 from services.gateway.ask import AskPipeline
 from services.gateway.auth import ApiKeyAuth
-from services.gateway.chunker import load_tokenizer
+from services.gateway.chunker import Tokenizer, load_tokenizer
 from services.gateway.config import GatewayConfig
 from services.gateway.conversations import ConversationStore
 from services.gateway.ingest import Ingestor
@@ -32,7 +32,8 @@ def _redis_client(url: str | None) -> Any | None:
     return aioredis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0, health_check_interval=30)
 
 
-def build_servicer(config: GatewayConfig) -> tuple[GatewayServiceServicer, Callable[[], Awaitable[None]]]:
+def build_servicer(config: GatewayConfig, tokenizer: Tokenizer | None = None,
+                   ) -> tuple[GatewayServiceServicer, Callable[[], Awaitable[None]]]:
     """Wire the gateway from its config; returns the servicer and the coroutine that closes its clients."""
     pool = ChannelPool()
     redis = _redis_client(config.redis_url)
@@ -44,7 +45,7 @@ def build_servicer(config: GatewayConfig) -> tuple[GatewayServiceServicer, Calla
                            conversations=ConversationStore(config.conversations, redis,
                                                            prefix=config.cache.redis_prefix),
                            limits=config.ask, budgets=config.budgets)
-    tokenizer = load_tokenizer(config.ingest.tokenizer_path)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.ingest.tokenizer_path)
     log.info("chunking with %s", tokenizer.name)
     ingestor = Ingestor(embedding=embedding, retrieval=retrieval, cache=cache, tokenizer=tokenizer,
                         config=config.ingest, budgets=config.budgets)
@@ -63,13 +64,22 @@ def main() -> int:
     try:
         config = GatewayConfig.from_env()
     except ConfigError as exc:
-        print(f"gateway: configuration error: {exc}")
-        return 2
+        return _config_error(exc)
     bootstrap(config.server)
+    try:
+        # Before serving: a tokenizer that does not load is a configuration error, not a runtime one.
+        tokenizer = load_tokenizer(config.ingest.tokenizer_path)
+    except ConfigError as exc:
+        return _config_error(exc)
 
     async def build() -> tuple[Sequence[Binding], Callable[[], Awaitable[None]]]:
-        servicer, close = build_servicer(config)
+        servicer, close = build_servicer(config, tokenizer)
         return [Binding(SERVICE_NAME, gateway_pb2_grpc.add_GatewayServiceServicer_to_server, servicer)], close
 
     serve(config.server, build)
     return 0
+
+
+def _config_error(exc: ConfigError) -> int:
+    print(f"gateway: configuration error: {exc}")
+    return 2

@@ -1,11 +1,14 @@
 """AskPipeline with fakes passed in through the client interfaces: branch cancellation on a cache hit, stream
-closing reaching generation, concurrency of the fan-out, validation before the first event."""
+closing reaching generation, concurrency of the fan-out, validation before the first event, semantic hits only for
+the same request fingerprint, and Redis writes after the answer bounded by their stage budgets (hung real Redis)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
+from urllib.parse import urlsplit
 
 import pytest
 import redis.asyncio as aioredis
@@ -72,12 +75,13 @@ class FakeGeneration:
             self.closed += 1
 
 
-def make(*, embedding=None, retrieval=None, generation=None, limits=AskLimits(), cache=None):
+def make(*, embedding=None, retrieval=None, generation=None, limits=AskLimits(), cache=None, conversations=None,
+         budgets=StageBudgets()):
     return AskPipeline(embedding=embedding or FakeEmbedding(), retrieval=retrieval or FakeRetrieval(),
                        generation=generation or FakeGeneration(),
                        cache=cache or ResponseCache(CacheConfig(redis_prefix="u:"), None),
-                       conversations=ConversationStore(ConversationConfig(), None, prefix="u:"),
-                       limits=limits, budgets=StageBudgets())
+                       conversations=conversations or ConversationStore(ConversationConfig(), None, prefix="u:"),
+                       limits=limits, budgets=budgets)
 
 
 async def run(pipeline: AskPipeline, deadline: Deadline | None = None, **fields) -> list[gateway_pb2.AskResponse]:
@@ -180,3 +184,118 @@ async def test_spent_deadline_fails_before_calling_upstreams():
     with pytest.raises(DeadlineExceeded):
         await run(make(embedding=embedding), Deadline(0.0), question="q", bypass_cache=True)
     assert embedding.calls == 0
+
+
+async def test_semantic_hit_needs_the_same_filters_top_k_and_params():
+    """FakeEmbedding gives every question the same vector, so only the fingerprint can keep these apart."""
+    generation = FakeGeneration()
+    pipeline = make(generation=generation, cache=ResponseCache(CacheConfig(redis_prefix="s:", semantic=True), None))
+
+    def only(doc: str) -> list[common_pb2.FieldCondition]:
+        return [common_pb2.FieldCondition(field="doc_id", any_of=[doc])]
+
+    await run(pipeline, question="What is the refund policy?", filters=only("contract-A"))
+    for fields in ({"filters": only("contract-B")}, {"filters": only("contract-A"), "top_k": 2},
+                   {"filters": only("contract-A"), "params": common_pb2.GenerationParams(max_tokens=7)},
+                   {"filters": only("contract-A"), "mode": common_pb2.SEARCH_MODE_SPARSE}):
+        calls = generation.calls
+        events = await run(pipeline, question="What is the refund policy?", **fields)
+        assert events[-1].finished.cache_status == gateway_pb2.CACHE_STATUS_MISS, fields
+        assert generation.calls == calls + 1, f"another request's answer was served for {fields}"
+    calls = generation.calls
+    same = await run(pipeline, question="Tell me the refund policy", filters=only("contract-A"))
+    assert same[-1].finished.cache_status == gateway_pb2.CACHE_STATUS_HIT_SEMANTIC and generation.calls == calls
+
+
+class FreezableRedisProxy:
+    """A TCP proxy in front of the real Redis that, once frozen, swallows every request and keeps the connection
+    open: a Redis that accepts connections and never answers."""
+
+    def __init__(self) -> None:
+        target = urlsplit(REDIS_URL)
+        self._target = (target.hostname or "127.0.0.1", target.port or 6379)
+        self._db_path = target.path
+        self._handlers: set[asyncio.Task] = set()
+        self._server: asyncio.Server | None = None
+        self.frozen = False
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return f"redis://127.0.0.1:{self._server.sockets[0].getsockname()[1]}{self._db_path}"
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._handlers.add(asyncio.current_task())
+        upstream_reader, upstream_writer = await asyncio.open_connection(*self._target)
+
+        async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter, requests: bool) -> None:
+            while data := await source.read(65536):
+                if requests and self.frozen:
+                    continue
+                sink.write(data)
+                await sink.drain()
+
+        try:
+            await asyncio.gather(pump(reader, upstream_writer, True), pump(upstream_reader, writer, False))
+        except (OSError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+            upstream_writer.close()
+
+    async def close(self) -> None:
+        for task in self._handlers:
+            task.cancel()
+        await asyncio.gather(*self._handlers, return_exceptions=True)
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+
+class FreezeRedisBeforeFinishing:
+    """Generation that streams normally, but Redis hangs by the time the final message comes."""
+
+    def __init__(self, proxy: FreezableRedisProxy) -> None:
+        self.proxy = proxy
+        self.inner = FakeGeneration()
+
+    async def generate_stream(self, request, *, timeout):
+        async for event in self.inner.generate_stream(request, timeout=timeout):
+            if event.HasField("finished"):
+                self.proxy.frozen = True
+            yield event
+
+
+async def test_hung_redis_after_generation_delays_finished_by_the_stage_budget_only(redis_prefix, caplog):
+    proxy = FreezableRedisProxy()
+    client = aioredis.from_url(await proxy.start(), socket_timeout=2.0, socket_connect_timeout=1.0)
+    direct = aioredis.from_url(REDIS_URL)
+    cache = ResponseCache(CacheConfig(redis_prefix=redis_prefix, corpus_version_key=redis_prefix + "v:{tenant}"),
+                          client)
+    pipeline = make(generation=FreezeRedisBeforeFinishing(proxy), cache=cache,
+                    conversations=ConversationStore(ConversationConfig(), client, prefix=redis_prefix),
+                    budgets=StageBudgets(cache=0.2, history=0.2))
+    request = gateway_pb2.AskRequest(question="Why is the sky blue?", conversation_id="c1")
+    plan = pipeline.plan("t", request)
+    try:
+        last_delta = finished_at = 0.0
+        events = []
+        async for event in pipeline.stream("t", request, plan, Deadline(None)):
+            events.append(event)
+            if event.HasField("delta"):
+                last_delta = time.perf_counter()
+            elif event.HasField("finished"):
+                finished_at = time.perf_counter()
+        assert proxy.frozen and events[-1].finished.cache_status == gateway_pb2.CACHE_STATUS_MISS
+        assert finished_at - last_delta < 0.6, \
+            f"AskFinished waited {finished_at - last_delta:.2f} s on a hung Redis; the budgets are 0.2 s"
+        assert cache.has_local(plan.cache_key), "the answer is still cached in this process"
+        assert "skipped" in caplog.text
+    finally:
+        proxy.frozen = False
+        with contextlib.suppress(Exception):
+            await client.aclose()
+        await proxy.close()
+        keys = [k async for k in direct.scan_iter(match=redis_prefix + "*")]
+        if keys:
+            await direct.delete(*keys)
+        await direct.aclose()

@@ -44,11 +44,31 @@ async def test_conversation_store(use_redis, redis_prefix):
             (common_pb2.ROLE_USER, "q2"), (common_pb2.ROLE_ASSISTANT, "a2")]
         assert await store.history("other-tenant", "c1") == [], "conversations are per tenant"
         if client is not None:
-            ttl = await client.ttl(redis_prefix + "conv:t:c1")
+            ttl = await client.ttl(store.key("t", "c1"))
             assert 0 < ttl <= 60
     finally:
         if client is not None:
-            await client.delete(redis_prefix + "conv:t:c1")
+            await client.delete(store.key("t", "c1"))
+            await client.aclose()
+
+
+@pytest.mark.parametrize("use_redis", [False, True])
+async def test_conversation_ids_with_colons_never_reach_another_tenant(use_redis, redis_prefix):
+    """Tenant "acme" with id "eu:1" must not read tenant "acme:eu"'s conversation "1" (nor the reverse)."""
+    client = aioredis.from_url(REDIS_URL) if use_redis else None
+    store = ConversationStore(ConversationConfig(ttl_seconds=60, max_turns=4), client, prefix=redis_prefix)
+    try:
+        await store.append("acme:eu", "1", "secret question", "secret answer")
+        assert await store.history("acme", "eu:1") == []
+        await store.append("acme", "eu:1", "acme question", "acme answer")
+        assert [t.content for t in await store.history("acme:eu", "1")] == ["secret question", "secret answer"]
+        assert [t.content for t in await store.history("acme", "eu:1")] == ["acme question", "acme answer"]
+        assert store.key("acme", "eu:1") != store.key("acme:eu", "1")
+    finally:
+        if client is not None:
+            keys = [k async for k in client.scan_iter(match=redis_prefix + "*")]
+            if keys:
+                await client.delete(*keys)
             await client.aclose()
 
 

@@ -1,4 +1,7 @@
-"""Response cache: key normalisation and isolation, corpus-version invalidation across replicas, semantic match."""
+"""Response cache: key normalisation and isolation, corpus-version invalidation across replicas, semantic match
+(per request fingerprint), and the TTL in Redis, L1 and the semantic index alike."""
+
+import asyncio
 
 import pytest
 import redis.asyncio as aioredis
@@ -44,7 +47,7 @@ async def test_in_process_hit_and_invalidation():
     key = cache.key("a", "q", b"")
     version, hit = await cache.lookup("a", key)
     assert hit is None
-    await cache.store("a", key, _entry(version), None)
+    await cache.store("a", key, _entry(version), None, fingerprint=b"")
     assert (await cache.lookup("a", key))[1] == _entry(version)
     await cache.bump_version("a")
     assert (await cache.lookup("a", key))[1] is None, "a corpus change invalidates"
@@ -57,7 +60,7 @@ async def test_redis_shared_between_replicas_and_bump_invalidates_everywhere(red
     key = replica_a.key("acme", "what is x", b"p")
     version, hit = await replica_a.lookup("acme", key)
     assert hit is None
-    await replica_a.store("acme", key, _entry(version), None)
+    await replica_a.store("acme", key, _entry(version), None, fingerprint=b"p")
     # replica B has nothing in L1 but finds it in Redis; then has it in L1 too
     assert (await replica_b.lookup("acme", key))[1] == _entry(version)
     # an ingest through replica A bumps the shared version: replica B's L1 copy must not be served
@@ -87,10 +90,51 @@ async def test_redis_failure_steps_aside():
 
 async def test_semantic_match_same_tenant_and_version_only():
     cache = ResponseCache(_config("s:", semantic=True, semantic_threshold=0.9), None)
-    await cache.store("a", cache.key("a", "q1", b""), _entry(0), [1.0, 0.0, 0.0])
-    assert cache.lookup_semantic("a", 0, [0.99, 0.05, 0.0]) == _entry(0)
-    assert cache.lookup_semantic("a", 0, [0.0, 1.0, 0.0]) is None, "below threshold"
-    assert cache.lookup_semantic("b", 0, [1.0, 0.0, 0.0]) is None, "other tenant"
-    assert cache.lookup_semantic("a", 1, [1.0, 0.0, 0.0]) is None, "other corpus version"
+    await cache.store("a", cache.key("a", "q1", b""), _entry(0), [1.0, 0.0, 0.0], fingerprint=b"")
+    assert cache.lookup_semantic("a", 0, [0.99, 0.05, 0.0], fingerprint=b"") == _entry(0)
+    assert cache.lookup_semantic("a", 0, [0.0, 1.0, 0.0], fingerprint=b"") is None, "below threshold"
+    assert cache.lookup_semantic("b", 0, [1.0, 0.0, 0.0], fingerprint=b"") is None, "other tenant"
+    assert cache.lookup_semantic("a", 1, [1.0, 0.0, 0.0], fingerprint=b"") is None, "other corpus version"
     await cache.bump_version("a")
-    assert cache.lookup_semantic("a", 0, [1.0, 0.0, 0.0]) is None
+    assert cache.lookup_semantic("a", 0, [1.0, 0.0, 0.0], fingerprint=b"") is None
+
+
+async def test_semantic_match_needs_the_same_request_fingerprint():
+    """Filters, top_k, mode and generation params shape the answer: a close question asked with other ones
+    must not get this answer."""
+    cache = ResponseCache(_config("s:", semantic=True, semantic_threshold=0.9), None)
+    await cache.store("a", cache.key("a", "q", b"filter=contract-A"), _entry(0, "A's refund policy"),
+                      [1.0, 0.0], fingerprint=b"filter=contract-A")
+    assert cache.lookup_semantic("a", 0, [1.0, 0.0], fingerprint=b"filter=contract-B") is None
+    assert cache.lookup_semantic("a", 0, [1.0, 0.0], fingerprint=b"") is None
+    await cache.store("a", cache.key("a", "q", b"filter=contract-B"), _entry(0, "B's refund policy"),
+                      [1.0, 0.0], fingerprint=b"filter=contract-B")
+    assert cache.lookup_semantic("a", 0, [0.99, 0.01], fingerprint=b"filter=contract-A").answer == "A's refund policy"
+    assert cache.lookup_semantic("a", 0, [0.99, 0.01], fingerprint=b"filter=contract-B").answer == "B's refund policy"
+
+
+async def test_ttl_applies_in_process_to_l1_and_semantic_entries():
+    cache = ResponseCache(_config("t:", ttl_seconds=1, semantic=True, semantic_threshold=0.9), None)
+    key = cache.key("a", "q", b"")
+    await cache.store("a", key, _entry(0), [1.0, 0.0], fingerprint=b"")
+    assert cache.has_local(key) and (await cache.lookup("a", key))[1] == _entry(0)
+    assert cache.lookup_semantic("a", 0, [1.0, 0.0], fingerprint=b"") == _entry(0)
+    await asyncio.sleep(1.1)
+    assert not cache.has_local(key), "an expired entry is not 'hot'"
+    assert (await cache.lookup("a", key)) == (0, None), "expired: a miss, also without Redis"
+    assert cache.lookup_semantic("a", 0, [1.0, 0.0], fingerprint=b"") is None
+
+
+async def test_ttl_of_an_l1_copy_ends_with_the_redis_entry(redis_client, redis_prefix):
+    writer = ResponseCache(_config(redis_prefix, ttl_seconds=1), redis_client)
+    reader = ResponseCache(_config(redis_prefix, ttl_seconds=1), redis_client)
+    key = writer.key("a", "q", b"")
+    version, _ = await writer.lookup("a", key)
+    await writer.store("a", key, _entry(version), None, fingerprint=b"")
+    await asyncio.sleep(0.6)
+    assert (await reader.lookup("a", key))[1] == _entry(version), "copied into the reader's L1 with ~0.4 s left"
+    await asyncio.sleep(0.55)
+    assert not await redis_client.exists(key)
+    assert not reader.has_local(key), "the L1 copy must not outlive the Redis entry it came from"
+    assert not writer.has_local(key)
+    assert (await reader.lookup("a", key))[1] is None and (await writer.lookup("a", key))[1] is None

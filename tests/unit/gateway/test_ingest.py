@@ -1,0 +1,111 @@
+"""Ingestor: the corpus-version bump after a write (real Redis) — its result is the reported version, and its
+failure never hides the write's own outcome."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+import redis.asyncio as aioredis
+
+from services.gateway.chunker import WordTokenizer
+from services.gateway.config import CacheConfig, IngestConfig, StageBudgets
+from services.gateway.deadlines import Deadline
+from services.gateway.ingest import Ingestor
+from services.gateway.response_cache import CachedAnswer, ResponseCache
+from services.runtime.errors import Unavailable
+from services.runtime.pb.ragfleet.v1 import embedding_pb2, gateway_pb2, retrieval_pb2
+from tests.conftest import REDIS_URL
+
+RETRIEVAL_VERSION = 7  # what retrieval's own INCR answers; the gateway then bumps the key past it
+DOCUMENT = gateway_pb2.Document(doc_id="d1", title="T", text="Hello world. This is a document.")
+
+
+class FakeEmbedding:
+    async def embed(self, texts, *, input_type, timeout):
+        return embedding_pb2.EmbedResponse(embeddings=[embedding_pb2.Embedding(values=[1.0, 0.0]) for _ in texts])
+
+
+class FakeRetrieval:
+    def __init__(self, *, fail: bool = False) -> None:
+        self.fail = fail
+        self.upserts = 0
+
+    async def upsert(self, request, *, timeout):
+        if self.fail:
+            raise Unavailable("retrieval service: store is down")
+        self.upserts += 1
+        return retrieval_pb2.UpsertResponse(upserted=len(request.chunks), corpus_version=RETRIEVAL_VERSION)
+
+    async def delete(self, request, *, timeout):
+        if self.fail:
+            raise Unavailable("retrieval service: store is down")
+        return retrieval_pb2.DeleteResponse(deleted_chunks=2, corpus_version=RETRIEVAL_VERSION)
+
+
+def _cache(prefix: str, client) -> ResponseCache:
+    return ResponseCache(CacheConfig(redis_prefix=prefix, corpus_version_key=prefix + "version:{tenant}"), client)
+
+
+def _ingestor(cache: ResponseCache, retrieval: FakeRetrieval, config: IngestConfig = IngestConfig()) -> Ingestor:
+    return Ingestor(embedding=FakeEmbedding(), retrieval=retrieval, cache=cache, tokenizer=WordTokenizer(),
+                    config=config, budgets=StageBudgets())
+
+
+@pytest.fixture
+async def redis_client(redis_prefix):
+    client = aioredis.from_url(REDIS_URL)
+    yield client
+    keys = [k async for k in client.scan_iter(match=redis_prefix + "*")]
+    if keys:
+        await client.delete(*keys)
+    await client.aclose()
+
+
+@pytest.fixture
+async def dead_redis():
+    """A real client whose server is gone: every command (so every bump) fails."""
+    client = aioredis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
+    yield client
+    await client.aclose()
+
+
+async def test_ingest_and_delete_report_the_version_the_cache_is_keyed_on(redis_client, redis_prefix):
+    cache = _cache(redis_prefix, redis_client)
+    ingestor = _ingestor(cache, FakeRetrieval())
+    ingested = await ingestor.ingest("t", gateway_pb2.IngestRequest(documents=[DOCUMENT]), Deadline(None))
+    assert ingested.corpus_version == await cache.current_version("t") > RETRIEVAL_VERSION
+    deleted = await ingestor.delete("t", gateway_pb2.DeleteDocumentsRequest(doc_ids=["d1"]), Deadline(None))
+    assert deleted.corpus_version == await cache.current_version("t") > ingested.corpus_version
+    assert deleted.deleted_chunks == 2
+
+
+async def test_bump_failure_after_a_successful_write_is_unavailable_saying_the_data_is_in(dead_redis):
+    retrieval = FakeRetrieval()
+    ingestor = _ingestor(_cache("x:", dead_redis), retrieval)
+    with pytest.raises(Unavailable) as info:
+        await ingestor.ingest("t", gateway_pb2.IngestRequest(documents=[DOCUMENT]), Deadline(None))
+    assert info.value.code == grpc.StatusCode.UNAVAILABLE
+    assert "were written" in info.value.message and "retried" in info.value.message, info.value.message
+    assert retrieval.upserts == 1
+    with pytest.raises(Unavailable, match="were deleted.*could not be invalidated"):
+        await ingestor.delete("t", gateway_pb2.DeleteDocumentsRequest(doc_ids=["d1"]), Deadline(None))
+
+
+async def test_a_failed_write_raises_its_own_error_even_if_the_bump_fails_too(dead_redis):
+    ingestor = _ingestor(_cache("x:", dead_redis), FakeRetrieval(fail=True))
+    with pytest.raises(Unavailable, match="retrieval service: store is down"):
+        await ingestor.ingest("t", gateway_pb2.IngestRequest(documents=[DOCUMENT]), Deadline(None))
+    with pytest.raises(Unavailable, match="retrieval service: store is down"):
+        await ingestor.delete("t", gateway_pb2.DeleteDocumentsRequest(doc_ids=["d1"]), Deadline(None))
+
+
+async def test_a_failed_write_still_invalidates_cached_answers(redis_client, redis_prefix):
+    cache = _cache(redis_prefix, redis_client)
+    key = cache.key("t", "q", b"")
+    version, _ = await cache.lookup("t", key)
+    await cache.store("t", key, CachedAnswer(version, "old answer", b"", 1, (0, 0, 0), "m"), None, fingerprint=b"")
+    with pytest.raises(Unavailable):
+        await _ingestor(cache, FakeRetrieval(fail=True)).ingest(
+            "t", gateway_pb2.IngestRequest(documents=[DOCUMENT]), Deadline(None))
+    assert (await cache.lookup("t", key))[1] is None, "a partly failed write may have changed the corpus"
+
