@@ -4,7 +4,8 @@ Correctness rests on the corpus version, not on expiry: every upsert/delete bump
 Redis, so every replica sees it) *after* the engine accepted the write, and every lookup reads the current version
 first. A result computed before a write can only ever be stored under an older version, which no later lookup asks
 for. Without Redis the versions live in this process (one replica) and L2 is skipped. If Redis fails mid-flight
-the cache steps aside (no read, no write) rather than risk a stale answer.
+the cache steps aside (no read, no write) rather than risk a stale answer; a bump that failed is retried before this
+replica reads any version again.
 
     version = await cache.version(tenant)
     hit = await cache.get(key_for(tenant, version, request))
@@ -59,7 +60,9 @@ class ResultCache:
         self.prefix = prefix
         self.ttl = settings.ttl_seconds
         self._l1 = L1(settings.size, settings.ttl_seconds)
-        self._local_versions: dict[str, int] = {}
+        self._local_versions: dict[str, int] = {}  # only without Redis: never mixed with Redis versions
+        self._pending: dict[str, int] = {}  # tenant -> its latest failed bump (numbered) not yet made in Redis
+        self._failures = 0
         self._redis = None
         if settings.redis_url:
             import redis.asyncio as aioredis
@@ -73,6 +76,8 @@ class ResultCache:
         """The tenant's corpus version; None when Redis is configured but failing (then do not cache)."""
         if self._redis is None:
             return self._local_versions.get(tenant, 0)
+        if self._pending and not await self._land_pending():
+            return None
         try:
             raw = await self._redis.get(self._version_key(tenant))
         except Exception as exc:  # noqa: BLE001 - any Redis failure means "no cache", never an error
@@ -80,15 +85,35 @@ class ResultCache:
             return None
         return int(raw or 0)
 
-    async def bump(self, tenant: str) -> int:
-        """Advance the tenant's version after a write; returns the new version."""
-        if self._redis is not None:
+    async def bump(self, tenant: str) -> int | None:
+        """Advance the tenant's version after a write; returns the new version, or None if Redis is failing.
+
+        A failed bump is remembered and retried before any version is read again: until it lands no version is
+        served (no cache), since the one in Redis still admits entries computed before the write."""
+        if self._redis is None:
+            self._local_versions[tenant] = self._local_versions.get(tenant, 0) + 1
+            return self._local_versions[tenant]
+        try:
+            return int(await self._redis.incr(self._version_key(tenant)))
+        except Exception as exc:  # noqa: BLE001
+            log.warning("redis unavailable for version bump of tenant %r (retried before the next read): %s",
+                        tenant, exc)
+            self._failures += 1
+            self._pending[tenant] = self._failures
+            return None
+
+    async def _land_pending(self) -> bool:
+        """INCR every tenant whose bump has not reached Redis yet; False while Redis still fails."""
+        assert self._redis is not None
+        for tenant, failure in list(self._pending.items()):
             try:
-                return int(await self._redis.incr(self._version_key(tenant)))
+                await self._redis.incr(self._version_key(tenant))
             except Exception as exc:  # noqa: BLE001
-                log.warning("redis unavailable for version bump: %s", exc)
-        self._local_versions[tenant] = self._local_versions.get(tenant, 0) + 1
-        return self._local_versions[tenant]
+                log.warning("redis still unavailable for a pending version bump: %s", exc)
+                return False
+            if self._pending.get(tenant) == failure:  # a bump that failed meanwhile needs an INCR after it
+                del self._pending[tenant]
+        return True
 
     def key(self, tenant: str, version: int, fingerprint: bytes) -> str:
         digest = hashlib.sha256(tenant.encode() + b"\x1f" + fingerprint).hexdigest()[:40]

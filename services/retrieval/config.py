@@ -3,7 +3,7 @@
 | variable | default | meaning |
 |---|---|---|
 | RAGFLEET_RETRIEVAL_STORE | edge | `edge` (embedded qdrant-edge under RAGFLEET_DATA_DIR/retrieval) or `remote` (Qdrant server) |
-| RAGFLEET_RETRIEVAL_QDRANT_URL | http://127.0.0.1:6333 | Qdrant server for the remote store (`:memory:` = qdrant-client local mode) |
+| RAGFLEET_RETRIEVAL_QDRANT_URL | http://127.0.0.1:6333 | Qdrant server for the remote store: http(s)://host:port (`:memory:` = qdrant-client local mode) |
 | RAGFLEET_RETRIEVAL_QDRANT_GRPC_PORT | 6334 | gRPC port of that server (the client prefers gRPC) |
 | RAGFLEET_RETRIEVAL_QDRANT_API_KEY | unset | API key for the Qdrant server |
 | RAGFLEET_RETRIEVAL_COLLECTION | ragfleet_chunks | collection name on the Qdrant server |
@@ -53,6 +53,16 @@ STORES = ("edge", "remote")
 MODES = ("dense", "sparse", "hybrid")
 RERANKERS = ("none", "fusion", "tei", "onnx")
 QUANTIZATIONS = ("none", "int8")
+LOCAL_QDRANT_URL = ":memory:"  # qdrant-client's in-process mode (tests); everything else must be a server URL
+
+
+def check_qdrant_url(url: str) -> str:
+    """Refuse anything but an http(s) URL or ":memory:": qdrant-client reads any other string as a local directory,
+    so "qdrant:6333" would silently give every replica a private, empty on-disk database."""
+    if url != LOCAL_QDRANT_URL and not url.startswith(("http://", "https://")):
+        raise ConfigError(f"RAGFLEET_RETRIEVAL_QDRANT_URL={url!r} must start with http:// or https:// (e.g. "
+                          f"http://qdrant:6333), or be {LOCAL_QDRANT_URL} for qdrant-client's in-process mode")
+    return url
 
 
 @dataclass(frozen=True)
@@ -147,11 +157,14 @@ class RetrievalConfig:
         acorn = env.float("ACORN_MAX_SELECTIVITY", 0.4, minimum=0.0)
         if acorn > 1.0:
             raise ConfigError(f"RAGFLEET_RETRIEVAL_ACORN_MAX_SELECTIVITY={acorn} must be in [0, 1] (0 turns ACORN off)")
+        qdrant_url = env.str("QDRANT_URL", "http://127.0.0.1:6333")
+        if store == "remote":
+            check_qdrant_url(qdrant_url)
         return cls(
             server=ServerConfig.from_env("retrieval", environ),
             store=store,
             data_dir=os.path.join(data_dir(environ), "retrieval"),
-            qdrant_url=env.str("QDRANT_URL", "http://127.0.0.1:6333"),
+            qdrant_url=qdrant_url,
             qdrant_grpc_port=env.int("QDRANT_GRPC_PORT", 6334, minimum=1),
             qdrant_api_key=env.optional_str("QDRANT_API_KEY"),
             collection=env.str("COLLECTION", "ragfleet_chunks"),

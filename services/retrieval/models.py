@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -50,9 +51,11 @@ class ChunkRecord:
         numeric = {}
         for key, value in self.metadata.items():
             try:
-                numeric[key] = float(value)
+                number = float(value)
             except ValueError:
-                pass
+                continue
+            if math.isfinite(number):  # "nan", "inf", "1e999" parse, but no engine stores them nor ranges over them
+                numeric[key] = number
         return {TENANT: self.tenant, DOC_ID: self.doc_id, CHUNK_ID: self.chunk_id, CHUNK_INDEX: self.chunk_index,
                 TITLE: self.title, TEXT: self.text, META: dict(self.metadata), META_NUM: numeric}
 

@@ -41,37 +41,45 @@ class RetrievalServiceServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
                      context: grpc.aio.ServicerContext) -> retrieval_pb2.UpsertResponse:
         records: list[ChunkRecord] = upsert_records(request, self.limits, self.encoder)
         tenant = records[0].tenant
-        result = await self.store.upsert(records)
-        metrics.UPSERTED.inc(len(result.written))
-        if result.failed:
-            metrics.UPSERT_FAILED.inc(len(result.failed))
-            log.warning("upsert partly failed", extra={"fields": {"tenant": tenant, "written": len(result.written),
-                                                                  "failed": len(result.failed),
-                                                                  "cause": result.error}})
-        elif request.replace_documents:
-            # Only after every new chunk is in: a re-ingest with fewer chunks drops the leftovers, never the doc.
-            keep = [r.point_id for r in records]
-            try:
-                removed = await self.store.delete_documents(tenant, sorted({r.doc_id for r in records}), keep)
-            except StoreError as exc:
-                raise Unavailable(f"retrieval store: new chunks were written but stale ones were not removed: "
-                                  f"{exc}") from exc
-            metrics.DELETED.inc(removed)
-        # Bump after the engine accepted the write (partial writes change the corpus too).
-        version = await self.cache.bump(tenant) if result.written else (await self.cache.version(tenant) or 0)
+        changed = True  # until the store reports otherwise: a failure may follow batches already written
+        try:
+            result = await self.store.upsert(records)
+            changed = bool(result.written)
+            metrics.UPSERTED.inc(len(result.written))
+            if result.failed:
+                metrics.UPSERT_FAILED.inc(len(result.failed))
+                log.warning("upsert partly failed", extra={"fields": {"tenant": tenant,
+                                                                      "written": len(result.written),
+                                                                      "failed": len(result.failed),
+                                                                      "cause": result.error}})
+            elif request.replace_documents:
+                # Only after every new chunk is in: a re-ingest with fewer chunks drops the leftovers, never the doc.
+                keep = [r.point_id for r in records]
+                try:
+                    removed = await self.store.delete_documents(tenant, sorted({r.doc_id for r in records}), keep)
+                except StoreError as exc:
+                    raise Unavailable(f"retrieval store: new chunks were written but stale ones were not removed: "
+                                      f"{exc}") from exc
+                metrics.DELETED.inc(removed)
+        finally:
+            # Bump after the engine accepted the write, and whenever it may have changed the corpus (partial writes,
+            # a failed delete, an error): a cached answer must never outlive a change.
+            version = await self.cache.bump(tenant) if changed else await self.cache.version(tenant)
         if not result.written and result.failed:
             raise Unavailable(f"retrieval store: nothing was written: {result.error}")
-        return retrieval_pb2.UpsertResponse(upserted=len(result.written), corpus_version=version,
+        return retrieval_pb2.UpsertResponse(upserted=len(result.written), corpus_version=version or 0,
                                             failed_chunk_ids=result.failed)
 
     async def Delete(self, request: retrieval_pb2.DeleteRequest,
                      context: grpc.aio.ServicerContext) -> retrieval_pb2.DeleteResponse:
         tenant = tenant_of(request.tenant)
         doc_ids = doc_ids_of(request)
-        removed = await self._store_call(self.store.delete_documents(tenant, doc_ids))
+        try:
+            removed = await self._store_call(self.store.delete_documents(tenant, doc_ids))
+        finally:
+            version = await self.cache.bump(tenant)  # even a failed delete may have removed points
         metrics.DELETED.inc(removed)
-        version = await self.cache.bump(tenant)
-        return retrieval_pb2.DeleteResponse(deleted_chunks=removed, corpus_version=version)
+        return retrieval_pb2.DeleteResponse(deleted_chunks=removed, corpus_version=version or 0)
 
     async def Search(self, request: retrieval_pb2.SearchRequest,
                      context: grpc.aio.ServicerContext) -> retrieval_pb2.SearchResponse:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -20,6 +21,9 @@ MAX_ID_CHARS = 512
 MAX_FILTERS = 16
 MAX_ANY_OF = 256
 MAX_HNSW_EF = 4096
+# Metadata keys a filter can address: one JSON-path key. The engine rejects spaces, ":", "/", "$", "." etc. as an
+# invalid path (and "[" would address array elements, not a key), so only word characters (any script) and "-".
+_FILTER_FIELD = re.compile(r"[\w-]+")
 _MODES = {common_pb2.SEARCH_MODE_DENSE: "dense", common_pb2.SEARCH_MODE_SPARSE: "sparse",
           common_pb2.SEARCH_MODE_HYBRID: "hybrid"}
 
@@ -91,6 +95,9 @@ def _conditions(filters: Sequence[common_pb2.FieldCondition], allowed: tuple[str
         ranged = cond.HasField("gte") or cond.HasField("lte")
         require(bool(cond.any_of) or ranged, f"filters[{i}]: needs any_of or a gte/lte bound")
         require(len(cond.any_of) <= MAX_ANY_OF, f"filters[{i}].any_of: at most {MAX_ANY_OF} values")
+        for bound in ("gte", "lte"):
+            require(not (cond.HasField(bound) and math.isnan(getattr(cond, bound))),
+                    f"filters[{i}].{bound}: must be a number, got NaN")
         if name in BUILTIN_FILTER_FIELDS:
             require(not ranged or name == "chunk_index", f"filters[{i}]: range bounds only apply to numeric fields")
             path = BUILTIN_FILTER_FIELDS[name]
@@ -101,9 +108,12 @@ def _conditions(filters: Sequence[common_pb2.FieldCondition], allowed: tuple[str
                                  cond.lte if cond.HasField("lte") else None))
             continue
         known = "*" in allowed or name in allowed
-        require(known and "." not in name and name != "tenant",
+        require(known and name != "tenant",
                 f"{field}: unknown filter field {name!r}; allowed: doc_id, title, chunk_index"
                 + ("" if "*" in allowed else ", " + ", ".join(allowed)) + " (RAGFLEET_RETRIEVAL_FILTER_FIELDS)")
+        require(_FILTER_FIELD.fullmatch(name) is not None,
+                f"{field}: {name!r} cannot be filtered on; a filter field may contain only letters, digits, "
+                f"'_' and '-' (no spaces, '.', ':', '/', '$' or brackets)")
         if cond.any_of:
             out.append(Condition(f"{META}.{name}", tuple(cond.any_of)))
         if ranged:

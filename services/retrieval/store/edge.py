@@ -9,12 +9,17 @@ searches run on the live shard, exactly over unindexed segments; `status()` repo
 
     <data dir>/retrieval          live shard
     <data dir>/retrieval.building copy being indexed by the child (removed if a build fails)
-    <data dir>/retrieval.old      previous shard during a swap (restored at start-up if a swap was interrupted)
+    <data dir>/retrieval.old      previous shard during a swap: the only copy holding every acknowledged write until
+                                  the swap commits, so start-up restores it over the live path whenever it exists
+    <data dir>/retrieval.replaced previous shard after the swap committed (being deleted; removed at start-up)
+    <data dir>/retrieval.lock     held while the store is open: start-up recovery never touches a running store's data
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import logging
 import os
 import shutil
@@ -30,6 +35,7 @@ import qdrant_edge as qe
 from services.retrieval.config import IndexConfig
 from services.retrieval.models import DOC_ID, TENANT, Candidate, ChunkRecord, Condition, IndexStatus, SparseVec
 from services.retrieval.store.base import DENSE, SPARSE, StoreError, StoreStartupError, VectorStore
+from services.runtime.errors import InvalidArgument
 
 log = logging.getLogger("ragfleet.retrieval.edge")
 T = TypeVar("T")
@@ -78,10 +84,13 @@ def _filter(tenant: str, conditions: Sequence[Condition], *, must: Sequence[Any]
             must_not: list[Any] | None = None) -> qe.Filter:
     must = [qe.FieldCondition(TENANT, match=qe.MatchValue(tenant)), *must]
     for cond in conditions:
-        if cond.any_of:
-            must.append(qe.FieldCondition(cond.path, match=qe.MatchAny(list(cond.any_of))))
-        if cond.gte is not None or cond.lte is not None:
-            must.append(qe.FieldCondition(cond.path, range=qe.RangeFloat(gte=cond.gte, lte=cond.lte)))
+        try:
+            if cond.any_of:
+                must.append(qe.FieldCondition(cond.path, match=qe.MatchAny(list(cond.any_of))))
+            if cond.gte is not None or cond.lte is not None:
+                must.append(qe.FieldCondition(cond.path, range=qe.RangeFloat(gte=cond.gte, lte=cond.lte)))
+        except (ValueError, TypeError) as exc:  # validation should have caught it; never let it surface as INTERNAL
+            raise InvalidArgument(f"filter on {cond.path!r}: rejected by the search engine: {exc}") from exc
     return qe.Filter(must=must, must_not=must_not)
 
 
@@ -125,6 +134,7 @@ class EdgeStore(VectorStore):
         self._optimize_lock: asyncio.Lock | None = None
         # Update operations applied since the build copy was taken; replayed on the indexed copy at swap time.
         self._journal: list[qe.UpdateOperation] | None = None
+        self._lock_fd: int | None = None
 
     @property
     def building_path(self) -> str:
@@ -133,6 +143,14 @@ class EdgeStore(VectorStore):
     @property
     def old_path(self) -> str:
         return self.path.rstrip("/") + ".old"
+
+    @property
+    def replaced_path(self) -> str:
+        return self.path.rstrip("/") + ".replaced"
+
+    @property
+    def lock_path(self) -> str:
+        return self.path.rstrip("/") + ".lock"
 
     def _config(self) -> qe.EdgeConfig:
         quantization = None
@@ -156,11 +174,25 @@ class EdgeStore(VectorStore):
             self._indexing_task = asyncio.create_task(self._indexing_loop(), name="edge-indexing")
 
     def open_shard(self) -> qe.EdgeShard:
-        """Open (or create) the live shard; blocking. Finishes an interrupted swap first, never deleting data."""
-        if not os.path.exists(self.path) and os.path.isdir(self.old_path):
-            os.rename(self.old_path, self.path)  # crashed between the two renames of a swap
-        if os.path.isdir(self.building_path):
-            shutil.rmtree(self.building_path)  # an unfinished build is only a copy
+        """Open (or create) the live shard; blocking. Finishes an interrupted swap first, never losing a write."""
+        self._lock()
+        try:
+            return self._open_locked()
+        except BaseException:
+            self._unlock()
+            raise
+
+    def _open_locked(self) -> qe.EdgeShard:
+        if os.path.isdir(self.old_path):
+            # A swap was interrupted before it committed. Writes are held back for the whole swap, so the previous
+            # shard has every acknowledged write; the live path is missing or an indexed copy without the journal.
+            log.warning("restoring %s: an index swap was interrupted", self.old_path)
+            if os.path.lexists(self.path):
+                shutil.rmtree(self.path)
+            os.rename(self.old_path, self.path)
+        for leftover in (self.building_path, self.replaced_path):
+            if os.path.isdir(leftover):
+                shutil.rmtree(leftover)  # an unfinished build, or a shard a committed swap replaced
         existing = os.path.isdir(self.path) and any(os.scandir(self.path))
         try:
             if existing:
@@ -178,6 +210,24 @@ class EdgeStore(VectorStore):
         if existing:
             self._dirty = True  # index whatever an earlier run left unoptimized
         return shard
+
+    def _lock(self) -> None:
+        """Hold <path>.lock for the store's lifetime: recovery above rewrites directories, so it must never run
+        while another process serves (or swaps) the same shard."""
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            raise StoreStartupError(f"retrieval data dir {self.path!r} cannot be opened (locked by another "
+                                    f"process: {self.lock_path}); nothing was changed or deleted") from exc
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)
 
     @property
     def shard(self) -> qe.EdgeShard:
@@ -203,9 +253,12 @@ class EdgeStore(VectorStore):
             self._wake.set()
 
     async def _write(self, records: Sequence[ChunkRecord]) -> None:
-        points = [qe.Point(r.point_id, {DENSE: list(r.vector), SPARSE: qe.SparseVector(r.sparse.indices,
-                                                                                        r.sparse.values)},
-                           r.payload()) for r in records]
+        try:
+            points = [qe.Point(r.point_id, {DENSE: list(r.vector), SPARSE: qe.SparseVector(r.sparse.indices,
+                                                                                            r.sparse.values)},
+                               r.payload()) for r in records]
+        except (TypeError, ValueError) as exc:  # a point the engine cannot represent fails alone, as a StoreError
+            raise StoreError(f"embedded engine rejected a point: {exc}") from exc
         await self._apply(qe.UpdateOperation.upsert_points(points), "upsert")
 
     async def _apply(self, operation: qe.UpdateOperation, what: str) -> None:
@@ -320,23 +373,43 @@ class EdgeStore(VectorStore):
         shutil.copytree(self.path, self.building_path)
 
     def _swap(self, journal: list[qe.UpdateOperation]) -> None:
-        """Close live, move the indexed copy in, replay the writes made during the build; roll back on failure."""
-        self.shard.close()
-        self._shard = None
-        os.rename(self.path, self.old_path)
-        os.rename(self.building_path, self.path)
+        """Close live, move the indexed copy in, replay the writes made during the build; roll back on failure.
+
+        Until the commit (moving .old aside) a crash leaves .old, which start-up restores: it has every write."""
+        for stale in (self.old_path, self.replaced_path):
+            if os.path.lexists(stale):  # not authoritative while we run: start-up already restored any .old
+                log.warning("removing stale %s before swapping", stale)
+                shutil.rmtree(stale)
+        live, self._shard = self.shard, None
+        closed = False
+        shard: qe.EdgeShard | None = None
         try:
+            live.close()
+            closed = True
+            os.rename(self.path, self.old_path)
+            os.rename(self.building_path, self.path)
             shard = qe.EdgeShard.load(self.path)
             for operation in journal:
                 shard.update(operation)
+            shard.flush()  # the replayed writes must be on disk before the only other copy of them goes
+            os.rename(self.old_path, self.replaced_path)  # the commit: from here on the new shard is authoritative
         except Exception:
             log.exception("swapping in the indexed shard failed; restoring the previous one")
-            shutil.rmtree(self.path, ignore_errors=True)
-            os.rename(self.old_path, self.path)
-            self._shard = qe.EdgeShard.load(self.path)
+            if shard is not None:
+                with contextlib.suppress(Exception):
+                    shard.close()
+            self._shard = self._restore_previous() if closed else live
             raise
         self._shard = shard
-        shutil.rmtree(self.old_path, ignore_errors=True)
+        shutil.rmtree(self.replaced_path, ignore_errors=True)
+
+    def _restore_previous(self) -> qe.EdgeShard:
+        """Put the pre-swap shard back at the live path (wherever the swap stopped) and open it."""
+        if os.path.isdir(self.old_path):
+            if os.path.lexists(self.path):
+                shutil.rmtree(self.path)
+            os.rename(self.old_path, self.path)
+        return qe.EdgeShard.load(self.path)
 
     async def _indexing_loop(self) -> None:
         """Wait until writes settle, then index; repeat whenever new writes arrive."""
@@ -382,3 +455,4 @@ class EdgeStore(VectorStore):
                 log.error("closing the embedded engine failed: %s", exc)
         self._readers.shutdown(wait=False)
         self._writer.shutdown(wait=True)
+        self._unlock()

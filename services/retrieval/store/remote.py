@@ -1,8 +1,8 @@
 """Remote store: a Qdrant server (the deployment's StatefulSet) through qdrant-client, preferring gRPC.
 
 `url=":memory:"` runs qdrant-client's local mode (same client API, exact search) -- how the tests exercise this
-store, since no Qdrant server can run here. One collection holds every tenant; `tenant` is a tenant-keyed payload
-index, so Qdrant co-locates each tenant's points and filters on it cheaply.
+store, since no Qdrant server can run here; any other url must be http(s)://. One collection holds every tenant;
+`tenant` is a tenant-keyed payload index, so Qdrant co-locates each tenant's points and filters on it cheaply.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 from qdrant_client import AsyncQdrantClient, models
 
-from services.retrieval.config import IndexConfig
+from services.retrieval.config import LOCAL_QDRANT_URL, IndexConfig, check_qdrant_url
 from services.retrieval.models import DOC_ID, TENANT, Candidate, ChunkRecord, Condition, IndexStatus, SparseVec
 from services.retrieval.store.base import DENSE, SPARSE, StoreError, StoreStartupError, VectorStore
 
@@ -48,9 +48,10 @@ class RemoteStore(VectorStore):
         self.url = url
         self.collection = collection
         self.index = index
-        self._local = url == ":memory:" or not url.startswith(("http://", "https://"))
+        check_qdrant_url(url)
+        self._local = url == LOCAL_QDRANT_URL
         if self._local:
-            self.client = AsyncQdrantClient(location=url) if url == ":memory:" else AsyncQdrantClient(path=url)
+            self.client = AsyncQdrantClient(location=LOCAL_QDRANT_URL)
         else:
             self.client = AsyncQdrantClient(url=url, grpc_port=grpc_port, prefer_grpc=True, api_key=api_key,
                                             timeout=10)
@@ -90,9 +91,12 @@ class RemoteStore(VectorStore):
                                     f"{exc}") from exc
 
     async def _write(self, records: Sequence[ChunkRecord]) -> None:
-        points = [models.PointStruct(id=r.point_id, payload=r.payload(), vector={
-            DENSE: list(r.vector), SPARSE: models.SparseVector(indices=r.sparse.indices, values=r.sparse.values)})
-            for r in records]
+        try:
+            points = [models.PointStruct(id=r.point_id, payload=r.payload(), vector={
+                DENSE: list(r.vector), SPARSE: models.SparseVector(indices=r.sparse.indices, values=r.sparse.values)})
+                for r in records]
+        except (TypeError, ValueError) as exc:  # a point the client cannot represent fails alone, as a StoreError
+            raise StoreError(f"Qdrant client rejected a point: {exc}") from exc
         await self._call("upsert", self.client.upsert(self.collection, points=points, wait=True))
 
     async def _call(self, what: str, coro: Any) -> Any:

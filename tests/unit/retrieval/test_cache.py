@@ -54,7 +54,8 @@ async def test_without_redis_versions_are_local():
 async def test_redis_down_means_no_cache_not_errors():
     cache = ResultCache(CacheSettings(size=4, redis_url="redis://127.0.0.1:1/0"))
     assert await cache.version("t") is None  # caller must not cache
-    assert await cache.bump("t") == 1  # the write still succeeds
+    assert await cache.bump("t") is None  # the write still succeeds, but no made-up local version is reported
+    assert await cache.version("t") is None  # the bump is pending: still no cache
     await cache.put("k", b"v")  # L2 write failure is logged, not raised
     await cache.close()
 
@@ -63,3 +64,39 @@ def test_keys_differ_by_tenant_version_and_query():
     cache = ResultCache(CacheSettings())
     keys = {cache.key("t", 0, b"q"), cache.key("u", 0, b"q"), cache.key("t", 1, b"q"), cache.key("t", 0, b"r")}
     assert len(keys) == 4
+
+
+async def test_a_failed_bump_lands_before_the_next_read(redis_cleanup):
+    """A write's bump that hit a Redis blip must not let results computed before the write come back once Redis
+    recovers: the bump is retried before the next read, and no version is served until it lands."""
+    prefix = redis_cleanup
+    cache = ResultCache(CacheSettings(size=16, redis_url=REDIS_URL), prefix=prefix)
+    other = ResultCache(CacheSettings(size=16, redis_url=REDIS_URL), prefix=prefix)  # another replica
+    try:
+        for _ in range(3):
+            await cache.bump("t")
+        before = await cache.version("t")
+        stale_key = cache.key("t", before, b"query")
+        await cache.put(stale_key, b"computed before the write")
+        real_incr = cache._redis.incr
+        real_get = cache._redis.get
+
+        async def blip(*args, **kwargs):
+            raise ConnectionError("redis blip")
+
+        cache._redis.incr = blip  # the write's invalidation fails ...
+        assert await cache.bump("t") is None  # ... and reports no version rather than a local number
+        cache._redis.get = blip
+        assert await cache.version("t") is None  # still failing: no cache
+        cache._redis.get = real_get  # GET works again but INCR still fails: the pending bump blocks reads
+        assert await cache.version("t") is None
+        cache._redis.incr = real_incr  # Redis recovers
+        after = await cache.version("t")
+        assert after is not None and after > before
+        assert await cache.get(cache.key("t", after, b"query")) == (None, "miss")
+        assert await other.version("t") == after  # every replica now keys on the new version
+        assert await cache.bump("t") == after + 1  # versions only move forward, and no bump is left pending
+        assert await cache.version("t") == after + 1
+    finally:
+        await cache.close()
+        await other.close()

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
-from services.retrieval.config import RetrievalConfig
+from services.retrieval.config import IndexConfig, RetrievalConfig
+from services.retrieval.store import open_store
+from services.retrieval.store.remote import RemoteStore
 from services.runtime.errors import ConfigError
 
 
@@ -42,3 +46,31 @@ def test_bad_values_fail_start_up(env, message):
     with pytest.raises(ConfigError) as err:
         RetrievalConfig.from_env(env)
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("url", ["qdrant.prod.svc:6333", "qdrant:6333", "data/qdrant", "grpc://qdrant:6334"])
+def test_a_qdrant_url_without_http_is_a_start_up_error(url, tmp_path, monkeypatch):
+    """qdrant-client reads anything but a URL as a local directory: each replica would get its own empty DB."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as err:
+        RetrievalConfig.from_env({"RAGFLEET_RETRIEVAL_STORE": "remote", "RAGFLEET_RETRIEVAL_QDRANT_URL": url})
+    assert f"RAGFLEET_RETRIEVAL_QDRANT_URL={url!r} must start with http:// or https://" in str(err.value)
+    with pytest.raises(ConfigError, match="RAGFLEET_RETRIEVAL_QDRANT_URL"):
+        RemoteStore(url=url, collection="c", index=IndexConfig(dimension=8))
+    assert os.listdir(tmp_path) == []  # no local database was created
+
+
+@pytest.mark.parametrize("url", ["http://qdrant:6333", "https://qdrant.example.com", ":memory:"])
+def test_server_urls_and_the_in_process_mode_are_accepted(url):
+    config = RetrievalConfig.from_env({"RAGFLEET_RETRIEVAL_STORE": "remote", "RAGFLEET_RETRIEVAL_QDRANT_URL": url})
+    assert config.qdrant_url == url
+
+
+async def test_memory_url_runs_qdrant_client_in_process():
+    store = open_store(RetrievalConfig.from_env({"RAGFLEET_RETRIEVAL_STORE": "remote",
+                                                 "RAGFLEET_RETRIEVAL_QDRANT_URL": ":memory:",
+                                                 "RAGFLEET_RETRIEVAL_DIMENSION": "8"}))
+    assert isinstance(store, RemoteStore) and store._local
+    await store.start()
+    assert (await store.status()).state == "empty"
+    await store.close()

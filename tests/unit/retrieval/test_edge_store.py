@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
+import shutil
 
 import numpy as np
 import pytest
 import qdrant_edge as qe
 
 from services.retrieval.config import IndexConfig
-from services.retrieval.models import TENANT
+from services.retrieval.models import TENANT, Condition
 from services.retrieval.store.base import DENSE, StoreStartupError
 from services.retrieval.store.edge import EdgeStore
+from services.runtime.errors import InvalidArgument
 
 from .conftest import DIM, detailed, make_record, unit
 
@@ -155,7 +158,7 @@ async def test_build_runs_off_process_and_keeps_writes_made_meanwhile(tmp_path, 
         assert top[0].payload["doc_id"] == "late0"
         status = await store.status()
         assert status.indexed_vectors >= 2999 and status.state == "exact"  # replayed writes await the next build
-        assert not (tmp_path / "s.building").exists() and not (tmp_path / "s.old").exists()
+        assert not any((tmp_path / f"s.{leftover}").exists() for leftover in ("building", "old", "replaced"))
     finally:
         await store.close()
 
@@ -194,5 +197,160 @@ async def test_a_big_tenant_keeps_its_recall_on_the_hnsw_index(tmp_path):
         assert with_acorn >= 0.97, f"30 % tenant recall@10 {with_acorn:.3f} (ACORN off: {without:.3f})"
         assert with_acorn >= without
         assert await recall("rest") >= 0.95  # a 70 % filter needs no help from ACORN
+    finally:
+        await store.close()
+
+
+class Crash(BaseException):
+    """The process dies here (OOM kill, node loss): no except/finally of the store's own code handles it."""
+
+
+def crash_after_moving_the_indexed_copy_in(monkeypatch, store: EdgeStore) -> None:
+    real_rename = os.rename
+
+    def rename(src, dst):
+        real_rename(src, dst)
+        if src == store.building_path:
+            raise Crash()
+
+    monkeypatch.setattr(os, "rename", rename)
+
+
+def crash_while_deleting_the_replaced_shard(monkeypatch, store: EdgeStore) -> None:
+    real_rmtree = shutil.rmtree
+
+    def rmtree(path, *args, **kwargs):
+        if str(path) in (f"{store.path}.old", f"{store.path}.replaced"):
+            real_rmtree(os.path.join(path, "segments"))  # died half way through the deletion
+            raise Crash()
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+
+
+@pytest.mark.parametrize("crash", [crash_after_moving_the_indexed_copy_in, crash_while_deleting_the_replaced_shard])
+async def test_a_swap_interrupted_by_a_crash_loses_no_acknowledged_write(tmp_path, encoder, monkeypatch, crash):
+    """Writes acknowledged during a build live only in the pre-swap shard (.old) until the journal is replayed on
+    the indexed copy: a restart after a crash anywhere in the swap must serve every one of them."""
+    path = str(tmp_path / "s")
+    index = IndexConfig(dimension=DIM, indexing_threshold_kb=1, optimize_idle_seconds=0)
+    store = EdgeStore(path=path, index=index)
+    await store.start()
+    data = records(encoder, 2000)
+    await store.upsert(data)
+    crash(monkeypatch, store)
+    build = asyncio.create_task(store.optimize())
+    while store._journal is None:  # the build copy has been taken; the child is indexing it
+        await asyncio.sleep(0.002)
+    late = [dataclasses.replace(r, doc_id=f"late{i}", chunk_id=f"late{i}#0")
+            for i, r in enumerate(records(encoder, 5, seed=7))]
+    assert (await store.upsert(late)).failed == []
+    assert await store.delete_documents("acme", ["d5"]) == 1
+    assert store._journal, "the build finished before the late writes: they were not made during it"
+    with pytest.raises(Crash):
+        await build
+    monkeypatch.undo()
+    await store.close()  # the process is gone: its files and locks are released
+
+    reopened = EdgeStore(path=path, index=index)
+    await reopened.start()
+    try:
+        assert await reopened.count("acme") == 2000 + 5 - 1
+        for record in late:
+            assert (await reopened.dense("acme", record.vector, 1, ()))[0].point_id == record.point_id
+        assert await reopened.fetch("acme", [data[5].point_id], with_vectors=False) == {}
+        assert not any(os.path.exists(f"{path}.{leftover}") for leftover in ("building", "old", "replaced"))
+        assert await reopened.optimize() is True  # and the next build swaps cleanly
+        assert await reopened.count("acme") == 2000 + 5 - 1
+    finally:
+        await reopened.close()
+
+
+async def test_a_stale_old_dir_does_not_break_optimize_or_serving(tmp_path, encoder):
+    store = EdgeStore(path=str(tmp_path / "s"), index=IndexConfig(dimension=DIM, indexing_threshold_kb=1,
+                                                                  optimize_idle_seconds=0))
+    await store.start()
+    try:
+        data = records(encoder, 300)
+        await store.upsert(data[:290])
+        (tmp_path / "s.old" / "segments").mkdir(parents=True)  # left behind by an earlier, failed cleanup
+        (tmp_path / "s.old" / "segments" / "x").write_text("leftover")
+        assert await store.optimize() is True
+        assert (await store.dense("acme", data[3].vector, 1, ()))[0].point_id == data[3].point_id
+        assert (await store.upsert(data[290:])).failed == []
+        assert await store.count("acme") == 300 and not (tmp_path / "s.old").exists()
+    finally:
+        await store.close()
+
+
+async def test_a_swap_that_fails_keeps_serving_the_previous_shard(tmp_path, encoder, monkeypatch):
+    store = EdgeStore(path=str(tmp_path / "s"), index=IndexConfig(dimension=DIM, indexing_threshold_kb=1,
+                                                                  optimize_idle_seconds=0))
+    await store.start()
+    try:
+        data = records(encoder, 300)
+        await store.upsert(data[:290])
+        real_rename = os.rename
+
+        def rename(src, dst):
+            if src == store.building_path:
+                raise OSError(28, "No space left on device")
+            real_rename(src, dst)
+
+        monkeypatch.setattr(os, "rename", rename)
+        assert await store.optimize() is False
+        monkeypatch.undo()
+        assert (await store.dense("acme", data[3].vector, 1, ()))[0].point_id == data[3].point_id
+        assert (await store.upsert(data[290:])).failed == []
+        assert await store.count("acme") == 300
+        assert not (tmp_path / "s.old").exists() and not (tmp_path / "s.building").exists()
+        assert await store.optimize() is True and await store.count("acme") == 300
+    finally:
+        await store.close()
+
+
+async def test_start_up_recovery_never_touches_a_shard_another_process_serves(tmp_path, encoder):
+    """Recovery replaces the live dir with .old; while another store has the shard open (and may be mid-swap) a
+    second opener must stop before touching anything."""
+    path = str(tmp_path / "s")
+    index = IndexConfig(dimension=DIM, optimize_idle_seconds=0)
+    store = EdgeStore(path=path, index=index)
+    await store.start()
+    try:
+        await store.upsert(records(encoder, 20))
+        os.mkdir(store.old_path)  # as during the first store's swap
+        second = EdgeStore(path=path, index=index)
+        with pytest.raises(StoreStartupError, match="locked by another process.*nothing was changed or deleted"):
+            await second.start()
+        assert os.path.isdir(store.old_path) and await store.count("acme") == 20
+        await store.upsert([dataclasses.replace(records(encoder, 1, seed=3)[0], doc_id="new", chunk_id="new#0")])
+        assert await store.count("acme") == 21
+    finally:
+        await store.close()
+
+
+async def test_a_malformed_filter_path_is_invalid_argument_not_internal(tmp_path):
+    """Validation rejects such names first; if one still reached the engine it must not surface as INTERNAL."""
+    store = EdgeStore(path=str(tmp_path / "s"), index=IndexConfig(dimension=DIM, optimize_idle_seconds=0))
+    await store.start()
+    try:
+        with pytest.raises(InvalidArgument, match="filter on 'meta.a b': rejected by the search engine"):
+            await store.dense("acme", unit(np.random.default_rng(0)), 3, (Condition("meta.a b", ("x",)),))
+    finally:
+        await store.close()
+
+
+async def test_a_point_the_engine_rejects_fails_alone(tmp_path, encoder):
+    """A point the engine cannot represent must come back as failed, with every other point written, instead of
+    an exception after earlier batches were already written."""
+    store = EdgeStore(path=str(tmp_path / "s"), index=IndexConfig(dimension=DIM, optimize_idle_seconds=0))
+    await store.start()
+    try:
+        data = records(encoder, 300)
+        data[280] = dataclasses.replace(data[280], metadata={"x": float("nan")})  # not JSON: the engine refuses it
+        result = await store.upsert(data)
+        assert result.failed == [data[280].chunk_id] and len(result.written) == 299
+        assert "rejected a point" in (result.error or "")
+        assert await store.count("acme") == 299
     finally:
         await store.close()

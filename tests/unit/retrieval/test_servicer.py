@@ -13,6 +13,7 @@ from services.retrieval.rerank import FusionRescorer
 from services.retrieval.search import SearchPipeline
 from services.retrieval.servicer import RetrievalServiceServicer
 from services.retrieval.sparse import Bm25Encoder
+from services.retrieval.store.base import StoreError
 from services.retrieval.store.edge import EdgeStore
 from services.retrieval.validation import Limits
 from services.runtime.errors import InvalidArgument, Unavailable
@@ -23,16 +24,28 @@ from .conftest import DIM, unit
 SETTINGS = SearchSettings(max_top_k=20, filter_fields=("lang", "year"))
 
 
-@pytest.fixture
-async def servicer(tmp_path):
-    store = EdgeStore(path=str(tmp_path / "shard"), index=IndexConfig(dimension=DIM, optimize_idle_seconds=0))
+async def make_servicer(path: str, settings: SearchSettings) -> RetrievalServiceServicer:
+    store = EdgeStore(path=path, index=IndexConfig(dimension=DIM, optimize_idle_seconds=0))
     await store.start()
     encoder = Bm25Encoder(Bm25Settings())
-    pipeline = SearchPipeline(store=store, encoder=encoder, settings=SETTINGS, reranker=FusionRescorer(0.7))
-    svc = RetrievalServiceServicer(store=store, pipeline=pipeline, cache=ResultCache(CacheSettings(size=64)),
-                                   encoder=encoder, limits=Limits(DIM, SETTINGS), rerank_default=True)
+    pipeline = SearchPipeline(store=store, encoder=encoder, settings=settings, reranker=FusionRescorer(0.7))
+    return RetrievalServiceServicer(store=store, pipeline=pipeline, cache=ResultCache(CacheSettings(size=64)),
+                                    encoder=encoder, limits=Limits(DIM, settings), rerank_default=True)
+
+
+@pytest.fixture
+async def servicer(tmp_path):
+    svc = await make_servicer(str(tmp_path / "shard"), SETTINGS)
     yield svc
-    await store.close()
+    await svc.store.close()
+
+
+@pytest.fixture
+async def any_field_servicer(tmp_path):
+    """Filters may name any metadata key (RAGFLEET_RETRIEVAL_FILTER_FIELDS=*, the default)."""
+    svc = await make_servicer(str(tmp_path / "shard"), SearchSettings(max_top_k=20))
+    yield svc
+    await svc.store.close()
 
 
 def chunks(doc_id: str, texts: list[str], seed: int = 0, **metadata: str) -> list[pb.Chunk]:
@@ -58,6 +71,8 @@ async def search(svc, **kwargs) -> pb.SearchResponse:
     (dict(tenant="a", query_text="x", top_k=3, filters=[common_pb2.FieldCondition(field="tenant", any_of=["b"])]),
      "unknown filter field 'tenant'"),
     (dict(tenant="a", query_text="x", top_k=3, mmr_lambda=1.5), "mmr_lambda: must be in [0, 1]"),
+    (dict(tenant="a", query_text="x", top_k=3, filters=[common_pb2.FieldCondition(field="year", gte=float("nan"))]),
+     "filters[0].gte: must be a number, got NaN"),
     (dict(tenant="a", query_text="x", top_k=3, mode=common_pb2.SEARCH_MODE_DENSE),
      "query_vector: required for mode DENSE"),
     (dict(tenant="a", query_vector=[0.1] * DIM, top_k=3, mode=common_pb2.SEARCH_MODE_SPARSE),
@@ -176,3 +191,66 @@ async def test_stage_spans_and_metrics_carry_candidate_counts(servicer):
     assert spans["retrieval.mmr"].attributes["ragfleet.candidates_in"] == 3
     assert spans["retrieval.mmr"].attributes["ragfleet.candidates_out"] == 2
     assert all(count(s) == before[s] + 1 for s in before)
+
+
+@pytest.mark.parametrize("name", ["a b", "dc:title", "a/b", "a,b", "$", "a.b", "a[]", "a[0]", 'a"', "x\u0301"])
+async def test_a_filter_field_that_is_no_valid_key_is_invalid_argument(any_field_servicer, name):
+    with pytest.raises(InvalidArgument) as err:
+        await search(any_field_servicer, query_text="x",
+                     filters=[common_pb2.FieldCondition(field="lang", any_of=["en"]),
+                              common_pb2.FieldCondition(field=name, any_of=["x"])])
+    assert f"filters[1].field: {name!r} cannot be filtered on" in err.value.message
+    assert "only letters, digits, '_' and '-'" in err.value.message
+
+
+async def test_filter_fields_in_any_script_with_hyphens_and_digits_work(any_field_servicer):
+    metadata = {"first-name": "ada", "ünicode": "ja", "1abc": "z", "名前": "x"}
+    await any_field_servicer.Upsert(pb.UpsertRequest(tenant="acme", chunks=chunks("d", ["bees"], **metadata)), None)
+    await any_field_servicer.Upsert(pb.UpsertRequest(tenant="acme", chunks=chunks("other", ["bees"], seed=1)), None)
+    for name, value in metadata.items():
+        reply = await search(any_field_servicer, query_text="bees",
+                             filters=[common_pb2.FieldCondition(field=name, any_of=[value])])
+        assert [h.doc_id for h in reply.hits] == ["d"], name
+
+
+async def test_non_finite_numeric_metadata_is_stored_as_text(servicer):
+    """"nan", "inf" and "1e999" parse as floats but no engine stores them: they stay text (no range copy) instead of
+    failing the write with INTERNAL after earlier batches were written."""
+    values = ["nan", "inf", "-inf", "1e999", "2021"]
+    many = [pb.Chunk(doc_id=f"d{i}", chunk_index=0, text="bees", vector=unit(np.random.default_rng(i)),
+                     metadata={"year": value}) for i, value in enumerate(values)]
+    many += chunks("bulk", ["bees"] * 295, seed=9)  # more than one write batch, the odd values in the second
+    reply = await servicer.Upsert(pb.UpsertRequest(tenant="acme", chunks=many[5:] + many[:5]), None)
+    assert reply.upserted == 300 and not reply.failed_chunk_ids
+    recent = await search(servicer, query_text="bees", filters=[common_pb2.FieldCondition(field="year", gte=2000)])
+    assert [h.doc_id for h in recent.hits] == ["d4"]
+    nan = await search(servicer, query_text="bees", filters=[common_pb2.FieldCondition(field="year", any_of=["nan"])])
+    assert [(h.doc_id, h.metadata["year"]) for h in nan.hits] == [("d0", "nan")]
+
+
+async def test_a_write_whose_delete_step_fails_still_invalidates_the_cache(servicer):
+    await servicer.Upsert(pb.UpsertRequest(tenant="acme", chunks=chunks("old", ["zebra crossing"])), None)
+    assert not (await search(servicer, query_text="zebra")).cached
+    assert (await search(servicer, query_text="zebra")).cached
+    real_delete = servicer.store.delete_documents
+
+    async def failing_delete(*args, **kwargs):
+        raise StoreError("engine hiccup")
+
+    servicer.store.delete_documents = failing_delete
+    with pytest.raises(Unavailable, match="new chunks were written but stale ones were not removed"):
+        await servicer.Upsert(pb.UpsertRequest(tenant="acme", chunks=chunks("new", ["zebra stripes"], seed=1),
+                                               replace_documents=True), None)
+    after = await search(servicer, query_text="zebra")
+    assert not after.cached and {h.doc_id for h in after.hits} == {"old", "new"}
+
+    async def half_done_delete(tenant, doc_ids, keep_point_ids=()):
+        await real_delete(tenant, doc_ids, keep_point_ids)  # the points are gone, then the call fails
+        raise StoreError("connection reset after the delete")
+
+    assert (await search(servicer, query_text="zebra")).cached
+    servicer.store.delete_documents = half_done_delete
+    with pytest.raises(Unavailable):
+        await servicer.Delete(pb.DeleteRequest(tenant="acme", doc_ids=["old"]), None)
+    after_delete = await search(servicer, query_text="zebra")
+    assert not after_delete.cached and [h.doc_id for h in after_delete.hits] == ["new"]
