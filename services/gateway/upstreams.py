@@ -19,11 +19,12 @@ from services.runtime.pb.ragfleet.v1 import (common_pb2, embedding_pb2, embeddin
 
 _EMBEDDING = "ragfleet.v1.EmbeddingService"
 _RETRIEVAL = "ragfleet.v1.RetrievalService"
+_GENERATION = "ragfleet.v1.GenerationService"
 
 
 class EmbeddingClient:
     def __init__(self, pool: ChannelPool, address: str) -> None:
-        channel = pool.get(address, retry_methods=[(_EMBEDDING, "Embed")])
+        channel = pool.get(address, health_service=_EMBEDDING, retry_methods=[(_EMBEDDING, "Embed")])
         self._stub = embedding_pb2_grpc.EmbeddingServiceStub(channel)
 
     async def embed(self, texts: Sequence[str], *, input_type: int, timeout: float) -> embedding_pb2.EmbedResponse:
@@ -40,8 +41,8 @@ class EmbeddingClient:
 
 class RetrievalClient:
     def __init__(self, pool: ChannelPool, address: str) -> None:
-        channel = pool.get(address, retry_methods=[(_RETRIEVAL, "Search"), (_RETRIEVAL, "Upsert"),
-                                                   (_RETRIEVAL, "Delete")])
+        channel = pool.get(address, health_service=_RETRIEVAL,
+                           retry_methods=[(_RETRIEVAL, "Search"), (_RETRIEVAL, "Upsert"), (_RETRIEVAL, "Delete")])
         self._stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
 
     async def search(self, request: retrieval_pb2.SearchRequest, *, timeout: float) -> retrieval_pb2.SearchResponse:
@@ -65,7 +66,7 @@ class RetrievalClient:
 
 class GenerationClient:
     def __init__(self, pool: ChannelPool, address: str) -> None:
-        self._stub = generation_pb2_grpc.GenerationServiceStub(pool.get(address))
+        self._stub = generation_pb2_grpc.GenerationServiceStub(pool.get(address, health_service=_GENERATION))
 
     async def generate_stream(self, request: generation_pb2.GenerateRequest, *,
                               timeout: float) -> AsyncIterator[generation_pb2.GenerateResponse]:

@@ -14,7 +14,8 @@ _RETRY = [("ragfleet.v1.EmbeddingService", "Embed")]
 
 class QueryEmbedder:
     def __init__(self, pool: ChannelPool, address: str, *, timeout_seconds: float, dimension: int) -> None:
-        self._stub = embedding_pb2_grpc.EmbeddingServiceStub(pool.get(address, retry_methods=_RETRY))
+        self._stub = embedding_pb2_grpc.EmbeddingServiceStub(pool.get(address, health_service=_RETRY[0][0],
+                                                                      retry_methods=_RETRY))
         self.address = address
         self.timeout_seconds = timeout_seconds
         self.dimension = dimension

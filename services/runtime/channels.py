@@ -3,8 +3,14 @@
 Unary, idempotent methods listed in ``retry_methods`` are retried by gRPC itself on UNAVAILABLE (transparent to
 the caller, capped backoff); streaming methods are never listed, so a started stream is never replayed.
 
+With ``health_service`` the channel watches each backend's grpc.health.v1 status for that service (gRPC's
+client-side health checking) and round-robins only over backends reporting SERVING. A replica that starts draining
+(NOT_SERVING on SIGTERM) stops getting new calls at once, so its in-flight streams can finish within the grace
+period; DNS alone would not do it, since gRPC re-resolves only when a connection breaks.
+
     pool = ChannelPool()
-    channel = pool.get("127.0.0.1:50051", retry_methods=[("ragfleet.v1.EmbeddingService", "Embed")])
+    channel = pool.get("127.0.0.1:50051", health_service="ragfleet.v1.EmbeddingService",
+                       retry_methods=[("ragfleet.v1.EmbeddingService", "Embed")])
     stub = EmbeddingServiceStub(channel)
     await stub.Embed(request, timeout=2.0)   # every call carries a deadline
     await pool.close()
@@ -28,18 +34,21 @@ DEFAULT_RETRY_POLICY = {
 }
 
 
-def service_config(retry_methods: Iterable[tuple[str, str]]) -> str:
+def service_config(retry_methods: Iterable[tuple[str, str]], health_service: str | None = None) -> str:
     names = [{"service": service, "method": method} for service, method in retry_methods]
     config: dict = {"loadBalancingConfig": [{"round_robin": {}}]}
+    if health_service:
+        config["healthCheckConfig"] = {"serviceName": health_service}
     if names:
         config["methodConfig"] = [{"name": names, "retryPolicy": DEFAULT_RETRY_POLICY}]
     return json.dumps(config)
 
 
-def channel_options(retry_methods: Sequence[tuple[str, str]] = (), max_message_mb: int = 64) -> list[tuple[str, object]]:
+def channel_options(retry_methods: Sequence[tuple[str, str]] = (), max_message_mb: int = 64,
+                    health_service: str | None = None) -> list[tuple[str, object]]:
     max_bytes = max_message_mb * 1024 * 1024
     return [
-        ("grpc.service_config", service_config(retry_methods)),
+        ("grpc.service_config", service_config(retry_methods, health_service)),
         ("grpc.enable_retries", 1),
         ("grpc.max_send_message_length", max_bytes),
         ("grpc.max_receive_message_length", max_bytes),
@@ -58,11 +67,13 @@ class ChannelPool:
     def __init__(self) -> None:
         self._channels: dict[str, grpc.aio.Channel] = {}
 
-    def get(self, target: str, *, retry_methods: Sequence[tuple[str, str]] = ()) -> grpc.aio.Channel:
+    def get(self, target: str, *, health_service: str | None = None,
+            retry_methods: Sequence[tuple[str, str]] = ()) -> grpc.aio.Channel:
+        """The channel to `target`, created on first use with these settings (one service per target)."""
         channel = self._channels.get(target)
         if channel is None:
-            channel = grpc.aio.insecure_channel(target, options=channel_options(retry_methods),
-                                                interceptors=telemetry.client_interceptors())
+            options = channel_options(retry_methods, health_service=health_service)
+            channel = grpc.aio.insecure_channel(target, options=options, interceptors=telemetry.client_interceptors())
             self._channels[target] = channel
         return channel
 

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 
 import grpc
 import pytest
 
 from services.runtime.channels import DEFAULT_RETRY_POLICY, ChannelPool, channel_options, service_config
-from services.runtime.pb.ragfleet.v1 import embedding_pb2, embedding_pb2_grpc
+from services.runtime.pb.ragfleet.v1 import (common_pb2, embedding_pb2, embedding_pb2_grpc, generation_pb2,
+                                             generation_pb2_grpc)
 
-from .conftest import EMBEDDING, ScriptedEmbedding, running_server
+from .conftest import EMBEDDING, GENERATION, ScriptedEmbedding, ScriptedGeneration, running_server
 
 
 def test_service_config_round_robin_and_retry_only_for_listed_methods() -> None:
@@ -62,3 +65,55 @@ async def test_unary_unavailable_is_retried_only_when_listed(retried: bool) -> N
                 assert servicer.calls == 1
         finally:
             await pool.close()
+
+
+class CountingGeneration(ScriptedGeneration):
+    """Records when each stream started, so a test can tell which replica took which call."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__(delay)
+        self.starts: list[float] = []
+
+    async def Generate(self, request, context):  # type: ignore[no-untyped-def, override]
+        self.starts.append(time.monotonic())
+        async for message in super().Generate(request, context):
+            yield message
+
+
+@pytest.mark.parametrize("health_checked", [True, False])
+async def test_a_draining_replica_gets_no_new_streams_when_health_is_watched(health_checked: bool) -> None:
+    # Two replicas behind one round-robin channel, as the gateway sees a headless Service. Replica A starts
+    # draining (NOT_SERVING, then waits for its in-flight streams); every new stream must go to B meanwhile,
+    # or A's in-flight count never reaches zero and its grace period ends by cancelling streams.
+    a, b = CountingGeneration(delay=0.05), CountingGeneration(delay=0.05)
+    async with running_server(generation=a, grace=3.0) as server_a, running_server(generation=b) as server_b:
+        pool = ChannelPool()
+        target = f"ipv4:127.0.0.1:{server_a.port},127.0.0.1:{server_b.port}"
+        channel = pool.get(target, health_service=GENERATION if health_checked else None)
+        stub = generation_pb2_grpc.GenerationServiceStub(channel)
+        request = generation_pb2.GenerateRequest(question="q", params=common_pb2.GenerationParams(max_tokens=10))
+
+        async def stream() -> int:
+            return len([m async for m in stub.Generate(request, timeout=10)])
+
+        try:
+            for _ in range(50):  # round robin spreads calls once both subchannels are connected
+                await stream()
+                if a.starts and b.starts:
+                    break
+            assert a.starts and b.starts
+            in_flight = [asyncio.create_task(stream()) for _ in range(4)]
+            await asyncio.sleep(0.1)
+            draining = time.monotonic()
+            stop = asyncio.create_task(server_a.stop())
+            await asyncio.sleep(0.2)  # the health watch reports NOT_SERVING
+            later = await asyncio.gather(*(stream() for _ in range(6)))
+            new_on_a = [t for t in a.starts if t > draining + 0.2]
+            assert await asyncio.gather(*in_flight) == [11] * 4 and later == [11] * 6
+            await stop
+        finally:
+            await pool.close()
+    if health_checked:
+        assert new_on_a == []
+    else:
+        assert new_on_a  # the reason for watching health: DNS/round robin alone keeps routing to A
