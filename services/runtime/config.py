@@ -87,7 +87,7 @@ class Env:
 @dataclass(frozen=True)
 class ServerConfig:
     """What every gRPC server needs. Env: RAGFLEET_<SERVICE>_HOST, _PORT, _METRICS_PORT, _GRACE_SECONDS,
-    _MAX_CONNECTION_AGE_SECONDS, _MAX_CONNECTION_AGE_GRACE_SECONDS, _KEEPALIVE_SECONDS, _MAX_MESSAGE_MB;
+    _DRAIN_NOTICE_SECONDS, _MAX_CONNECTION_AGE_SECONDS, _MAX_CONNECTION_AGE_GRACE_SECONDS, _KEEPALIVE_SECONDS, _MAX_MESSAGE_MB;
     RAGFLEET_LOG_LEVEL, RAGFLEET_LOG_FORMAT (json|text) and RAGFLEET_EVENT_LOOP (uvloop|asyncio) are shared by all
     services."""
 
@@ -96,6 +96,7 @@ class ServerConfig:
     port: int = 0
     metrics_port: int = 0  # 0 disables the Prometheus endpoint
     grace_seconds: float = 10.0
+    drain_notice_seconds: float = 5.0
     max_connection_age_seconds: float = 300.0
     max_connection_age_grace_seconds: float = 30.0
     keepalive_seconds: float = 30.0
@@ -124,6 +125,7 @@ class ServerConfig:
             port=env.int("PORT", DEFAULT_PORTS.get(component, 0), minimum=0),
             metrics_port=env.int("METRICS_PORT", DEFAULT_METRICS_PORTS.get(component, 0), minimum=0),
             grace_seconds=env.float("GRACE_SECONDS", 10.0, minimum=0),
+            drain_notice_seconds=env.float("DRAIN_NOTICE_SECONDS", 5.0, minimum=0),
             max_connection_age_seconds=env.float("MAX_CONNECTION_AGE_SECONDS", 300.0, minimum=1),
             max_connection_age_grace_seconds=env.float("MAX_CONNECTION_AGE_GRACE_SECONDS", 30.0, minimum=0),
             keepalive_seconds=env.float("KEEPALIVE_SECONDS", 30.0, minimum=1),

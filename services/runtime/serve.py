@@ -4,8 +4,9 @@
     port = await server.start()        # binds; returns the real port (config.port may be 0)
     await server.wait()                # until SIGTERM/SIGINT, then drains and stops
 
-Shutdown order (Kubernetes-friendly): health flips to NOT_SERVING while the server keeps answering, in-flight RPCs
-and streams drain for up to ``grace_seconds``, then the server stops, ``on_stop`` closes clients, spans flush.
+Shutdown order (Kubernetes-friendly): health flips to NOT_SERVING while the server keeps answering (a short notice
+for health watchers and readiness probes), then GOAWAY: no new calls, in-flight RPCs and streams drain for the rest
+of ``grace_seconds``; then ``on_stop`` closes clients and spans flush.
 """
 
 from __future__ import annotations
@@ -101,7 +102,14 @@ class GrpcServer:
             await self.health.set(binding.service_name, status)
 
     async def stop(self, grace: float | None = None) -> None:
-        """Drain and stop. Health reports NOT_SERVING throughout, so load balancers stop routing here first."""
+        """Drain and stop, in two phases within ``grace`` seconds.
+
+        1. Notice (up to ``drain_notice_seconds``, or until idle): health reports NOT_SERVING while the server keeps
+           answering, so callers that watch health (the mesh's channels) and readiness probes move new calls away
+           without a single one failing.
+        2. GOAWAY: the server stops taking new calls, so clients still holding a connection (an L4 Service keeps
+           them open) reconnect to another replica; calls in flight keep running until the grace period ends.
+        """
         if self._stopped:
             return
         self._stopped = True
@@ -109,10 +117,11 @@ class GrpcServer:
         started = time.monotonic()
         await self._set_all(health_pb2.HealthCheckResponse.NOT_SERVING)
         log.info("draining", extra={"fields": {"in_flight": self.in_flight.count, "grace_seconds": grace}})
-        drained = await self.in_flight.wait_idle(grace)
+        await self.in_flight.wait_idle(min(grace, self.config.drain_notice_seconds))
         remaining = max(0.0, grace - (time.monotonic() - started))
         await self.health.enter_graceful_shutdown()
         await self.server.stop(remaining)
+        drained = self.in_flight.count == 0
         if self._on_stop is not None:
             try:
                 await self._on_stop()

@@ -76,8 +76,9 @@ class ScriptedGeneration(generation_pb2_grpc.GenerationServiceServicer):
 
 @asynccontextmanager
 async def running_server(*, embedding: ScriptedEmbedding | None = None, generation: ScriptedGeneration | None = None,
-                         grace: float = 5.0) -> AsyncIterator[GrpcServer]:
-    config = ServerConfig(component="test", host="127.0.0.1", port=0, metrics_port=0, grace_seconds=grace)
+                         grace: float = 5.0, drain_notice: float = 5.0) -> AsyncIterator[GrpcServer]:
+    config = ServerConfig(component="test", host="127.0.0.1", port=0, metrics_port=0, grace_seconds=grace,
+                          drain_notice_seconds=drain_notice)
     server = GrpcServer(config, bindings=[
         Binding(EMBEDDING, embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server, embedding or ScriptedEmbedding()),
         Binding(GENERATION, generation_pb2_grpc.add_GenerationServiceServicer_to_server,

@@ -117,3 +117,35 @@ async def test_a_draining_replica_gets_no_new_streams_when_health_is_watched(hea
         assert new_on_a == []
     else:
         assert new_on_a  # the reason for watching health: DNS/round robin alone keeps routing to A
+
+
+async def test_after_the_drain_notice_even_a_client_that_ignores_health_moves_to_another_replica() -> None:
+    # No health watching here (an external client behind an L4 Service). After the notice the draining replica
+    # sends GOAWAY: new streams go to B without failing, and A's in-flight streams still finish.
+    a, b = CountingGeneration(delay=0.05), CountingGeneration(delay=0.05)
+    async with running_server(generation=a, grace=5.0, drain_notice=0.3) as server_a, \
+            running_server(generation=b) as server_b:
+        pool = ChannelPool()
+        channel = pool.get(f"ipv4:127.0.0.1:{server_a.port},127.0.0.1:{server_b.port}")
+        stub = generation_pb2_grpc.GenerationServiceStub(channel)
+        request = generation_pb2.GenerateRequest(question="q", params=common_pb2.GenerationParams(max_tokens=20))
+
+        async def stream() -> int:
+            return len([m async for m in stub.Generate(request, timeout=10)])
+
+        try:
+            for _ in range(50):
+                await stream()
+                if a.starts and b.starts:
+                    break
+            in_flight = [asyncio.create_task(stream()) for _ in range(4)]
+            await asyncio.sleep(0.1)
+            stop = asyncio.create_task(server_a.stop())
+            await asyncio.sleep(0.6)  # past the notice: A has sent GOAWAY
+            after_goaway = time.monotonic()
+            later = await asyncio.gather(*(stream() for _ in range(6)))
+            assert await asyncio.gather(*in_flight) == [21] * 4 and later == [21] * 6
+            assert [t for t in a.starts if t > after_goaway] == []
+            await stop
+        finally:
+            await pool.close()
