@@ -177,6 +177,10 @@ class Batcher:
 
     def next_batch(self) -> list[_Entry]:
         """Cut one batch: start at the oldest text, grow in token-count order by least added padding."""
+        for entry in self._queue:
+            if entry.queued and entry.future.done():
+                # Cancelled in this loop turn, before its done-callback ran: never batch it, free its slot now.
+                self._forget(entry)
         live = [e for e in self._queue if e.queued]
         self._queue = live
         if not live:

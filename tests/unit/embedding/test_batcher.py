@@ -265,3 +265,49 @@ async def test_a_remote_backend_with_calls_in_flight_waits_instead_of_sending_si
     assert len(scripted.batches) <= 0.8 * 300, f"{len(scripted.batches)} calls for 300 texts"
     order = [text for batch in scripted.batches for text in batch]
     assert order == [f"trickle {i}" for i in range(300)]  # first come, first served
+
+
+async def test_a_full_batch_runs_at_once_and_a_partial_one_waits(scripted):
+    batcher = Batcher(scripted, BatcherConfig(max_batch_size=8, max_wait_ms=200))
+    batcher.start()
+
+    async def latency(texts: list[str]) -> float:
+        started = time.perf_counter()
+        await asyncio.gather(*batcher.append(scripted.prepare(texts)))
+        return time.perf_counter() - started
+
+    try:
+        for _ in range(3):  # bursty arrivals teach it to wait for more texts
+            futures = []
+            for i in range(8):
+                futures += batcher.append(scripted.prepare([f"burst {i}"]))
+                await asyncio.sleep(0.001)
+            await asyncio.gather(*futures)
+        full = await latency([f"full {i}" for i in range(8)])
+        partial = await latency([f"partial {i}" for i in range(3)])
+    finally:
+        await batcher.close()
+    assert full < 0.05, f"a full batch waited {full * 1000:.0f} ms"
+    assert 0.15 < partial < 0.4, f"a partial batch waited {partial * 1000:.0f} ms, not about the 200 ms max wait"
+    assert scripted.batches[-2:] == [[f"full {i}" for i in range(8)], [f"partial {i}" for i in range(3)]]
+
+
+async def test_a_text_cancelled_in_the_same_loop_turn_is_never_batched(scripted):
+    batcher = Batcher(scripted, BatcherConfig(max_batch_size=8))  # not started: the test cuts the batch itself
+    futures = batcher.append(scripted.prepare(["kept 1", "cancelled", "kept 2"]))
+    futures[1].cancel()  # its done-callback (which frees the slot) only runs on the next loop turn
+    assert [entry.item.text for entry in batcher.next_batch()] == ["kept 1", "kept 2"]
+    assert batcher.depth == 0
+    await asyncio.sleep(0)  # the late done-callback must not free the slot a second time
+    assert batcher.depth == 0 and batcher.next_batch() == []
+    await batcher.close()
+
+
+def test_a_queue_smaller_than_one_full_request_is_refused_at_start_up():
+    from services.embedding.config import EmbeddingConfig
+    from services.runtime.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"QUEUE_CAPACITY=100 is below RAGFLEET_EMBEDDING_MAX_TEXTS=256"):
+        EmbeddingConfig.from_env({"RAGFLEET_EMBEDDING_QUEUE_CAPACITY": "100"})
+    fits = EmbeddingConfig.from_env({"RAGFLEET_EMBEDDING_QUEUE_CAPACITY": "100", "RAGFLEET_EMBEDDING_MAX_TEXTS": "100"})
+    assert fits.batcher.queue_capacity == fits.max_texts == 100

@@ -133,3 +133,64 @@ async def test_l2_burst_beyond_the_connection_pool_waits_and_hits(redis_cleanup,
         assert not caplog.records
     finally:
         await l2.close()
+
+
+class RedisProxy:
+    """A TCP forwarder to the real Redis that can go down (listener and open connections closed) and come back."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self._server: asyncio.Server | None = None
+        self._sockets: list[asyncio.StreamWriter] = []
+
+    async def up(self) -> None:
+        self._server = await asyncio.start_server(self._forward, "127.0.0.1", self.port)
+
+    async def down(self) -> None:
+        self._server.close()
+        for writer in self._sockets:
+            writer.close()
+        self._sockets.clear()
+        await self._server.wait_closed()
+
+    async def _forward(self, client_reader, client_writer) -> None:
+        server_reader, server_writer = await asyncio.open_connection("127.0.0.1", 6379)
+        self._sockets += [client_writer, server_writer]
+        await asyncio.gather(self._pipe(client_reader, server_writer), self._pipe(server_reader, client_writer))
+
+    @staticmethod
+    async def _pipe(reader, writer) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+
+async def test_concurrent_failures_back_off_once_not_once_each(redis_cleanup):
+    """20 requests failing together are one failure: L2 is back ~0.5 s after Redis, not after the 10 s maximum.
+    A failed probe doubles the back-off once, however many requests probed together."""
+    proxy = RedisProxy()
+    await proxy.up()
+    l2 = L2Cache(f"redis://127.0.0.1:{proxy.port}/0", prefix=redis_cleanup, ttl_seconds=60, timeout=0.2,
+                 dimension=DIM)
+    try:
+        await asyncio.gather(*(l2.put_many([(f"k{i}", vec(i))]) for i in range(20)))  # several pooled connections
+        await proxy.down()
+        before = redis_errors()
+        assert await asyncio.gather(*(l2.get_many(["k1"]) for _ in range(20))) == [[None]] * 20
+        assert redis_errors() - before == 20 and not l2.available
+        await asyncio.sleep(0.55)  # the first back-off (0.5 s) is over; Redis is still down
+        assert l2.available
+        assert await asyncio.gather(*(l2.get_many(["k1"]) for _ in range(20))) == [[None]] * 20
+        await proxy.up()
+        await asyncio.sleep(0.5)
+        assert (await l2.get_many(["k1"]))[0] is None and not l2.available  # the failed probe doubled it: 1 s
+        await asyncio.sleep(0.55)
+        np.testing.assert_array_equal((await l2.get_many(["k1"]))[0], vec(1))
+    finally:
+        await l2.close()
+        await proxy.down()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 
 import numpy as np
 import pytest
@@ -198,4 +200,86 @@ async def test_prewarm_fills_the_cache(scripted, tmp_path):
     embedder = make_embedder(scripted)
     assert await embedder.prewarm(path, QUERY) == 2
     assert (await embedder.embed(["what is covid"], QUERY)).items[0].cached
+    await embedder.close()
+
+
+def long_texts(count: int, chars: int) -> list[str]:
+    """Distinct texts of `chars` characters cut from the SciFact abstracts (up to the service's 100,000 limit)."""
+    from tests.unit.embedding.conftest import SCIFACT
+
+    with SCIFACT.open() as handle:
+        corpus = " ".join(json.loads(line)["text"] for line, _ in zip(handle, range(400)))
+    return [f"{i} " + corpus[i * 97:i * 97 + chars] for i in range(count)]
+
+
+async def test_a_large_request_is_tokenized_without_stalling_the_event_loop(onnx_backend):
+    texts = long_texts(8, 99_990)
+    started = time.perf_counter()
+    onnx_backend.prepare(texts)
+    tokenizing = time.perf_counter() - started  # what the loop would stall for if tokenizing ran on it
+    batcher = Batcher(onnx_backend, BatcherConfig(max_batch_size=32))
+    batcher.start()
+    embedder = Embedder(onnx_backend, batcher, None, None)
+    lags: list[float] = []
+
+    async def ticker() -> None:
+        while True:
+            tick = time.perf_counter()
+            await asyncio.sleep(0.002)
+            lags.append(time.perf_counter() - tick - 0.002)
+
+    ticking = asyncio.create_task(ticker())
+    await asyncio.sleep(0.01)
+    try:
+        result = await embedder.embed(texts, QUERY)
+    finally:
+        ticking.cancel()
+        await batcher.close()  # not embedder.close(): the ONNX backend is shared by the session
+    assert all(item.truncated and item.token_count == 256 for item in result.items)
+    assert tokenizing > 0.1, tokenizing
+    assert max(lags) < tokenizing / 4, f"loop stalled {max(lags):.3f} s; tokenizing takes {tokenizing:.3f} s"
+
+
+class CountingL2(L2Cache):
+    """The real L2 on Redis, recording the keys of every SET it sends."""
+
+    def __init__(self, prefix: str, dim: int) -> None:
+        super().__init__(REDIS_URL, prefix=prefix, ttl_seconds=60, timeout=0.2, dimension=dim)
+        self.written: list[str] = []
+
+    async def put_many(self, items):
+        self.written += [key for key, _ in items]
+        await super().put_many(items)
+
+
+async def test_a_text_computed_once_is_written_to_l2_once(scripted, redis_cleanup, text_vector):
+    scripted.delay = 0.02
+    l2 = CountingL2(redis_cleanup, scripted.dimension)
+    embedder = make_embedder(scripted, l2=l2, l1=False)
+    results = await asyncio.gather(embedder.embed(["hot query", "own a"], QUERY),
+                                   embedder.embed(["hot query", "own b"], QUERY))
+    assert sum(r.joined for r in results) == 1  # the second request joined the first one's computation
+    assert len(l2.written) == 3 and len(set(l2.written)) == 3  # hot query SET once, not once per request
+    replica = make_embedder(scripted, l2=l2_for(redis_cleanup, scripted.dimension), l1=False)
+    again = await replica.embed(["hot query", "own a", "own b"], QUERY)
+    assert again.l2_hits == 3  # every text did reach Redis
+    np.testing.assert_array_equal(again.items[0].vector, text_vector("hot query"))
+    await embedder.close()
+    await replica.close()
+
+
+async def test_a_joiner_writes_l2_when_the_request_that_started_the_computation_is_cancelled(scripted,
+                                                                                            redis_cleanup):
+    gate = scripted.gate = asyncio.Event()
+    l2 = CountingL2(redis_cleanup, scripted.dimension)
+    embedder = make_embedder(scripted, l2=l2, l1=False)
+    starter = asyncio.create_task(embedder.embed(["hot query"], QUERY))
+    await asyncio.sleep(0.01)
+    joiner = asyncio.create_task(embedder.embed(["hot query"], QUERY))
+    await asyncio.sleep(0.01)
+    starter.cancel()
+    await asyncio.sleep(0.01)
+    gate.set()
+    assert (await joiner).joined == 1
+    assert len(l2.written) == 1  # the vector still reaches the shared cache
     await embedder.close()

@@ -79,3 +79,48 @@ def test_custom_model_path_gets_a_model_id_of_its_own(tmp_path):
     assert cache_key(model_id(other), 1, "q") != cache_key(custom, 1, "q")
     with pytest.raises(ConfigError, match="RAGFLEET_EMBEDDING_ONNX_MODEL_PATH"):
         model_id(tmp_path / "missing.onnx")
+
+
+@pytest.mark.parametrize("cpu_max, cap", [
+    (None, None),                 # no cgroup v2 file: the affinity mask alone
+    ("max 100000\n", None),       # no quota
+    ("100000 100000\n", 1),       # one CPU's worth
+    ("150000 100000\n", 2),       # 1.5 CPUs: a second thread still gets half a core
+    ("20000 100000\n", 1),        # a fraction of a CPU is still one thread
+    ("garbage\n", None),          # unreadable: ignored, not fatal
+])
+def test_usable_cpus_follow_affinity_and_the_cgroup_quota(tmp_path, cpu_max, cap):
+    import os
+
+    from services.embedding.config import usable_cpus
+
+    path = tmp_path / "cpu.max"
+    if cpu_max is not None:
+        path.write_text(cpu_max)
+    affinity = len(os.sched_getaffinity(0))
+    assert usable_cpus(str(path)) == (affinity if cap is None else min(affinity, cap))
+
+
+async def test_the_session_runs_the_configured_intra_op_threads(onnx_backend):
+    from services.embedding.backends.onnx import load_session
+    from services.embedding.config import usable_cpus
+
+    assert onnx_backend.config.intra_op_threads == 0  # the default: one thread per usable CPU
+    assert onnx_backend._session.get_session_options().intra_op_num_threads == usable_cpus()
+    assert OnnxConfig(intra_op_threads=3).threads == 3
+    pinned = load_session(default_model_path(), OnnxConfig(intra_op_threads=1).threads)
+    assert pinned.get_session_options().intra_op_num_threads == 1
+
+
+def test_usable_cpus_follow_the_affinity_mask_not_the_core_count(tmp_path):
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from services.embedding.config import usable_cpus
+
+    def pinned_to_one_cpu() -> int:
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # this worker thread only (Linux: 0 = caller)
+        return usable_cpus(str(tmp_path / "no-cgroup"))
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        assert pool.submit(pinned_to_one_cpu).result() == 1

@@ -221,3 +221,38 @@ async def test_endpoint_configuration_errors_stay_unavailable(limited_sim):
     with pytest.raises(Unavailable, match="404"):
         await backend.embed(backend.prepare(["x"]))
     await backend.close()
+
+
+async def test_backends_with_the_same_settings_share_one_client(sim):
+    url, _ = sim
+    first, second = backend_for(url), backend_for(url)
+    assert first._client is second._client  # one HTTP connection pool per process, not one per backend
+    await first.embed(first.prepare(["x"]))
+    await second.embed(second.prepare(["y"]))
+    await first.close()
+
+
+async def test_retries_are_spaced_by_capped_jittered_backoff(sim, monkeypatch):
+    from services.embedding.backends import remote
+
+    url, control = sim
+    await control(failure_rate=1.0)
+    delays: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def recording_sleep(delay: float) -> None:
+        delays.append(delay)
+        await real_sleep(delay)
+
+    # Only the backend's own reference to asyncio: the loop, aiohttp and the sim keep the real one.
+    monkeypatch.setattr(remote, "asyncio", type("asyncio", (), {"sleep": staticmethod(recording_sleep)}))
+    backend = backend_for(url, max_retries=3)
+    with pytest.raises(Unavailable):
+        await backend.embed(backend.prepare(["x"]))
+    assert (await control())["failures_injected"] == 4  # one call + three retries, then give up
+    assert len(delays) == 3
+    for attempt, delay in enumerate(delays):
+        assert 0 <= delay <= min(remote.RETRY_MAX_SECONDS, remote.RETRY_BASE_SECONDS * 2 ** attempt)
+    samples = [remote.retry_delay(10) for _ in range(200)]
+    assert max(samples) <= remote.RETRY_MAX_SECONDS and len(set(samples)) > 100  # capped, and jittered
+    await backend.close()
