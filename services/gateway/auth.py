@@ -2,7 +2,9 @@
 
 Keys are compared in constant time against EVERY configured key (no early exit), so response time does not reveal
 how much of a guessed key was right. With no keys configured, auth is off and every caller is tenant "default"
-(the local `ragfleet up` mesh and the demo run that way; a warning is logged at start-up).
+(the local `ragfleet up` mesh and the demo run that way; a warning is logged at start-up). That happens only when
+neither RAGFLEET_GATEWAY_API_KEYS nor RAGFLEET_GATEWAY_API_KEYS_FILE is set: a keys file that holds no keys fails
+start-up instead (GatewayConfig.from_env), so an empty mounted secret never turns authentication off.
 """
 
 from __future__ import annotations

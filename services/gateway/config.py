@@ -6,8 +6,8 @@
 | RAGFLEET_GATEWAY_EMBEDDING_ADDRESS | 127.0.0.1:50051 | embedding service host:port |
 | RAGFLEET_GATEWAY_RETRIEVAL_ADDRESS | 127.0.0.1:50052 | retrieval service host:port |
 | RAGFLEET_GATEWAY_GENERATION_ADDRESS | 127.0.0.1:50053 | generation service host:port |
-| RAGFLEET_GATEWAY_API_KEYS | (none) | `key1=tenantA,key2=tenantB`; no keys at all (here or in the file) disables auth |
-| RAGFLEET_GATEWAY_API_KEYS_FILE | (none) | mounted secrets file, one `key=tenant` per line (`#` comments) |
+| RAGFLEET_GATEWAY_API_KEYS | (none) | `key1=tenantA,key2=tenantB`; with neither this nor the file set, auth is off (local development; a warning is logged) |
+| RAGFLEET_GATEWAY_API_KEYS_FILE | (none) | mounted secrets file, one `key=tenant` per line (`#` comments); set but holding no keys fails start-up |
 | RAGFLEET_GATEWAY_MAX_IN_FLIGHT | 512 | Asks in progress per replica; beyond it RESOURCE_EXHAUSTED at once |
 | RAGFLEET_GATEWAY_DEFAULT_TOP_K | 5 | passages when AskRequest.top_k is 0 (at most MAX_TOP_K) |
 | RAGFLEET_GATEWAY_MAX_TOP_K | 50 | largest accepted top_k |
@@ -136,7 +136,12 @@ class GatewayConfig:
                 text = Path(keys_file).read_text()
             except OSError as exc:
                 raise ConfigError(f"RAGFLEET_GATEWAY_API_KEYS_FILE={keys_file!r} cannot be read: {exc}") from None
-            keys = {**keys, **parse_api_keys(text, source=keys_file)}
+            file_keys = parse_api_keys(text, source=keys_file)
+            if not file_keys:
+                # An empty mounted secret must not silently turn authentication off (fail closed).
+                raise ConfigError(f"RAGFLEET_GATEWAY_API_KEYS_FILE={keys_file!r} holds no keys; add 'key=tenant' "
+                                  f"lines, or unset the variable to run without authentication")
+            keys = {**keys, **file_keys}
         version_key = env.str("CORPUS_VERSION_KEY", DEFAULT_CORPUS_VERSION_KEY)
         if "{tenant}" not in version_key:
             raise ConfigError("RAGFLEET_GATEWAY_CORPUS_VERSION_KEY must contain {tenant}")
@@ -218,13 +223,14 @@ def _check_ask(ask: AskLimits) -> None:
 
 
 def parse_api_keys(text: str, *, source: str) -> dict[str, str]:
-    """Parse `key=tenant` pairs separated by commas or newlines; `#` starts a comment line.
+    """Parse `key=tenant` pairs separated by commas or newlines; `#` starts a comment line (commas and all).
 
         parse_api_keys("k1=acme, k2=globex", source="env")  # -> {"k1": "acme", "k2": "globex"}
     """
     keys: dict[str, str] = {}
-    for raw in text.replace(",", "\n").splitlines():
-        entry = raw.strip()
+    entries = (entry.strip() for line in text.splitlines() if not line.strip().startswith("#")
+               for entry in line.split(","))
+    for entry in entries:
         if not entry or entry.startswith("#"):
             continue
         key, sep, tenant = entry.partition("=")

@@ -1,6 +1,8 @@
 """AskPipeline with fakes passed in through the client interfaces: branch cancellation on a cache hit, stream
-closing reaching generation, concurrency of the fan-out, validation before the first event, semantic hits only for
-the same request fingerprint, and Redis writes after the answer bounded by their stage budgets (hung real Redis)."""
+closing reaching generation, concurrency of the fan-out (variants; history ∥ embedding), validation before the first
+event, per-hop timeouts cut to the client's deadline, the exported cache outcomes and hit ratio, semantic hits only
+for the same request fingerprint, and Redis writes after the answer bounded by their stage budgets (hung real
+Redis)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import redis.asyncio as aioredis
+from prometheus_client import REGISTRY
 
 from services.gateway.ask import AskPipeline
 from services.gateway.config import AskLimits, CacheConfig, ConversationConfig, StageBudgets
@@ -29,9 +32,11 @@ class FakeEmbedding:
         self.delay = delay
         self.calls = 0
         self.cancelled = False
+        self.timeouts: list[float] = []
 
     async def embed(self, texts, *, input_type, timeout):
         self.calls += 1
+        self.timeouts.append(timeout)
         try:
             await asyncio.sleep(self.delay)
         except asyncio.CancelledError:
@@ -44,9 +49,11 @@ class FakeRetrieval:
     def __init__(self, delay: float = 0.0) -> None:
         self.delay = delay
         self.queries: list[str] = []
+        self.timeouts: list[float] = []
 
     async def search(self, request, *, timeout):
         self.queries.append(request.query_text)
+        self.timeouts.append(timeout)
         await asyncio.sleep(self.delay)
         hits = [retrieval_pb2.SearchHit(chunk_id=f"{request.query_text[:3]}#{i}", doc_id="d", text=f"t{i}",
                                         score=1.0 - i / 10) for i in range(request.top_k)]
@@ -60,9 +67,11 @@ class FakeGeneration:
         self.calls = 0
         self.closed = 0
         self.requests: list[generation_pb2.GenerateRequest] = []
+        self.timeouts: list[float] = []
 
     async def generate_stream(self, request, *, timeout):
         self.calls += 1
+        self.timeouts.append(timeout)
         self.requests.append(request)
         try:
             for i in range(self.tokens):
@@ -184,6 +193,73 @@ async def test_spent_deadline_fails_before_calling_upstreams():
     with pytest.raises(DeadlineExceeded):
         await run(make(embedding=embedding), Deadline(0.0), question="q", bypass_cache=True)
     assert embedding.calls == 0
+
+
+async def test_each_hop_gets_its_stage_budget_cut_to_what_is_left_of_the_deadline():
+    embedding, retrieval, generation = FakeEmbedding(delay=0.1), FakeRetrieval(), FakeGeneration()
+    pipeline = make(embedding=embedding, retrieval=retrieval, generation=generation,
+                    budgets=StageBudgets(retrieve=0.1))
+    await run(pipeline, Deadline(0.5), question="q", bypass_cache=True)
+    (embed,), (retrieve,), (generate,) = embedding.timeouts, retrieval.timeouts, generation.timeouts
+    assert 0.4 < embed <= 0.5, f"embed: its 2 s budget cut to the 0.5 s deadline, got {embed}"
+    assert retrieve == 0.1, f"retrieve: its own 0.1 s budget (less than is left), got {retrieve}"
+    assert 0 < generate <= 0.5 - 0.1, f"generate: what is left after the 0.1 s embedding, got {generate}"
+
+
+class SlowHistoryStore(ConversationStore):
+    """The in-process store, with every history load taking ``delay`` seconds."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__(ConversationConfig(), None, prefix="u:")
+        self.delay = delay
+        self.loads = 0
+
+    async def history(self, tenant: str, conversation_id: str) -> list[common_pb2.ChatTurn]:
+        await asyncio.sleep(self.delay)
+        self.loads += 1
+        return await super().history(tenant, conversation_id)
+
+
+async def test_history_load_and_query_embedding_run_concurrently():
+    store = SlowHistoryStore(delay=0.2)
+    await store.append("t", "c", "earlier?", "earlier answer")
+    generation = FakeGeneration()
+    pipeline = make(embedding=FakeEmbedding(delay=0.2), generation=generation, conversations=store)
+    request = gateway_pb2.AskRequest(question="q", conversation_id="c")
+    started = time.perf_counter()
+    sources_after = None
+    async for event in pipeline.stream("t", request, pipeline.plan("t", request), Deadline(None)):
+        if event.HasField("sources"):
+            sources_after = time.perf_counter() - started
+    assert sources_after is not None and sources_after < 0.35, \
+        f"Sources after {sources_after} s: a 0.2 s history load and a 0.2 s embedding must overlap"
+    assert store.loads == 1
+    assert [t.content for t in generation.requests[0].history] == ["earlier?", "earlier answer"]
+
+
+def _lookups(result: str) -> float:
+    return REGISTRY.get_sample_value("ragfleet_gateway_cache_lookups_total", {"result": result}) or 0.0
+
+
+def _hit_ratio() -> float | None:
+    return REGISTRY.get_sample_value("ragfleet_gateway_cache_hit_ratio")
+
+
+async def test_cache_outcomes_are_exported_and_a_bypass_stays_out_of_the_hit_ratio():
+    """The ratio gauge is process-global but set from the recording cache's own counts: a fresh cache here."""
+    results = ("miss", "hit_exact", "hit_semantic", "bypass", "error")
+    before = {r: _lookups(r) for r in results}
+    pipeline = make()
+    miss = await run(pipeline, question="Q?")
+    assert _hit_ratio() == 0.0
+    hit = await run(pipeline, question="q")
+    assert _hit_ratio() == 0.5
+    bypass = await run(pipeline, question="q", bypass_cache=True)
+    assert [events[-1].finished.cache_status for events in (miss, hit, bypass)] == [
+        gateway_pb2.CACHE_STATUS_MISS, gateway_pb2.CACHE_STATUS_HIT_EXACT, gateway_pb2.CACHE_STATUS_BYPASS]
+    assert {r: _lookups(r) - before[r] for r in results} == {
+        "miss": 1, "hit_exact": 1, "hit_semantic": 0, "bypass": 1, "error": 0}
+    assert _hit_ratio() == 0.5, "1 hit of 2 lookups: a bypass is counted under its label, not as a lookup"
 
 
 async def test_semantic_hit_needs_the_same_filters_top_k_and_params():

@@ -1,4 +1,5 @@
-"""API-key auth: bearer parsing, tenants, constant-time lookup, disabled mode, key file parsing."""
+"""API-key auth: bearer parsing, tenants, constant-time lookup, disabled mode, key file parsing (an empty keys file
+fails start-up instead of turning auth off)."""
 
 import pytest
 
@@ -36,6 +37,7 @@ def test_no_keys_disables_auth_with_default_tenant(caplog):
 
 def test_parse_api_keys_commas_newlines_comments():
     assert parse_api_keys("k1=a, k2=b\n# comment\n\nk3 = c", source="x") == {"k1": "a", "k2": "b", "k3": "c"}
+    assert parse_api_keys("  # rotated keys, do not reuse\nk1=a", source="x") == {"k1": "a"}, "a comma in a comment"
     with pytest.raises(ConfigError):
         parse_api_keys("justakey", source="x")
     with pytest.raises(ConfigError):
@@ -61,3 +63,25 @@ def test_config_defaults_and_validation():
         GatewayConfig.from_env({"RAGFLEET_GATEWAY_CHUNK_TOKENS": "32", "RAGFLEET_GATEWAY_CHUNK_OVERLAP": "32"})
     with pytest.raises(ConfigError, match="CORPUS_VERSION_KEY"):
         GatewayConfig.from_env({"RAGFLEET_GATEWAY_CORPUS_VERSION_KEY": "no-placeholder"})
+
+
+@pytest.mark.parametrize("content", ["", "\n  \n", "# mounted secret, every key removed\n  # another comment\n"])
+@pytest.mark.parametrize("env_keys", [None, "env-key=tenant-e"])
+def test_a_keys_file_without_keys_fails_start_up_instead_of_disabling_auth(tmp_path, content, env_keys):
+    secrets = tmp_path / "keys"
+    secrets.write_text(content)
+    environ = {"RAGFLEET_GATEWAY_API_KEYS_FILE": str(secrets)}
+    if env_keys is not None:
+        environ["RAGFLEET_GATEWAY_API_KEYS"] = env_keys
+    with pytest.raises(ConfigError) as info:
+        GatewayConfig.from_env(environ)
+    message = str(info.value)
+    assert str(secrets) in message and "holds no keys" in message and "unset the variable" in message, message
+
+
+def test_no_keys_configured_anywhere_still_runs_open_for_local_development(caplog):
+    config = GatewayConfig.from_env({})
+    with caplog.at_level("WARNING"):
+        auth = ApiKeyAuth(config.api_keys)
+    assert not auth.enabled and "DISABLED" in caplog.text
+    assert auth.tenant_for(None) == DEFAULT_TENANT

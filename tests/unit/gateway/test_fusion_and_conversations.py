@@ -1,10 +1,12 @@
-"""Query variants + RRF fusion, conversation store (in-process and Redis), fan-out helper."""
+"""Query variants + RRF fusion, conversation store (in-process and Redis; in-process expiry), fan-out helper."""
 
 import asyncio
+from types import SimpleNamespace
 
 import pytest
 import redis.asyncio as aioredis
 
+from services.gateway import conversations
 from services.gateway.concurrency import gather_or_cancel
 from services.gateway.config import ConversationConfig
 from services.gateway.conversations import ConversationStore
@@ -70,6 +72,28 @@ async def test_conversation_ids_with_colons_never_reach_another_tenant(use_redis
             if keys:
                 await client.delete(*keys)
             await client.aclose()
+
+
+async def test_in_process_conversation_expires_ttl_after_its_last_turn(monkeypatch):
+    now = [1000.0]
+    # Only the store's own clock moves (the event loop keeps the real one).
+    monkeypatch.setattr(conversations, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    store = ConversationStore(ConversationConfig(ttl_seconds=60, max_turns=20), None, prefix="exp:")
+
+    async def contents() -> list[str]:
+        return [t.content for t in await store.history("t", "c")]
+
+    await store.append("t", "c", "q0", "a0")
+    now[0] = 1050.0
+    await store.append("t", "c", "q1", "a1")  # pushes the expiry to 1110
+    now[0] = 1109.9
+    assert await contents() == ["q0", "a0", "q1", "a1"], "kept until ttl_seconds after the LAST turn"
+    now[0] = 1110.1
+    assert await contents() == [], "expired"
+    await store.append("t", "c", "q2", "a2")  # expires at 1170.1, unread
+    now[0] = 1200.0
+    await store.append("t", "c", "q3", "a3")
+    assert await contents() == ["q3", "a3"], "a turn after expiry starts afresh, without the expired turns"
 
 
 async def test_gather_or_cancel_cancels_siblings_and_keeps_the_error():

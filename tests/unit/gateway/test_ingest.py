@@ -1,13 +1,17 @@
-"""Ingestor: the corpus-version bump after a write (real Redis) — its result is the reported version, and its
-failure never hides the write's own outcome."""
+"""Ingestor: embedding batches, bounded concurrency and whole-document replacing Upserts; the corpus-version bump
+after a write (real Redis) — its result is the reported version, and its failure never hides the write's own
+outcome."""
 
 from __future__ import annotations
+
+import asyncio
+import zlib
 
 import grpc
 import pytest
 import redis.asyncio as aioredis
 
-from services.gateway.chunker import WordTokenizer
+from services.gateway.chunker import WordTokenizer, chunk_text, embed_text
 from services.gateway.config import CacheConfig, IngestConfig, StageBudgets
 from services.gateway.deadlines import Deadline
 from services.gateway.ingest import Ingestor
@@ -109,3 +113,82 @@ async def test_a_failed_write_still_invalidates_cached_answers(redis_client, red
             "t", gateway_pb2.IngestRequest(documents=[DOCUMENT]), Deadline(None))
     assert (await cache.lookup("t", key))[1] is None, "a partly failed write may have changed the corpus"
 
+
+
+def _vector(text: str) -> list[float]:
+    """What RecordingEmbedding answers for a text: lets a test check each chunk got its own vector."""
+    return [float(zlib.crc32(text.encode()) % 1_000_003)]  # exact in float32
+
+
+class InFlight:
+    """Upstream calls in progress right now, and the most there ever were (embedding and retrieval together)."""
+
+    def __init__(self) -> None:
+        self.now = self.peak = 0
+
+    async def call(self) -> None:
+        self.now += 1
+        self.peak = max(self.peak, self.now)
+        try:
+            await asyncio.sleep(0.01)
+        finally:
+            self.now -= 1
+
+
+class RecordingEmbedding:
+    def __init__(self, in_flight: InFlight) -> None:
+        self.in_flight = in_flight
+        self.batches: list[list[str]] = []
+
+    async def embed(self, texts, *, input_type, timeout):
+        self.batches.append(list(texts))
+        await self.in_flight.call()
+        return embedding_pb2.EmbedResponse(embeddings=[embedding_pb2.Embedding(values=_vector(t)) for t in texts])
+
+
+class RecordingRetrieval:
+    def __init__(self, in_flight: InFlight) -> None:
+        self.in_flight = in_flight
+        self.upserts: list[retrieval_pb2.UpsertRequest] = []
+
+    async def upsert(self, request, *, timeout):
+        self.upserts.append(request)
+        await self.in_flight.call()
+        return retrieval_pb2.UpsertResponse(upserted=len(request.chunks))
+
+
+async def test_ingest_embeds_in_batches_bounded_in_flight_and_upserts_whole_documents_replacing_them():
+    config = IngestConfig(chunk_tokens=16, chunk_overlap=0, max_chunk_tokens=16, embed_batch=3, upsert_batch=5,
+                          concurrency=2)
+    words = [10, 20, 40, 100, 10, 20, 10]  # 1, 2, 5, 12 (> upsert_batch), 1, 2, 1 chunks
+    documents = [gateway_pb2.Document(doc_id=f"doc{i}", title=f"Title {i}",
+                                      text=" ".join(f"w{j}." if j % 8 == 7 else f"w{j}" for j in range(n)))
+                 for i, n in enumerate(words)]
+    expected = {d.doc_id: [c.text for c in chunk_text(WordTokenizer(), d.title, d.text, chunk_tokens=16, overlap=0)]
+                for d in documents}
+    in_flight = InFlight()
+    embedding, retrieval = RecordingEmbedding(in_flight), RecordingRetrieval(in_flight)
+    ingestor = Ingestor(embedding=embedding, retrieval=retrieval, cache=ResponseCache(CacheConfig(), None),
+                        tokenizer=WordTokenizer(), config=config, budgets=StageBudgets())
+    response = await ingestor.ingest("t", gateway_pb2.IngestRequest(documents=documents), Deadline(None))
+
+    total = sum(len(chunks) for chunks in expected.values())
+    assert [len(chunks) for chunks in expected.values()] == [1, 2, 5, 12, 1, 2, 1]
+    assert (response.documents, response.chunks_written) == (len(documents), total)
+    assert max(len(batch) for batch in embedding.batches) <= config.embed_batch
+    assert sum(len(batch) for batch in embedding.batches) == total, "each chunk embedded once"
+    assert in_flight.peak == config.concurrency, f"{in_flight.peak} upstream calls at once"
+    upserted: dict[str, list[retrieval_pb2.Chunk]] = {}
+    for request in retrieval.upserts:
+        assert request.replace_documents and request.tenant == "t"
+        doc_ids = {chunk.doc_id for chunk in request.chunks}
+        assert len(request.chunks) <= config.upsert_batch or len(doc_ids) == 1, "only a big document goes alone"
+        assert not doc_ids & upserted.keys(), "a document was split across two Upserts"
+        for chunk in request.chunks:
+            upserted.setdefault(chunk.doc_id, []).append(chunk)
+    assert len(retrieval.upserts) == 4
+    for doc in documents:
+        chunks = upserted[doc.doc_id]
+        assert [(c.chunk_id, c.chunk_index, c.text) for c in chunks] == [
+            (f"{doc.doc_id}#{i}", i, text) for i, text in enumerate(expected[doc.doc_id])]
+        assert all(list(c.vector) == _vector(embed_text(doc.title, c.text)) for c in chunks)

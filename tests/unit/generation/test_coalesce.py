@@ -66,6 +66,35 @@ async def test_first_token_is_never_delayed():
     assert received - log[0][2] < 0.01  # far below max_delay: no linger for the first token
 
 
+async def test_a_lagging_consumer_gets_each_merge_within_max_delay_of_its_oldest_delta():
+    """The linger may hold a merge only until its oldest delta is max_delay old: beyond the moment both that delta
+    and the consumer were there, no message waits more than max_delay (+ a scheduling margin)."""
+    log: list = []
+    texts = [f"d{i:02d} " for i in range(20)]
+    max_delay = 0.005
+    coalescer = Coalescer(producer(texts, gap=0.02, done=False, log=log), max_bytes=1 << 20, max_delay=max_delay)
+    messages: list[tuple[float, float, str]] = []  # (asked at, left at, text)
+    async with coalescer as events:
+        while True:
+            asked = time.perf_counter()
+            try:
+                event = await anext(events)
+            except StopAsyncIteration:
+                break
+            messages.append((asked, time.perf_counter(), event.text))
+            # Now and then a stall (a backlog forms: lagging); otherwise back just after the next delta arrives,
+            # while still lagging, so that delta's merge lingers.
+            await asyncio.sleep(0.045 if len(messages) % 6 == 2 else 0.0165)
+    produced = {text: at for _, text, at in log}
+    assert "".join(text for _, _, text in messages) == "".join(texts)
+    assert coalescer.merged > 0, "the consumer lagged"
+    _, first_left, first_text = messages[0]
+    assert first_text == texts[0] and first_left - produced[texts[0]] < 0.01, "the first delta is never delayed"
+    for asked, left, text in messages:
+        held = left - max(asked, produced[text[:4]])
+        assert held <= max_delay + 0.015, f"{text!r} was held {held * 1000:.1f} ms; max_delay is 5 ms"
+
+
 async def test_a_single_oversized_delta_still_goes_out():
     out = await collect(Coalescer(producer(["x" * 100, "y" * 100]), max_bytes=10), consumer_delay=0.01)
     assert [e.text for e in out[:-1]] == ["x" * 100, "y" * 100]
