@@ -86,55 +86,6 @@ async def test_l2_on_a_closed_port_is_a_miss_logged_once_and_counted(caplog):
     assert len([r for r in caplog.records if "redis" in r.getMessage()]) == 1
 
 
-async def test_l2_reconnects_by_itself_when_redis_comes_back(redis_cleanup):
-    """A TCP forwarder stands in for Redis going down and coming back on the same address."""
-    port = free_port()
-
-    async def pipe(reader, writer):
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except (ConnectionError, asyncio.CancelledError):
-            pass
-        finally:
-            writer.close()
-
-    async def forward(client_reader, client_writer):
-        server_reader, server_writer = await asyncio.open_connection("127.0.0.1", 6379)
-        await asyncio.gather(pipe(client_reader, server_writer), pipe(server_reader, client_writer))
-
-    l2 = L2Cache(f"redis://127.0.0.1:{port}/0", prefix=redis_cleanup, ttl_seconds=60, timeout=0.2, dimension=DIM)
-    try:
-        assert await l2.get_many(["k"]) == [None]  # nothing listens: a miss, not an error
-        assert not l2.available
-        proxy = await asyncio.start_server(forward, "127.0.0.1", port)
-        await asyncio.sleep(0.6)  # the first back-off is 0.5 s
-        await l2.put_many([("k", vec(7))])
-        got = await l2.get_many(["k"])
-        np.testing.assert_array_equal(got[0], vec(7))
-        assert l2.available
-        proxy.close()
-    finally:
-        await l2.close()
-
-
-async def test_l2_burst_beyond_the_connection_pool_waits_and_hits(redis_cleanup, caplog):
-    """100 concurrent requests share a pool of 32 connections: they wait their turn, none reads as an outage."""
-    l2 = L2Cache(REDIS_URL, prefix=redis_cleanup, ttl_seconds=60, timeout=0.5, dimension=DIM)
-    try:
-        await l2.put_many([(f"k{i}", vec(i)) for i in range(100)])
-        before = redis_errors()
-        with caplog.at_level(logging.WARNING, logger="ragfleet.embedding.cache"):
-            got = await asyncio.gather(*(l2.get_many([f"k{i}"]) for i in range(100)))
-        assert sum(g[0] is None for g in got) == 0  # every stored key is a hit
-        np.testing.assert_array_equal(got[57][0], vec(57))
-        assert redis_errors() == before and l2.available
-        assert not caplog.records
-    finally:
-        await l2.close()
-
-
 class RedisProxy:
     """A TCP forwarder to the real Redis that can go down (listener and open connections closed) and come back."""
 
@@ -168,6 +119,40 @@ class RedisProxy:
             pass
         finally:
             writer.close()
+
+
+async def test_l2_reconnects_by_itself_when_redis_comes_back(redis_cleanup):
+    """A TCP forwarder stands in for Redis going down and coming back on the same address."""
+    proxy = RedisProxy()
+    l2 = L2Cache(f"redis://127.0.0.1:{proxy.port}/0", prefix=redis_cleanup, ttl_seconds=60, timeout=0.2, dimension=DIM)
+    try:
+        assert await l2.get_many(["k"]) == [None]  # nothing listens: a miss, not an error
+        assert not l2.available
+        await proxy.up()
+        await asyncio.sleep(0.6)  # the first back-off is 0.5 s
+        await l2.put_many([("k", vec(7))])
+        got = await l2.get_many(["k"])
+        np.testing.assert_array_equal(got[0], vec(7))
+        assert l2.available
+    finally:
+        await l2.close()
+        await proxy.down()
+
+
+async def test_l2_burst_beyond_the_connection_pool_waits_and_hits(redis_cleanup, caplog):
+    """100 concurrent requests share a pool of 32 connections: they wait their turn, none reads as an outage."""
+    l2 = L2Cache(REDIS_URL, prefix=redis_cleanup, ttl_seconds=60, timeout=0.5, dimension=DIM)
+    try:
+        await l2.put_many([(f"k{i}", vec(i)) for i in range(100)])
+        before = redis_errors()
+        with caplog.at_level(logging.WARNING, logger="ragfleet.embedding.cache"):
+            got = await asyncio.gather(*(l2.get_many([f"k{i}"]) for i in range(100)))
+        assert sum(g[0] is None for g in got) == 0  # every stored key is a hit
+        np.testing.assert_array_equal(got[57][0], vec(57))
+        assert redis_errors() == before and l2.available
+        assert not caplog.records
+    finally:
+        await l2.close()
 
 
 async def test_concurrent_failures_back_off_once_not_once_each(redis_cleanup):

@@ -18,7 +18,6 @@ from services.gateway.ingest import Ingestor
 from services.gateway.response_cache import CachedAnswer, ResponseCache
 from services.runtime.errors import Unavailable
 from services.runtime.pb.ragfleet.v1 import embedding_pb2, gateway_pb2, retrieval_pb2
-from tests.conftest import REDIS_URL
 
 RETRIEVAL_VERSION = 7  # what retrieval's own INCR answers; the gateway then bumps the key past it
 DOCUMENT = gateway_pb2.Document(doc_id="d1", title="T", text="Hello world. This is a document.")
@@ -53,16 +52,6 @@ def _cache(prefix: str, client) -> ResponseCache:
 def _ingestor(cache: ResponseCache, retrieval: FakeRetrieval, config: IngestConfig = IngestConfig()) -> Ingestor:
     return Ingestor(embedding=FakeEmbedding(), retrieval=retrieval, cache=cache, tokenizer=WordTokenizer(),
                     config=config, budgets=StageBudgets())
-
-
-@pytest.fixture
-async def redis_client(redis_prefix):
-    client = aioredis.from_url(REDIS_URL)
-    yield client
-    keys = [k async for k in client.scan_iter(match=redis_prefix + "*")]
-    if keys:
-        await client.delete(*keys)
-    await client.aclose()
 
 
 @pytest.fixture

@@ -3,12 +3,10 @@
 
 import asyncio
 
-import pytest
 import redis.asyncio as aioredis
 
 from services.gateway.config import CacheConfig
 from services.gateway.response_cache import CachedAnswer, ResponseCache, cache_key, normalise_question
-from tests.conftest import REDIS_URL
 
 
 def _entry(version: int, answer: str = "answer [1]") -> CachedAnswer:
@@ -26,16 +24,6 @@ def test_normalisation_and_keys():
 def test_entry_roundtrip():
     entry = _entry(7, "héllo")
     assert CachedAnswer.from_bytes(entry.to_bytes()) == entry
-
-
-@pytest.fixture
-async def redis_client(redis_prefix):
-    client = aioredis.from_url(REDIS_URL)
-    yield client
-    keys = [k async for k in client.scan_iter(match=redis_prefix + "*")]
-    if keys:
-        await client.delete(*keys)
-    await client.aclose()
 
 
 def _config(prefix: str, **kw) -> CacheConfig:
