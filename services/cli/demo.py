@@ -55,9 +55,14 @@ def answered_with_sources(exit_code: int, shown: str) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     from services.cli.ask import ask, describe_error
-    from services.cli.ingest import ingest_path
+    from services.cli.ingest import IngestInputError, check_path, ingest_path
 
     out = sys.stdout
+    try:  # before minutes of mesh start-up, not after
+        check_path(args.corpus)
+    except (IngestInputError, OSError) as exc:
+        print(f"ragfleet demo failed: --corpus: {exc}", file=sys.stderr)
+        return 2
     with tempfile.TemporaryDirectory(prefix="ragfleet-demo-") as tmp:
         data = resolve_data_dir(args.data_dir) if args.data_dir else Path(tmp)
         try:
@@ -88,6 +93,9 @@ def run(args: argparse.Namespace) -> int:
         except grpc.RpcError as exc:
             print(f"ragfleet demo failed: ingest: {describe_error(exc)}", file=sys.stderr)
             return 1
+        except IngestInputError as exc:  # a malformed corpus line, found while sending
+            print(f"ragfleet demo failed: ingest: {exc}", file=sys.stderr)
+            return 2
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130

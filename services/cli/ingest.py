@@ -28,6 +28,10 @@ IN_FLIGHT_REQUESTS = 2
 REQUEST_TIMEOUT_SECONDS = 300.0
 
 
+class IngestInputError(ValueError):
+    """PATH cannot be ingested as given: nothing to ingest, an unsupported file, a malformed or non-UTF-8 line."""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", help="a .txt/.md file, a BEIR corpus.jsonl, or a directory of them")
     add_connection_arguments(parser)
@@ -38,12 +42,17 @@ def run(args: argparse.Namespace) -> int:
     try:
         documents, chunks = ingest_path(args.gateway, args.path, api_key=args.api_key,
                                         show_progress=not args.no_progress)
-    except FileNotFoundError as exc:
+    except (IngestInputError, OSError) as exc:  # OSError: a missing or unreadable path
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except grpc.RpcError as exc:
         print(f"error: {describe_error(exc)}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        # The in-flight requests were cancelled on the way out; ingest is idempotent, so re-running is safe.
+        print("\ninterrupted: ingest cancelled (documents already sent are kept; re-run to finish)",
+              file=sys.stderr)
+        return 130
     print(f"ingested {documents} documents as {chunks} chunks")
     return 0
 
@@ -53,9 +62,7 @@ def ingest_path(gateway_address: str, path: str, *, api_key: str | None = None,
     """Ingest everything under `path`; returns (documents, chunks written). Raises grpc.RpcError on failure."""
     from tqdm import tqdm
 
-    root = Path(path)
-    if not root.exists():
-        raise FileNotFoundError(f"{path}: no such file or directory")
+    root = check_path(path)
     total = count_documents(root)
     metadata = auth_metadata(api_key)
     documents = chunks = 0
@@ -87,6 +94,16 @@ def ingest_path(gateway_address: str, path: str, *, api_key: str | None = None,
     return documents, chunks
 
 
+def check_path(path: str) -> Path:
+    """`path` as a Path if there is something to ingest there; else FileNotFoundError or IngestInputError."""
+    root = Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    if not _files(root):
+        raise IngestInputError(f"{path}: nothing to ingest (no .txt/.md files or corpus.jsonl below it)")
+    return root
+
+
 def count_documents(root: Path) -> int:
     """How many documents read_documents will yield (for the progress bar), without parsing them."""
     return sum(_count_lines(f) if f.suffix == ".jsonl" else 1 for f in _files(root))
@@ -104,6 +121,8 @@ def read_documents(root: Path) -> Iterator[gateway_pb2.Document]:
 
 def _files(root: Path) -> list[Path]:
     if root.is_file():
+        if root.suffix.lower() not in TEXT_SUFFIXES + (".jsonl",):
+            raise IngestInputError(f"{root}: not a .txt/.md file or a BEIR .jsonl corpus")
         return [root]
     found = [p for p in root.rglob("*") if p.is_file()
              and (p.suffix.lower() in TEXT_SUFFIXES or p.name == "corpus.jsonl")]
@@ -116,19 +135,25 @@ def _count_lines(file: Path) -> int:
 
 
 def _read_beir(file: Path) -> Iterator[gateway_pb2.Document]:
-    with file.open(encoding="utf-8") as handle:
+    with file.open("rb") as handle:  # line by line: a corpus can be larger than memory
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line.decode("utf-8-sig"))  # UnicodeDecodeError is a ValueError too
+                if not isinstance(row, dict):
+                    raise ValueError("a JSON object is expected")
                 doc_id = str(row["_id"])
+                metadata = row.get("metadata") or {}
+                if not isinstance(metadata, dict):
+                    raise ValueError("'metadata' must be an object")
             except (ValueError, KeyError) as exc:
-                raise ValueError(f"{file}:{number}: not a BEIR corpus line ({exc})") from None
+                reason = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
+                raise IngestInputError(f"{file}:{number}: not a BEIR corpus line ({reason})") from None
             text = str(row.get("text") or "").strip()
             if not text:
                 continue
-            meta = {str(k): str(v) for k, v in (row.get("metadata") or {}).items()}
+            meta = {str(k): str(v) for k, v in metadata.items()}
             yield gateway_pb2.Document(doc_id=doc_id, title=str(row.get("title") or ""), text=text, metadata=meta)
 
 

@@ -2,7 +2,8 @@
 
 Speaks the real wire protocol the `openai` client uses: `POST /v1/chat/completions` (JSON or SSE streaming with
 `data: {...}` chunks, a usage chunk when `stream_options.include_usage` is set, then `data: [DONE]`),
-`POST /v1/embeddings` (float lists or base64 float32), `GET /v1/models`. Latency and faults are configurable:
+`POST /v1/embeddings` (float lists or base64 float32), `GET /v1/models[/{id}]`; errors, unknown routes included,
+are OpenAI's `{"error": {"message", "type", "param", "code"}}` JSON. Latency and faults are configurable:
 time to first token, tokens per second, failure rate (HTTP 500 before any byte), hang rate (accepts, never answers
 until the client gives up), a stream that breaks after N tokens (connection dropped mid-answer), and a fixed +
 per-text cost for embeddings. A client that disconnects cancels its request here, as with a real server.
@@ -31,6 +32,37 @@ from aiohttp import web
 
 _WORDS = ("the evidence in the retrieved passages indicates that this claim is supported by the reported results "
           "although further studies are needed to confirm the effect in larger cohorts").split()
+
+
+def _error(message: str, *, status: int, type_: str = "invalid_request_error", param: str | None = None,
+           code: str | None = None) -> web.Response:
+    """OpenAI's error body: the SDK reads `error.message`/`type`/`param`/`code` from it."""
+    return web.json_response({"error": {"message": message, "type": type_, "param": param, "code": code}},
+                             status=status)
+
+
+async def _json_object(request: web.Request) -> dict[str, Any] | web.Response:
+    """The request's JSON object, or the 400 OpenAI answers a body that is not one with."""
+    try:
+        body = await request.json()
+    except ValueError:  # not JSON, or not UTF-8
+        return _error("We could not parse the JSON body of your request. (HINT: This likely means you aren't using "
+                      "your HTTP library correctly. The OpenAI API expects a JSON payload.)", status=400)
+    if not isinstance(body, dict):
+        return _error(f"Invalid type for request body: expected an object, got {type(body).__name__}.", status=400)
+    return body
+
+
+@web.middleware
+async def _json_http_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    """aiohttp's own 404/405/413 are text/plain; OpenAI's are JSON error bodies."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        message = f"Invalid URL ({request.method} {request.path})" if exc.status in (404, 405) else exc.reason
+        return _error(message, status=exc.status)
 
 
 @dataclass
@@ -71,11 +103,12 @@ class SimLLM:
         self._rng = random.Random(config.seed)
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[_json_http_errors])
         app.add_routes([
             web.post("/v1/chat/completions", self.chat_completions),
             web.post("/v1/embeddings", self.embeddings),
             web.get("/v1/models", self.models),
+            web.get("/v1/models/{model}", self.model),
             web.get("/_sim/stats", self.get_stats),
             web.post("/_sim/config", self.set_config),
             web.post("/_sim/reset", self.reset),
@@ -88,8 +121,7 @@ class SimLLM:
         roll = self._rng.random()
         if roll < self.config.failure_rate:
             self.stats.failures_injected += 1
-            return web.json_response({"error": {"message": "simulated failure", "type": "server_error",
-                                                "code": "sim_failure"}}, status=500)
+            return _error("simulated failure", status=500, type_="server_error", code="sim_failure")
         if roll < self.config.failure_rate + self.config.hang_rate:
             self.stats.hangs_injected += 1
             await asyncio.sleep(3600)
@@ -110,7 +142,12 @@ class SimLLM:
         return [w if i == 0 else " " + w for i, w in enumerate(words)]
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        body = await request.json()
+        body = await _json_object(request)
+        if isinstance(body, web.Response):
+            return body
+        if not isinstance(body.get("messages"), list) or not body["messages"]:
+            return _error("'messages' is a required property and must be a non-empty array", status=400,
+                          param="messages")
         self.stats.chat_requests += 1
         self.last_chat_request = body
         fault = await self._maybe_fault()
@@ -118,7 +155,8 @@ class SimLLM:
             return fault
         tokens = self._answer_tokens(body)
         prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in body.get("messages") or [])
-        finish = "length" if len(tokens) >= int(body.get("max_tokens") or 10**9) else "stop"
+        requested = body.get("max_tokens") or body.get("max_completion_tokens")
+        finish = "length" if requested and len(tokens) >= int(requested) else "stop"
         created = int(time.time())
         completion_id = f"chatcmpl-sim{self.stats.chat_requests}"
         model = body.get("model") or self.config.model
@@ -178,13 +216,14 @@ class SimLLM:
         return vec / np.linalg.norm(vec)
 
     async def embeddings(self, request: web.Request) -> web.Response:
-        body = await request.json()
+        body = await _json_object(request)
+        if isinstance(body, web.Response):
+            return body
         inputs = body.get("input")
         if isinstance(inputs, str):
             inputs = [inputs]
         if not isinstance(inputs, list) or not inputs or not all(isinstance(t, str) for t in inputs):
-            return web.json_response({"error": {"message": "input must be a string or a list of strings",
-                                                "type": "invalid_request_error"}}, status=400)
+            return _error("input must be a string or a list of strings", status=400, param="input")
         self.stats.embedding_requests += 1
         self.stats.embedding_inputs += len(inputs)
         self.stats.max_embedding_batch = max(self.stats.max_embedding_batch, len(inputs))
@@ -204,9 +243,17 @@ class SimLLM:
 
     # -- control --------------------------------------------------------------------------------------------------
 
+    def _model_object(self) -> dict[str, Any]:
+        return {"id": self.config.model, "object": "model", "created": 0, "owned_by": "ragfleet"}
+
     async def models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": self.config.model, "object": "model",
-                                                               "created": 0, "owned_by": "ragfleet"}]})
+        return web.json_response({"object": "list", "data": [self._model_object()]})
+
+    async def model(self, request: web.Request) -> web.Response:
+        name = request.match_info["model"]
+        if name != self.config.model:
+            return _error(f"The model '{name}' does not exist", status=404, param="model", code="model_not_found")
+        return web.json_response(self._model_object())
 
     async def get_stats(self, request: web.Request) -> web.Response:
         return web.json_response({**asdict(self.stats), "config": asdict(self.config),
@@ -261,6 +308,9 @@ def run(args: argparse.Namespace) -> int:
         asyncio.run(_serve())
     except KeyboardInterrupt:
         pass
+    except OSError as exc:  # the port is taken, or the host is not an address here
+        print(f"sim-llm: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     return 0
 
 

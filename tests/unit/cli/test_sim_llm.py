@@ -163,3 +163,80 @@ def test_ragfleet_sim_llm_command_serves_on_a_free_port():
     finally:
         process.terminate()
         process.wait(10)
+
+
+# -- protocol details the openai client (and raw HTTP clients) depend on --------------------------------------------
+
+_ERROR_KEYS = {"message", "type", "param", "code"}
+
+
+@pytest.mark.parametrize("content, param", [
+    (b"{not json", None),
+    (b"[1, 2]", None),
+    (b'{"model": "m"}', "messages"),
+    (b'{"model": "m", "messages": []}', "messages"),
+], ids=["not-json", "not-an-object", "no-messages", "empty-messages"])
+async def test_a_bad_chat_request_is_an_openai_400(sim, content, param):
+    _, control = sim
+    reply = await control.post("/v1/chat/completions", content=content, headers={"content-type": "application/json"})
+    assert reply.status_code == 400 and reply.headers["content-type"].startswith("application/json")
+    error = reply.json()["error"]
+    assert set(error) == _ERROR_KEYS and error["type"] == "invalid_request_error" and error["param"] == param
+    assert (await _stats(control))["chat_requests"] == 0
+
+
+async def test_a_bad_embeddings_body_is_an_openai_400(sim):
+    _, control = sim
+    reply = await control.post("/v1/embeddings", content=b"nope", headers={"content-type": "application/json"})
+    assert reply.status_code == 400 and set(reply.json()["error"]) == _ERROR_KEYS
+
+
+async def test_errors_carry_the_full_openai_shape(sim):
+    client, control = sim
+    with pytest.raises(openai.BadRequestError) as bad:
+        await client.embeddings.create(model="e", input=[])
+    assert bad.value.param == "input" and set(bad.value.body) == _ERROR_KEYS
+    await control.post("/_sim/config", json={"failure_rate": 1.0})
+    with pytest.raises(openai.InternalServerError) as failed:
+        await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "q"}])
+    assert failed.value.code == "sim_failure" and set(failed.value.body) == _ERROR_KEYS
+
+
+async def test_unknown_routes_are_json_404s_and_models_can_be_retrieved(sim):
+    client, control = sim
+    reply = await control.get("/v1/nope")
+    assert reply.status_code == 404 and reply.json()["error"]["message"] == "Invalid URL (GET /v1/nope)"
+    assert (await client.models.retrieve("sim-llm")).id == "sim-llm"
+    with pytest.raises(openai.NotFoundError) as missing:
+        await client.models.retrieve("gpt-nope")
+    assert missing.value.code == "model_not_found"
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+async def test_max_completion_tokens_finishes_with_length(sim, stream):
+    client, _ = sim
+    kwargs = {"model": "m", "messages": [{"role": "user", "content": "q"}], "max_completion_tokens": 3}
+    if not stream:
+        reply = await client.chat.completions.create(**kwargs)
+        assert len(reply.choices[0].message.content.split()) == 3 and reply.choices[0].finish_reason == "length"
+        return
+    finish = None
+    async for chunk in await client.chat.completions.create(stream=True, **kwargs):
+        for choice in chunk.choices:
+            finish = choice.finish_reason or finish
+    assert finish == "length"
+
+
+def test_sim_llm_on_a_taken_port_is_a_one_line_error(capsys):
+    import argparse
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        parser = argparse.ArgumentParser()
+        sim_llm.add_arguments(parser)
+        args = parser.parse_args(["--port", str(busy.getsockname()[1])])
+        assert sim_llm.run(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("sim-llm: cannot listen on 127.0.0.1:") and err.count("\n") == 1
