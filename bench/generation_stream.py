@@ -311,7 +311,9 @@ def main() -> int:
              "the sim and the client share the machine's cores (and the machine was shared with other work)"]
     if args.before:
         notes.append(f"before = services/generation/llm.py and coalesce.py at git revision {args.before}")
-    write_results("generation_stream", figures={"summary": list(summary.values()), "cells": cells},
+    # A --quick run is a smoke test: it must never replace the committed full results.
+    write_results("generation_stream_quick" if args.quick else "generation_stream",
+                  figures={"summary": list(summary.values()), "cells": cells},
                   targets=targets, markdown="\n".join(rows), plot=plot, notes=notes)
     print("\n".join(rows))
     return 0
