@@ -327,3 +327,24 @@ def test_dockerfile_runs_ragfleet_serve() -> None:
     assert 'CMD ["serve", "gateway"]' in text
     for port in ("50050", "50051", "50052", "50053"):
         assert port in text
+
+
+# The oldest Kubernetes minor still in wide use that has every API these manifests rely on (native gRPC probes
+# became GA in 1.27, policy/v1 PDBs and autoscaling/v2 HPAs earlier).
+KUBERNETES_VERSION = "1.30"
+
+
+@pytest.mark.parametrize("key", sorted(OBJECTS), ids=lambda key: f"{key[0]}/{key[1]}")
+def test_every_object_is_valid_against_the_kubernetes_api_schema(key: tuple[str, str]) -> None:
+    # kubernetes-validate ships the API's OpenAPI schemas: a misspelt field (strict: unknown fields fail too), a
+    # wrong type or a missing required field fails here instead of at `kubectl apply`.
+    import jsonschema
+    import kubernetes_validate
+
+    doc = {k: v for k, v in OBJECTS[key].items() if k != "_file"}
+    problem = None
+    try:
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+    except jsonschema.ValidationError as exc:  # what the schema check raises, with the field's path
+        problem = f"{exc.message} at {list(exc.absolute_path)}"
+    assert problem is None, f"{OBJECTS[key]['_file']}: {key[0]}/{key[1]}: {problem}"
