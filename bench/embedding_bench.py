@@ -698,8 +698,8 @@ async def run(args: argparse.Namespace) -> int:
         "the sweep, with onnxruntime's thread spinning on (the model alone at its best; the service runs with it "
         "off). Window-sorted and globally sorted passes show what grouping by length can give.",
         f"Remote: sim LLM {SIM_CALL_MS:.0f} ms per HTTP call + {SIM_PER_TEXT_MS} ms per text; the service's default "
-        f"openai settings (max {d['openai_max_in_flight']} HTTP calls in flight, max {min(d['openai_max_batch_size'], b['max_batch_size'])} "
-        "texts per call).",
+        f"openai settings (max {d['openai_max_in_flight']} HTTP calls in flight, max "
+        f"{min(d['openai_max_batch_size'], b['max_batch_size'])} texts per call: the batcher's cap applies too).",
         "Cache: replica A computes a text (miss) and answers it again (L1 hit); replica B, sharing Redis, answers "
         "it from L2, then from its promoted L1 entry; a bare gRPC health check on A is the floor of any hit. Keys "
         "under a per-run prefix, deleted afterwards.",

@@ -114,7 +114,7 @@ class AskPipeline:
         top_k = request.top_k or limits.default_top_k
         # Conversations use the cache too, but only while their history is empty (see _prefetch).
         use_cache = self.cache.enabled and not request.bypass_cache
-        fingerprint = _fingerprint(request, top_k)
+        fingerprint = _fingerprint(request, top_k) if use_cache else b""  # only the cache reads it
         key = self.cache.key(tenant, question, fingerprint) if use_cache else None
         return AskPlan(question, top_k, query_variants(question, limits.query_variants), use_cache, key,
                        fingerprint)

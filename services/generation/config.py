@@ -29,7 +29,7 @@ Generation service variables (prefix RAGFLEET_GENERATION_; plus the server ones 
 | READ_TIMEOUT_SECONDS | 30.0 | longest silence between two stream chunks once tokens flow |
 | MAX_RETRIES | 2 | retries before the first token (never after) |
 | RETRY_BACKOFF_SECONDS | 0.1 | first retry delay; doubles, capped at 1 s, with jitter |
-| FALLBACK | false | answer with the extractive answerer when the LLM fails (else UNAVAILABLE) |
+| FALLBACK | false | answer with the extractive answerer when the LLM fails before its first token (else UNAVAILABLE; a failure mid-stream is UNAVAILABLE either way) |
 | MAX_CONNECTIONS | = MAX_CONCURRENT | pooled HTTP connections to the LLM; each open stream holds one, so fewer than MAX_CONCURRENT makes admitted streams queue in the HTTP client |
 | MAX_CONCURRENT | 1024 | in-flight Generate calls; beyond it RESOURCE_EXHAUSTED at once |
 | COALESCE_MAX_BYTES | 1024 | largest merged delta when the consumer lags |
@@ -52,6 +52,7 @@ DEFAULT_MODEL = "gpt-4o-mini"
 DEFAULT_ENCODING = "cl100k_base"
 EXTRACTIVE_MODEL = "extractive"
 MAX_STOP_SEQUENCES = 4
+DEFAULT_MAX_CONCURRENT = 1024  # Generate calls in flight; also the LLM connection pool's default size
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ class LLMConfig:
     timeouts: LLMTimeouts = LLMTimeouts()
     max_retries: int = 2
     retry_backoff: float = 0.1
-    max_connections: int = 1024  # from_env defaults it to Limits.max_concurrent: one per admissible stream
+    max_connections: int = DEFAULT_MAX_CONCURRENT  # one per admissible stream (from_env: = MAX_CONCURRENT)
     summary_model: str | None = None
 
 
@@ -106,7 +107,7 @@ class Limits:
     max_passages: int = 100
     max_history_turns: int = 200
     max_tokens: int = 4096
-    max_concurrent: int = 1024
+    max_concurrent: int = DEFAULT_MAX_CONCURRENT
 
 
 @dataclass(frozen=True)
