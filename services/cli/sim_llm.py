@@ -4,9 +4,10 @@ Speaks the real wire protocol the `openai` client uses: `POST /v1/chat/completio
 `data: {...}` chunks, a usage chunk when `stream_options.include_usage` is set, then `data: [DONE]`),
 `POST /v1/embeddings` (float lists or base64 float32), `GET /v1/models[/{id}]`; errors, unknown routes included,
 are OpenAI's `{"error": {"message", "type", "param", "code"}}` JSON. Latency and faults are configurable:
-time to first token, tokens per second, failure rate (HTTP 500 before any byte), hang rate (accepts, never answers
-until the client gives up), a stream that breaks after N tokens (connection dropped mid-answer), and a fixed +
-per-text cost for embeddings. A client that disconnects cancels its request here, as with a real server.
+time to first token, tokens per second, failure rate (HTTP 500 before any byte), rate-limit rate (HTTP 429 with
+`Retry-After`), hang rate (accepts, never answers until the client gives up), a stream that breaks after N tokens
+(connection closed mid-answer), is reset after N tokens (TCP RST), or turns malformed after N tokens (a `data:` event
+that is not JSON), and a fixed + per-text cost for embeddings. A client that disconnects cancels its request here, as with a real server.
 
 Control endpoints for tests: `GET /_sim/stats` (requests, active and completed streams, client disconnects seen
 mid-stream, the last chat request), `POST /_sim/config` (change settings live), `POST /_sim/reset`.
@@ -21,7 +22,10 @@ import asyncio
 import base64
 import hashlib
 import json
+import math
 import random
+import socket
+import struct
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -78,6 +82,10 @@ class SimConfig:
     model: str = "sim-llm"
     seed: int = 0
     break_after_tokens: int = 0  # >0: drop the connection after this many tokens (a mid-stream failure)
+    rate_limit_rate: float = 0.0  # share of requests answered 429 with Retry-After (before any byte)
+    retry_after_seconds: float = 1.0  # the Retry-After those 429s carry
+    reset_after_tokens: int = -1  # >=0: abort the TCP connection (RST) after this many tokens; 0 = before the first
+    malformed_after_tokens: int = -1  # >=0: after this many tokens send a data event that is not JSON, then stop
 
 
 @dataclass
@@ -90,6 +98,9 @@ class SimStats:
     failures_injected: int = 0
     hangs_injected: int = 0
     breaks_injected: int = 0
+    rate_limits_injected: int = 0
+    resets_injected: int = 0
+    malformed_injected: int = 0
     embedding_requests: int = 0
     embedding_inputs: int = 0
     max_embedding_batch: int = 0
@@ -125,6 +136,15 @@ class SimLLM:
         if roll < self.config.failure_rate + self.config.hang_rate:
             self.stats.hangs_injected += 1
             await asyncio.sleep(3600)
+        if roll < self.config.failure_rate + self.config.hang_rate + self.config.rate_limit_rate:
+            self.stats.rate_limits_injected += 1
+            wait = max(self.config.retry_after_seconds, 0.0)
+            response = _error("Rate limit reached for requests (simulated)", status=429, type_="requests",
+                              code="rate_limit_exceeded")
+            # OpenAI sends both: whole seconds (RFC 9110) and the precise wait the SDK prefers.
+            response.headers["Retry-After"] = str(math.ceil(wait))
+            response.headers["retry-after-ms"] = str(int(wait * 1000))
+            return response
         return None
 
     # -- chat -----------------------------------------------------------------------------------------------------
@@ -189,6 +209,16 @@ class SimLLM:
                     self.stats.breaks_injected += 1
                     assert request.transport is not None
                     request.transport.close()
+                    return response
+                if i == self.config.reset_after_tokens:
+                    self.stats.resets_injected += 1
+                    _reset(request)
+                    return response
+                if i == self.config.malformed_after_tokens:
+                    self.stats.malformed_injected += 1
+                    await response.write(b'data: {"choices": [{"delta": {"content": \n\n')  # cut JSON
+                    await response.write(b"data: [DONE]\n\n")
+                    await response.write_eof()
                     return response
                 delta = {"role": "assistant", "content": token} if i == 0 else {"content": token}
                 await send({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
@@ -272,6 +302,16 @@ class SimLLM:
         self.stats = SimStats()
         self.last_chat_request = None
         return web.json_response({"ok": True})
+
+
+def _reset(request: web.Request) -> None:
+    """Abort the connection with a TCP RST (SO_LINGER 0), as a crashed server or a middlebox would."""
+    transport = request.transport
+    assert transport is not None
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
 
 
 async def start(config: SimConfig, host: str = "127.0.0.1", port: int = 0) -> tuple[web.AppRunner, int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import httpx
@@ -134,6 +135,58 @@ async def test_break_after_tokens_drops_the_connection(sim):
             got.extend(c.delta.content for c in chunk.choices if c.delta.content)
     assert len(got) == 3
     assert (await _stats(control))["breaks_injected"] == 1
+
+
+async def test_rate_limit_is_a_429_with_retry_after(sim):
+    client, control = sim
+    await control.post("/_sim/config", json={"rate_limit_rate": 1.0, "retry_after_seconds": 1.5})
+    with pytest.raises(openai.RateLimitError) as limited:
+        await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "q"}], stream=True)
+    headers = limited.value.response.headers
+    assert headers["retry-after"] == "2" and headers["retry-after-ms"] == "1500"
+    assert limited.value.code == "rate_limit_exceeded"
+    assert (await _stats(control))["rate_limits_injected"] == 1
+
+
+async def _raw_stream(control: httpx.AsyncClient) -> tuple[bytes, BaseException | None]:
+    """The raw SSE body of one streamed chat request, and the error that ended reading it (if any)."""
+    body, error = b"", None
+    try:
+        async with control.stream("POST", "/v1/chat/completions", json={
+                "model": "m", "stream": True, "messages": [{"role": "user", "content": "q"}]}) as reply:
+            assert reply.status_code == 200
+            async for piece in reply.aiter_raw():
+                body += piece
+    except httpx.HTTPError as exc:
+        error = exc
+    return body, error
+
+
+@pytest.mark.parametrize("after", [0, 3])
+async def test_reset_after_tokens_aborts_the_connection(sim, after):
+    _, control = sim
+    await control.post("/_sim/config", json={"reset_after_tokens": after})
+    body, error = await _raw_stream(control)
+    assert body.count(b'"content"') == after and b"[DONE]" not in body
+    assert isinstance(error, (httpx.ReadError, httpx.RemoteProtocolError)), error
+    assert (await _stats(control))["resets_injected"] == 1
+
+
+@pytest.mark.parametrize("after", [0, 2])
+async def test_malformed_after_tokens_sends_an_event_that_is_not_json(sim, after):
+    client, control = sim
+    await control.post("/_sim/config", json={"malformed_after_tokens": after})
+    body, error = await _raw_stream(control)
+    events = [e for e in body.split(b"\n\n") if e.startswith(b"data: ")]
+    assert error is None and len(events) == after + 2 and events[-1] == b"data: [DONE]"
+    bad = events[-2].removeprefix(b"data: ")
+    with pytest.raises(ValueError):
+        json.loads(bad)
+    assert (await _stats(control))["malformed_injected"] == 1
+    with pytest.raises(Exception):  # the openai client cannot read it either
+        async for _ in await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "q"}],
+                                                            stream=True):
+            pass
 
 
 async def test_control_endpoints(sim):
