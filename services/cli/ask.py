@@ -2,6 +2,7 @@
 
     ragfleet ask "What is retrieval-augmented generation?"
     ragfleet ask --conversation c1 "and how is it evaluated?"     # follow-up with the earlier turns as history
+    ragfleet ask --verbose "..."      # also each stage's time and the trace id (search it in Jaeger)
 """
 
 from __future__ import annotations
@@ -49,17 +50,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=None, help="completion token limit")
     parser.add_argument("--temperature", type=float, default=None)
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_SECONDS, help="deadline in seconds")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="also print each stage's time and the Ask's trace id (to find its trace in Jaeger)")
 
 
 def run(args: argparse.Namespace) -> int:
     params = common_pb2.GenerationParams(model=args.model, temperature=args.temperature, max_tokens=args.max_tokens)
     return ask(args.gateway, args.question, api_key=args.api_key, top_k=args.top_k,
-               conversation_id=args.conversation, bypass_cache=args.no_cache, params=params, timeout=args.timeout)
+               conversation_id=args.conversation, bypass_cache=args.no_cache, params=params, timeout=args.timeout,
+               verbose=args.verbose)
 
 
 def ask(gateway_address: str, question: str, *, api_key: str | None = None, out: TextIO = sys.stdout,
         top_k: int = 0, conversation_id: str = "", bypass_cache: bool = False,
-        params: common_pb2.GenerationParams | None = None, timeout: float = DEFAULT_TIMEOUT_SECONDS) -> int:
+        params: common_pb2.GenerationParams | None = None, timeout: float = DEFAULT_TIMEOUT_SECONDS,
+        verbose: bool = False) -> int:
     """Stream one answer to `out` (text as it arrives, then sources and a timing line); returns an exit code."""
     request = gateway_pb2.AskRequest(question=question, top_k=top_k, conversation_id=conversation_id,
                                      bypass_cache=bypass_cache, params=params)
@@ -90,6 +95,8 @@ def ask(gateway_address: str, question: str, *, api_key: str | None = None, out:
     _print_sources(sources, out)
     if finished is not None:
         _print_summary(finished, out)
+        if verbose:
+            _print_details(finished, out)
     out.flush()
     return 0
 
@@ -116,3 +123,12 @@ def _print_summary(finished: gateway_pb2.AskFinished, out: TextIO) -> None:
     if finished.fallback_used:
         parts.append("fallback answerer")
     out.write("\n(" + " · ".join(parts) + ")\n")
+
+
+def _print_details(finished: gateway_pb2.AskFinished, out: TextIO) -> None:
+    """--verbose: where the time went, and the id that finds this Ask's trace (Jaeger: search by trace id)."""
+    t = finished.timings
+    stages = [("cache", t.cache_ms), ("history", t.history_ms), ("embed", t.embed_ms), ("retrieve", t.retrieve_ms),
+              ("rerank", t.rerank_ms), ("first token", t.first_token_ms), ("total", t.total_ms)]
+    out.write("stages: " + ", ".join(f"{name} {ms:.1f} ms" for name, ms in stages) + "\n")
+    out.write(f"trace id: {finished.trace_id or '(none: the gateway is not tracing)'}\n")

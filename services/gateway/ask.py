@@ -125,6 +125,7 @@ class AskPipeline:
                      deadline: Deadline) -> AsyncIterator[gateway_pb2.AskResponse]:
         started = time.perf_counter()
         timings = gateway_pb2.StageTimings()
+        trace_id = telemetry.current_trace_id() or ""  # the Ask's server span: AskFinished and exemplars carry it
         with tracer.start_as_current_span("gateway.prefetch"):
             pre = await self._prefetch(tenant, request, plan, deadline, timings)
         use_cache = plan.use_cache and pre.cacheable
@@ -143,7 +144,7 @@ class AskPipeline:
         if hit is not None:
             if request.conversation_id:
                 await self._remember_turn(tenant, request.conversation_id, plan.question, hit.answer, deadline)
-            for event in _replay(hit, status, timings, started, request.conversation_id):
+            for event in _replay(hit, status, timings, started, request.conversation_id, trace_id):
                 yield event
             return
 
@@ -162,7 +163,8 @@ class AskPipeline:
                 if event.WhichOneof("event") == "delta":
                     if not parts:
                         timings.first_token_ms = _ms_since(started)
-                        ASK_STAGE_SECONDS.labels("first_token").observe(timings.first_token_ms / 1000)
+                        ASK_STAGE_SECONDS.labels("first_token").observe(timings.first_token_ms / 1000,
+                                                                        _exemplar(trace_id))
                     parts.append(event.delta.text)
                     yield gateway_pb2.AskResponse(delta=event.delta)
                 else:
@@ -183,10 +185,11 @@ class AskPipeline:
                                                                 fingerprint=plan.fingerprint)))
         await asyncio.gather(*writes)  # concurrently: AskFinished waits for the slower one only
         timings.total_ms = _ms_since(started)
-        ASK_STAGE_SECONDS.labels("total").observe(timings.total_ms / 1000)
+        ASK_STAGE_SECONDS.labels("total").observe(timings.total_ms / 1000, _exemplar(trace_id))
         yield gateway_pb2.AskResponse(finished=gateway_pb2.AskFinished(
             finish_reason=finished.finish_reason, usage=finished.usage, cache_status=status, timings=timings,
-            model=finished.model, conversation_id=request.conversation_id, fallback_used=finished.fallback_used))
+            model=finished.model, conversation_id=request.conversation_id, fallback_used=finished.fallback_used,
+            trace_id=trace_id))
 
     # -- stages -----------------------------------------------------------------------------------------------------
 
@@ -320,15 +323,20 @@ def _fingerprint(request: gateway_pb2.AskRequest, top_k: int) -> bytes:
     return b"\x1f".join(parts)
 
 
+def _exemplar(trace_id: str) -> dict[str, str] | None:
+    """Links a histogram bucket to one Ask's trace (exposed with OpenMetrics, e.g. to Prometheus/Grafana)."""
+    return {"trace_id": trace_id} if trace_id else None
+
+
 def _replay(hit: CachedAnswer, status: int, timings: gateway_pb2.StageTimings, started: float,
-            conversation_id: str) -> list[gateway_pb2.AskResponse]:
+            conversation_id: str, trace_id: str = "") -> list[gateway_pb2.AskResponse]:
     """A cached answer as the same event sequence a generated one has. Usage is zero: no tokens were spent."""
     events = [gateway_pb2.AskResponse(sources=gateway_pb2.Sources.FromString(hit.sources))]
     for offset in range(0, len(hit.answer), REPLAY_CHUNK_CHARS):
         events.append(gateway_pb2.AskResponse(delta=common_pb2.TextDelta(text=hit.answer[offset:offset + REPLAY_CHUNK_CHARS])))
     timings.first_token_ms = timings.total_ms = _ms_since(started)
-    ASK_STAGE_SECONDS.labels("total").observe(timings.total_ms / 1000)
+    ASK_STAGE_SECONDS.labels("total").observe(timings.total_ms / 1000, _exemplar(trace_id))
     events.append(gateway_pb2.AskResponse(finished=gateway_pb2.AskFinished(
         finish_reason=hit.finish_reason, usage=common_pb2.Usage(), cache_status=status, timings=timings,
-        model=hit.model, conversation_id=conversation_id)))
+        model=hit.model, conversation_id=conversation_id, trace_id=trace_id)))
     return events

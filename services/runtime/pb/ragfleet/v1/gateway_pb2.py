@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from services.runtime.pb.ragfleet.v1 import common_pb2 as ragfleet_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19ragfleet/v1/gateway.proto\x12\x0bragfleet.v1\x1a\x18ragfleet/v1/common.proto\"\xe0\x01\n\nAskRequest\x12\x10\n\x08question\x18\x01 \x01(\t\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12,\n\x07\x66ilters\x18\x03 \x03(\x0b\x32\x1b.ragfleet.v1.FieldCondition\x12\x17\n\x0f\x63onversation_id\x18\x04 \x01(\t\x12-\n\x06params\x18\x05 \x01(\x0b\x32\x1d.ragfleet.v1.GenerationParams\x12\x14\n\x0c\x62ypass_cache\x18\x06 \x01(\x08\x12%\n\x04mode\x18\x07 \x01(\x0e\x32\x17.ragfleet.v1.SearchMode\"\x98\x01\n\x0cStageTimings\x12\x10\n\x08\x63\x61\x63he_ms\x18\x01 \x01(\x01\x12\x10\n\x08\x65mbed_ms\x18\x02 \x01(\x01\x12\x13\n\x0bretrieve_ms\x18\x03 \x01(\x01\x12\x11\n\trerank_ms\x18\x04 \x01(\x01\x12\x16\n\x0e\x66irst_token_ms\x18\x05 \x01(\x01\x12\x10\n\x08total_ms\x18\x06 \x01(\x01\x12\x12\n\nhistory_ms\x18\x07 \x01(\x01\"1\n\x07Sources\x12&\n\x08passages\x18\x01 \x03(\x0b\x32\x14.ragfleet.v1.Passage\"\xfd\x01\n\x0b\x41skFinished\x12\x30\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x19.ragfleet.v1.FinishReason\x12!\n\x05usage\x18\x02 \x01(\x0b\x32\x12.ragfleet.v1.Usage\x12.\n\x0c\x63\x61\x63he_status\x18\x03 \x01(\x0e\x32\x18.ragfleet.v1.CacheStatus\x12*\n\x07timings\x18\x04 \x01(\x0b\x32\x19.ragfleet.v1.StageTimings\x12\r\n\x05model\x18\x05 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x06 \x01(\t\x12\x15\n\rfallback_used\x18\x07 \x01(\x08\"\x96\x01\n\x0b\x41skResponse\x12\'\n\x07sources\x18\x01 \x01(\x0b\x32\x14.ragfleet.v1.SourcesH\x00\x12\'\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x16.ragfleet.v1.TextDeltaH\x00\x12,\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x18.ragfleet.v1.AskFinishedH\x00\x42\x07\n\x05\x65vent\"\x9f\x01\n\x08\x44ocument\x12\x0e\n\x06\x64oc_id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x35\n\x08metadata\x18\x04 \x03(\x0b\x32#.ragfleet.v1.Document.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"f\n\rIngestRequest\x12(\n\tdocuments\x18\x01 \x03(\x0b\x32\x15.ragfleet.v1.Document\x12\x14\n\x0c\x63hunk_tokens\x18\x02 \x01(\x05\x12\x15\n\rchunk_overlap\x18\x03 \x01(\x05\"S\n\x0eIngestResponse\x12\x11\n\tdocuments\x18\x01 \x01(\x05\x12\x16\n\x0e\x63hunks_written\x18\x02 \x01(\x05\x12\x16\n\x0e\x63orpus_version\x18\x03 \x01(\x03\")\n\x16\x44\x65leteDocumentsRequest\x12\x0f\n\x07\x64oc_ids\x18\x01 \x03(\t\"I\n\x17\x44\x65leteDocumentsResponse\x12\x16\n\x0e\x64\x65leted_chunks\x18\x01 \x01(\x05\x12\x16\n\x0e\x63orpus_version\x18\x02 \x01(\x03*\x96\x01\n\x0b\x43\x61\x63heStatus\x12\x1c\n\x18\x43\x41\x43HE_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43\x41\x43HE_STATUS_MISS\x10\x01\x12\x1a\n\x16\x43\x41\x43HE_STATUS_HIT_EXACT\x10\x02\x12\x1d\n\x19\x43\x41\x43HE_STATUS_HIT_SEMANTIC\x10\x03\x12\x17\n\x13\x43\x41\x43HE_STATUS_BYPASS\x10\x04\x32\xed\x01\n\x0eGatewayService\x12:\n\x03\x41sk\x12\x17.ragfleet.v1.AskRequest\x1a\x18.ragfleet.v1.AskResponse0\x01\x12\x41\n\x06Ingest\x12\x1a.ragfleet.v1.IngestRequest\x1a\x1b.ragfleet.v1.IngestResponse\x12\\\n\x0f\x44\x65leteDocuments\x12#.ragfleet.v1.DeleteDocumentsRequest\x1a$.ragfleet.v1.DeleteDocumentsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19ragfleet/v1/gateway.proto\x12\x0bragfleet.v1\x1a\x18ragfleet/v1/common.proto\"\xe0\x01\n\nAskRequest\x12\x10\n\x08question\x18\x01 \x01(\t\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12,\n\x07\x66ilters\x18\x03 \x03(\x0b\x32\x1b.ragfleet.v1.FieldCondition\x12\x17\n\x0f\x63onversation_id\x18\x04 \x01(\t\x12-\n\x06params\x18\x05 \x01(\x0b\x32\x1d.ragfleet.v1.GenerationParams\x12\x14\n\x0c\x62ypass_cache\x18\x06 \x01(\x08\x12%\n\x04mode\x18\x07 \x01(\x0e\x32\x17.ragfleet.v1.SearchMode\"\x98\x01\n\x0cStageTimings\x12\x10\n\x08\x63\x61\x63he_ms\x18\x01 \x01(\x01\x12\x10\n\x08\x65mbed_ms\x18\x02 \x01(\x01\x12\x13\n\x0bretrieve_ms\x18\x03 \x01(\x01\x12\x11\n\trerank_ms\x18\x04 \x01(\x01\x12\x16\n\x0e\x66irst_token_ms\x18\x05 \x01(\x01\x12\x10\n\x08total_ms\x18\x06 \x01(\x01\x12\x12\n\nhistory_ms\x18\x07 \x01(\x01\"1\n\x07Sources\x12&\n\x08passages\x18\x01 \x03(\x0b\x32\x14.ragfleet.v1.Passage\"\x8f\x02\n\x0b\x41skFinished\x12\x30\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x19.ragfleet.v1.FinishReason\x12!\n\x05usage\x18\x02 \x01(\x0b\x32\x12.ragfleet.v1.Usage\x12.\n\x0c\x63\x61\x63he_status\x18\x03 \x01(\x0e\x32\x18.ragfleet.v1.CacheStatus\x12*\n\x07timings\x18\x04 \x01(\x0b\x32\x19.ragfleet.v1.StageTimings\x12\r\n\x05model\x18\x05 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x06 \x01(\t\x12\x15\n\rfallback_used\x18\x07 \x01(\x08\x12\x10\n\x08trace_id\x18\x08 \x01(\t\"\x96\x01\n\x0b\x41skResponse\x12\'\n\x07sources\x18\x01 \x01(\x0b\x32\x14.ragfleet.v1.SourcesH\x00\x12\'\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x16.ragfleet.v1.TextDeltaH\x00\x12,\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x18.ragfleet.v1.AskFinishedH\x00\x42\x07\n\x05\x65vent\"\x9f\x01\n\x08\x44ocument\x12\x0e\n\x06\x64oc_id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x35\n\x08metadata\x18\x04 \x03(\x0b\x32#.ragfleet.v1.Document.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"f\n\rIngestRequest\x12(\n\tdocuments\x18\x01 \x03(\x0b\x32\x15.ragfleet.v1.Document\x12\x14\n\x0c\x63hunk_tokens\x18\x02 \x01(\x05\x12\x15\n\rchunk_overlap\x18\x03 \x01(\x05\"S\n\x0eIngestResponse\x12\x11\n\tdocuments\x18\x01 \x01(\x05\x12\x16\n\x0e\x63hunks_written\x18\x02 \x01(\x05\x12\x16\n\x0e\x63orpus_version\x18\x03 \x01(\x03\")\n\x16\x44\x65leteDocumentsRequest\x12\x0f\n\x07\x64oc_ids\x18\x01 \x03(\t\"I\n\x17\x44\x65leteDocumentsResponse\x12\x16\n\x0e\x64\x65leted_chunks\x18\x01 \x01(\x05\x12\x16\n\x0e\x63orpus_version\x18\x02 \x01(\x03*\x96\x01\n\x0b\x43\x61\x63heStatus\x12\x1c\n\x18\x43\x41\x43HE_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43\x41\x43HE_STATUS_MISS\x10\x01\x12\x1a\n\x16\x43\x41\x43HE_STATUS_HIT_EXACT\x10\x02\x12\x1d\n\x19\x43\x41\x43HE_STATUS_HIT_SEMANTIC\x10\x03\x12\x17\n\x13\x43\x41\x43HE_STATUS_BYPASS\x10\x04\x32\xed\x01\n\x0eGatewayService\x12:\n\x03\x41sk\x12\x17.ragfleet.v1.AskRequest\x1a\x18.ragfleet.v1.AskResponse0\x01\x12\x41\n\x06Ingest\x12\x1a.ragfleet.v1.IngestRequest\x1a\x1b.ragfleet.v1.IngestResponse\x12\\\n\x0f\x44\x65leteDocuments\x12#.ragfleet.v1.DeleteDocumentsRequest\x1a$.ragfleet.v1.DeleteDocumentsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,8 +34,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DOCUMENT_METADATAENTRY']._loaded_options = None
   _globals['_DOCUMENT_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_CACHESTATUS']._serialized_start=1380
-  _globals['_CACHESTATUS']._serialized_end=1530
+  _globals['_CACHESTATUS']._serialized_start=1398
+  _globals['_CACHESTATUS']._serialized_end=1548
   _globals['_ASKREQUEST']._serialized_start=69
   _globals['_ASKREQUEST']._serialized_end=293
   _globals['_STAGETIMINGS']._serialized_start=296
@@ -43,21 +43,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SOURCES']._serialized_start=450
   _globals['_SOURCES']._serialized_end=499
   _globals['_ASKFINISHED']._serialized_start=502
-  _globals['_ASKFINISHED']._serialized_end=755
-  _globals['_ASKRESPONSE']._serialized_start=758
-  _globals['_ASKRESPONSE']._serialized_end=908
-  _globals['_DOCUMENT']._serialized_start=911
-  _globals['_DOCUMENT']._serialized_end=1070
-  _globals['_DOCUMENT_METADATAENTRY']._serialized_start=1023
-  _globals['_DOCUMENT_METADATAENTRY']._serialized_end=1070
-  _globals['_INGESTREQUEST']._serialized_start=1072
-  _globals['_INGESTREQUEST']._serialized_end=1174
-  _globals['_INGESTRESPONSE']._serialized_start=1176
-  _globals['_INGESTRESPONSE']._serialized_end=1259
-  _globals['_DELETEDOCUMENTSREQUEST']._serialized_start=1261
-  _globals['_DELETEDOCUMENTSREQUEST']._serialized_end=1302
-  _globals['_DELETEDOCUMENTSRESPONSE']._serialized_start=1304
-  _globals['_DELETEDOCUMENTSRESPONSE']._serialized_end=1377
-  _globals['_GATEWAYSERVICE']._serialized_start=1533
-  _globals['_GATEWAYSERVICE']._serialized_end=1770
+  _globals['_ASKFINISHED']._serialized_end=773
+  _globals['_ASKRESPONSE']._serialized_start=776
+  _globals['_ASKRESPONSE']._serialized_end=926
+  _globals['_DOCUMENT']._serialized_start=929
+  _globals['_DOCUMENT']._serialized_end=1088
+  _globals['_DOCUMENT_METADATAENTRY']._serialized_start=1041
+  _globals['_DOCUMENT_METADATAENTRY']._serialized_end=1088
+  _globals['_INGESTREQUEST']._serialized_start=1090
+  _globals['_INGESTREQUEST']._serialized_end=1192
+  _globals['_INGESTRESPONSE']._serialized_start=1194
+  _globals['_INGESTRESPONSE']._serialized_end=1277
+  _globals['_DELETEDOCUMENTSREQUEST']._serialized_start=1279
+  _globals['_DELETEDOCUMENTSREQUEST']._serialized_end=1320
+  _globals['_DELETEDOCUMENTSRESPONSE']._serialized_start=1322
+  _globals['_DELETEDOCUMENTSRESPONSE']._serialized_end=1395
+  _globals['_GATEWAYSERVICE']._serialized_start=1551
+  _globals['_GATEWAYSERVICE']._serialized_end=1788
 # @@protoc_insertion_point(module_scope)

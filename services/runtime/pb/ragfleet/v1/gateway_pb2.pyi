@@ -64,7 +64,7 @@ class Sources(_message.Message):
     def __init__(self, passages: _Optional[_Iterable[_Union[_common_pb2.Passage, _Mapping]]] = ...) -> None: ...
 
 class AskFinished(_message.Message):
-    __slots__ = ("finish_reason", "usage", "cache_status", "timings", "model", "conversation_id", "fallback_used")
+    __slots__ = ("finish_reason", "usage", "cache_status", "timings", "model", "conversation_id", "fallback_used", "trace_id")
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     CACHE_STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +72,7 @@ class AskFinished(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
     FALLBACK_USED_FIELD_NUMBER: _ClassVar[int]
+    TRACE_ID_FIELD_NUMBER: _ClassVar[int]
     finish_reason: _common_pb2.FinishReason
     usage: _common_pb2.Usage
     cache_status: CacheStatus
@@ -79,7 +80,8 @@ class AskFinished(_message.Message):
     model: str
     conversation_id: str
     fallback_used: bool
-    def __init__(self, finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., cache_status: _Optional[_Union[CacheStatus, str]] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., model: _Optional[str] = ..., conversation_id: _Optional[str] = ..., fallback_used: _Optional[bool] = ...) -> None: ...
+    trace_id: str
+    def __init__(self, finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., cache_status: _Optional[_Union[CacheStatus, str]] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., model: _Optional[str] = ..., conversation_id: _Optional[str] = ..., fallback_used: _Optional[bool] = ..., trace_id: _Optional[str] = ...) -> None: ...
 
 class AskResponse(_message.Message):
     __slots__ = ("sources", "delta", "finished")
