@@ -19,4 +19,6 @@ HISTORY_TURNS_DROPPED = Counter("ragfleet_generation_history_turns_dropped_total
                                 "Turns dropped (or summarised) to fit the history budget", ["how"])
 PASSAGES_DROPPED = Counter("ragfleet_generation_passages_dropped_total", "Passages left out by the token budget")
 ACTIVE = Gauge("ragfleet_generation_active_streams", "Generate calls in progress")
+# RAGFLEET_GENERATION_MAX_CONCURRENT: the HPA scales on active_streams / admission_limit per pod.
+ADMISSION_LIMIT = Gauge("ragfleet_generation_admission_limit", "Most Generate calls admitted at once (MAX_CONCURRENT)")
 REJECTED = Counter("ragfleet_generation_rejected_total", "Generate calls refused at admission (overload)")

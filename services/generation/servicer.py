@@ -49,6 +49,7 @@ class GenerationServiceServicer(generation_pb2_grpc.GenerationServiceServicer):
         self._fallback = offline if config.fallback and answerer is not offline else None
         self._prompts = prompts
         self._active = 0
+        metrics.ADMISSION_LIMIT.set(config.limits.max_concurrent)
 
     async def Generate(self, request: generation_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[generation_pb2.GenerateResponse]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -26,25 +26,54 @@ INDEX_POINTS = Gauge("ragfleet_retrieval_index_points", "Points in the store")
 INDEX_INDEXED = Gauge("ragfleet_retrieval_index_indexed_vectors", "Dense vectors covered by HNSW")
 INDEX_STATE = Gauge("ragfleet_retrieval_index_state", "1 for the store's current index state", ["state"])
 INDEX_STATES = ("empty", "exact", "optimizing", "indexed")
+# Reachability of what retrieval depends on, probed every few seconds (alerts: RagfleetQdrantUnreachable,
+# RagfleetRedisUnreachable). `store` is the vector store (a Qdrant server, or the embedded engine); `redis` appears
+# only when RAGFLEET_REDIS_URL is set.
+DEPENDENCY_UP = Gauge("ragfleet_retrieval_dependency_up", "1 if the last probe of a dependency succeeded, else 0",
+                      ["dependency"])
 
 
-async def index_status_task(store: "VectorStore", interval_seconds: float = 5.0) -> None:
-    """Publish the store's index status as gauges and log each state change (e.g. exact -> indexed)."""
+async def index_status_task(store: "VectorStore", interval_seconds: float = 5.0,
+                            redis_url: str | None = None) -> None:
+    """Publish the store's index status as gauges and log each state change (e.g. exact -> indexed); with
+    ``redis_url``, also whether Redis answers a PING (its own connection, so a busy cache pool cannot hide it)."""
     previous = None
-    while True:
+    client = None
+    if redis_url:
+        import redis.asyncio as aioredis
+
+        client = aioredis.from_url(redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
+    try:
+        while True:
+            previous = await _report(store, client, previous)
+            await asyncio.sleep(interval_seconds)
+    finally:
+        if client is not None:
+            await client.aclose()
+
+
+async def _report(store: "VectorStore", client: Any, previous: str | None) -> str | None:
+    """One probe round; returns the index state now (logged when it changed)."""
+    if client is not None:
         try:
-            status = await store.status()
-        except Exception as exc:  # noqa: BLE001 - a failing engine shows up in RPC errors; keep reporting
-            log.warning("index status unavailable: %s", exc)
-        else:
-            INDEX_POINTS.set(status.points)
-            INDEX_INDEXED.set(status.indexed_vectors)
-            for state in INDEX_STATES:
-                INDEX_STATE.labels(state).set(1 if state == status.state else 0)
-            if status.state != previous:
-                log.info("index status", extra={"fields": {"store": status.store, "state": status.state,
-                                                           "points": status.points,
-                                                           "indexed_vectors": status.indexed_vectors,
-                                                           "segments": status.segments}})
-                previous = status.state
-        await asyncio.sleep(interval_seconds)
+            await client.ping()
+            DEPENDENCY_UP.labels("redis").set(1)
+        except Exception as exc:  # noqa: BLE001 - any failure means unreachable
+            DEPENDENCY_UP.labels("redis").set(0)
+            log.warning("redis unreachable: %s", exc)
+    try:
+        status = await store.status()
+    except Exception as exc:  # noqa: BLE001 - a failing engine shows up in RPC errors; keep reporting
+        DEPENDENCY_UP.labels("store").set(0)
+        log.warning("index status unavailable: %s", exc)
+        return previous
+    DEPENDENCY_UP.labels("store").set(1)
+    INDEX_POINTS.set(status.points)
+    INDEX_INDEXED.set(status.indexed_vectors)
+    for state in INDEX_STATES:
+        INDEX_STATE.labels(state).set(1 if state == status.state else 0)
+    if status.state != previous:
+        log.info("index status", extra={"fields": {"store": status.store, "state": status.state,
+                                                   "points": status.points, "indexed_vectors": status.indexed_vectors,
+                                                   "segments": status.segments}})
+    return status.state

@@ -43,7 +43,8 @@ async def build(config: RetrievalConfig):  # type: ignore[no-untyped-def]
                                         rerank_default=config.search.rerank_default)
     log.info("store ready", extra={"fields": {"store": store.name, "embedding": config.embedding_address,
                                               "reranker": config.rerank.kind}})
-    status_task = asyncio.create_task(metrics.index_status_task(store), name="index-status")
+    status_task = asyncio.create_task(metrics.index_status_task(store, redis_url=config.cache.redis_url),
+                                      name="index-status")
 
     async def on_stop() -> None:
         status_task.cancel()
