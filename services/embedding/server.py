@@ -12,6 +12,7 @@ from services.embedding.embedder import Embedder
 from services.embedding.servicer import SERVICE_NAME, EmbeddingServiceServicer
 from services.runtime.config import ServerConfig
 from services.runtime.errors import ConfigError
+from services.runtime.guard import utf8_bytes
 from services.runtime.pb.ragfleet.v1 import common_pb2, embedding_pb2_grpc
 from services.runtime.serve import Binding, bootstrap, serve
 
@@ -31,6 +32,12 @@ async def build_embedder(config: EmbeddingConfig) -> Embedder:
     return embedder
 
 
+def request_limits(config: EmbeddingConfig) -> dict[str, int]:
+    """Largest legitimate Embed: MAX_TEXTS texts of MAX_TEXT_CHARS (the defaults allow ~98 MiB, so the server's
+    MAX_MESSAGE_MB is the effective bound)."""
+    return {"Embed": config.max_texts * (utf8_bytes(config.max_text_chars) + 8) + 64}
+
+
 def main() -> int:
     try:
         config = EmbeddingConfig.from_env()
@@ -44,7 +51,8 @@ def main() -> int:
         embedder = await build_embedder(config)
         servicer = EmbeddingServiceServicer(embedder, max_texts=config.max_texts,
                                             max_text_chars=config.max_text_chars)
-        binding = Binding(SERVICE_NAME, embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server, servicer)
+        binding = Binding(SERVICE_NAME, embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server, servicer,
+                          max_request_bytes=request_limits(config))
         return [binding], embedder.close
 
     serve(config.server, build)

@@ -17,6 +17,7 @@ from services.gateway.servicer import GatewayServiceServicer
 from services.gateway.upstreams import EmbeddingClient, GenerationClient, RetrievalClient
 from services.runtime.channels import ChannelPool
 from services.runtime.errors import ConfigError
+from services.runtime.guard import KiB, MiB, utf8_bytes
 from services.runtime.pb.ragfleet.v1 import gateway_pb2, gateway_pb2_grpc
 from services.runtime.serve import Binding, bootstrap, serve
 
@@ -30,6 +31,17 @@ def _redis_client(url: str | None) -> Any | None:
     import redis.asyncio as aioredis
 
     return aioredis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0, health_check_interval=30)
+
+
+# A larger corpus goes in several requests: `ragfleet ingest` sends batches of at most 2 MiB.
+MAX_INGEST_BYTES = 16 * MiB
+
+
+def request_limits(config: GatewayConfig) -> dict[str, int]:
+    """Largest legitimate request per method, refused before parsing past it (services.runtime.guard). An Ask is a
+    question of at most MAX_QUESTION_CHARS plus a few small fields."""
+    return {"Ask": max(64 * KiB, utf8_bytes(config.ask.max_question_chars) + 32 * KiB),
+            "Ingest": MAX_INGEST_BYTES, "DeleteDocuments": 1 * MiB}
 
 
 def build_servicer(config: GatewayConfig, tokenizer: Tokenizer | None = None,
@@ -74,7 +86,8 @@ def main() -> int:
 
     async def build() -> tuple[Sequence[Binding], Callable[[], Awaitable[None]]]:
         servicer, close = build_servicer(config, tokenizer)
-        return [Binding(SERVICE_NAME, gateway_pb2_grpc.add_GatewayServiceServicer_to_server, servicer)], close
+        return [Binding(SERVICE_NAME, gateway_pb2_grpc.add_GatewayServiceServicer_to_server, servicer,
+                        max_request_bytes=request_limits(config))], close
 
     serve(config.server, build)
     return 0

@@ -11,10 +11,23 @@ from services.generation.extractive import ExtractiveAnswerer
 from services.generation.prompt import PromptBuilder, TokenCounter
 from services.generation.servicer import SERVICE_NAME, GenerationServiceServicer
 from services.runtime.errors import ConfigError
+from services.runtime.guard import KiB, utf8_bytes
 from services.runtime.pb.ragfleet.v1 import generation_pb2_grpc
 from services.runtime.serve import Binding, bootstrap, serve
 
 log = logging.getLogger("ragfleet.generation")
+
+
+# Room per passage (a retrieved chunk) and per history turn (a question or an answer of up to MAX_TOKENS_LIMIT).
+PASSAGE_BYTES = 32 * KiB
+TURN_BYTES = 32 * KiB
+
+
+def request_limits(config: GenerationConfig) -> dict[str, int]:
+    """Largest legitimate Generate (defaults: ~9.4 MiB): refused unparsed past it (services.runtime.guard)."""
+    lim = config.limits
+    return {"Generate": utf8_bytes(lim.max_question_chars) + lim.max_passages * PASSAGE_BYTES
+            + lim.max_history_turns * TURN_BYTES + 4 * KiB}
 
 
 async def build(config: GenerationConfig) -> tuple[Sequence[Binding], Callable[[], Awaitable[None]] | None]:
@@ -36,7 +49,8 @@ async def build(config: GenerationConfig) -> tuple[Sequence[Binding], Callable[[
     servicer = GenerationServiceServicer(config, answerer=llm or offline, offline=offline, prompts=prompts)
     log.info("generation backend: %s", f"LLM at {config.llm.base_url}" if config.llm else "offline extractive",
              extra={"fields": {"fallback": config.fallback, "model": config.default_model}})
-    binding = Binding(SERVICE_NAME, generation_pb2_grpc.add_GenerationServiceServicer_to_server, servicer)
+    binding = Binding(SERVICE_NAME, generation_pb2_grpc.add_GenerationServiceServicer_to_server, servicer,
+                      max_request_bytes=request_limits(config))
     return [binding], (llm.close if llm is not None else None)
 
 

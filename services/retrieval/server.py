@@ -18,11 +18,25 @@ from services.retrieval.store import StoreStartupError, open_store
 from services.retrieval.validation import Limits
 from services.runtime.channels import ChannelPool
 from services.runtime.errors import ConfigError
+from services.runtime.guard import KiB, MiB, utf8_bytes
 from services.runtime.pb.ragfleet.v1 import retrieval_pb2, retrieval_pb2_grpc
 from services.runtime.serve import Binding, bootstrap, serve
 
 SERVICE_NAME = retrieval_pb2.DESCRIPTOR.services_by_name["RetrievalService"].full_name
 log = logging.getLogger("ragfleet.retrieval")
+
+
+# Room per upserted chunk besides its vector: text (a chunk of up to 512 tokens), ids, title and metadata.
+CHUNK_BYTES = 16 * KiB
+
+
+def request_limits(config: RetrievalConfig) -> dict[str, int]:
+    """Largest legitimate request per method (defaults: Upsert ~36 MiB, Search 1 MiB, Delete 2 MiB), refused unparsed
+    past it (services.runtime.guard)."""
+    vector = 5 * config.index.dimension  # packed floats, with slack
+    return {"Upsert": config.search.max_chunks_per_upsert * (vector + CHUNK_BYTES),
+            "Search": max(1 * MiB, utf8_bytes(config.search.max_query_chars) + vector + 256 * KiB),
+            "Delete": 2 * MiB}
 
 
 async def build(config: RetrievalConfig):  # type: ignore[no-untyped-def]
@@ -54,7 +68,8 @@ async def build(config: RetrievalConfig):  # type: ignore[no-untyped-def]
         await cache.close()
         await store.close()
 
-    return [Binding(SERVICE_NAME, retrieval_pb2_grpc.add_RetrievalServiceServicer_to_server, servicer)], on_stop
+    return [Binding(SERVICE_NAME, retrieval_pb2_grpc.add_RetrievalServiceServicer_to_server, servicer,
+                    max_request_bytes=request_limits(config))], on_stop
 
 
 def main() -> int:

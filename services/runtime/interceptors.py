@@ -1,7 +1,9 @@
 """The server interceptor that maps domain errors to statuses and records per-RPC Prometheus metrics.
 
 Runs inside the OpenTelemetry interceptor, so its aborts land on the RPC span. Anything unexpected is logged with
-its traceback and becomes INTERNAL; the process never dies of a handler bug.
+its traceback and becomes INTERNAL; the process never dies of a handler bug. Every application method receives its
+request as raw bytes and passes it through the guard (services.runtime.guard: authentication, size limit, parsing)
+before the handler runs, so hostile input is refused the same way on every service.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import grpc
 from prometheus_client import Counter, Gauge, Histogram
 
 from services.runtime.errors import RagfleetError, from_rpc_error
+from services.runtime.guard import GuardPolicy, MethodGuard, Rejected, record_rejection
 
 log = logging.getLogger("ragfleet.rpc")
 
@@ -92,8 +95,9 @@ class _MethodMetrics:
 
 
 class RpcInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, in_flight: InFlight) -> None:
+    def __init__(self, in_flight: InFlight, policy: GuardPolicy | None = None) -> None:
         self._in_flight = in_flight
+        self._policy = policy or GuardPolicy()
         # The wrapped handler of each method, built on its first call: the registered handler never changes.
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
@@ -112,31 +116,36 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
 
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         metrics = _MethodMetrics(method)
+        # The request arrives as bytes (no deserializer): the guard authenticates, bounds and parses it.
+        guard = self._policy.guard(method, handler.request_deserializer)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(handler.unary_unary, method, metrics),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
+                self._wrap_unary(handler.unary_unary, guard, metrics),
+                request_deserializer=None, response_serializer=handler.response_serializer)
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(handler.unary_stream, method, metrics),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
+                self._wrap_stream(handler.unary_stream, guard, metrics),
+                request_deserializer=None, response_serializer=handler.response_serializer)
         return handler
 
-    def _wrap_unary(self, behavior: Callable[..., Awaitable[Any]], method: str,
+    def _wrap_unary(self, behavior: Callable[..., Awaitable[Any]], guard: MethodGuard,
                     metrics: _MethodMetrics) -> Callable[..., Awaitable[Any]]:
-        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        method = guard.method
+
+        async def unary(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
             start = time.perf_counter()
             self._in_flight.enter()
             metrics.in_flight.inc()
             error: BaseException | None = None
             try:
+                request = guard.admit(raw, context.invocation_metadata())
                 return await behavior(request, context)
             except BaseException as exc:  # noqa: BLE001 - mapped below, re-raised as an abort
                 error = exc
                 if isinstance(exc, (asyncio.CancelledError, grpc.aio.AbortError)):
                     raise
+                if isinstance(exc, Rejected):
+                    record_rejection(guard, exc, context.peer())
                 await _abort_for(exc, context, method)
                 raise
             finally:
@@ -147,20 +156,25 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
 
         return unary
 
-    def _wrap_stream(self, behavior: Callable[..., AsyncIterator[Any]], method: str,
+    def _wrap_stream(self, behavior: Callable[..., AsyncIterator[Any]], guard: MethodGuard,
                      metrics: _MethodMetrics) -> Callable[..., AsyncIterator[Any]]:
-        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        method = guard.method
+
+        async def stream(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             start = time.perf_counter()
             self._in_flight.enter()
             metrics.in_flight.inc()
             error: BaseException | None = None
             try:
+                request = guard.admit(raw, context.invocation_metadata())
                 async for item in behavior(request, context):
                     yield item
             except BaseException as exc:  # noqa: BLE001
                 error = exc
                 if isinstance(exc, (asyncio.CancelledError, grpc.aio.AbortError, GeneratorExit)):
                     raise
+                if isinstance(exc, Rejected):
+                    record_rejection(guard, exc, context.peer())
                 await _abort_for(exc, context, method)
                 raise
             finally:

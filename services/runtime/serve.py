@@ -15,16 +15,18 @@ import asyncio
 import logging
 import signal
 import time
-from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Mapping, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
+from google.protobuf import descriptor_pool
 from grpc_reflection.v1alpha import reflection
 
 from services.runtime import telemetry
 from services.runtime.config import ServerConfig
+from services.runtime.guard import Authenticator, GuardPolicy
 from services.runtime.interceptors import InFlight, RpcInterceptor
 from services.runtime.logs import setup_logging
 
@@ -33,18 +35,38 @@ log = logging.getLogger("ragfleet.serve")
 
 @dataclass(frozen=True)
 class Binding:
-    """One proto service to register: its full name, the generated add_*_to_server function, the servicer."""
+    """One proto service to register: its full name, the generated add_*_to_server function, the servicer.
+
+    ``max_request_bytes`` maps a method name ("Ask") to its largest legitimate request, sized from the service's own
+    validation limits (others get the server's MAX_MESSAGE_MB). ``authenticator`` decides who may call this service;
+    None means the server's (the internal service token, when that is on)."""
 
     service_name: str
     add_to_server: Callable[[Any, grpc.aio.Server], None]
     servicer: Any
+    max_request_bytes: Mapping[str, int] = field(default_factory=dict)
+    authenticator: Authenticator | None = None
+
+    def method_paths(self) -> list[str]:
+        service = descriptor_pool.Default().FindServiceByName(self.service_name)
+        return [f"/{self.service_name}/{m.name}" for m in service.methods]
 
 
-def server_options(config: ServerConfig) -> list[tuple[str, Any]]:
+def guard_policy(config: ServerConfig, bindings: Sequence[Binding],
+                 authenticator: Authenticator | None = None) -> GuardPolicy:
+    """Per-method request limits and authenticators of a server (services.runtime.guard)."""
+    limits = {f"/{b.service_name}/{name}": size for b in bindings for name, size in b.max_request_bytes.items()}
+    authenticators = {b.service_name: b.authenticator or authenticator for b in bindings
+                      if (b.authenticator or authenticator) is not None}
+    return GuardPolicy(config.max_message_mb * 1024 * 1024, limits, authenticators)
+
+
+def server_options(config: ServerConfig, receive_limit: int | None = None) -> list[tuple[str, Any]]:
+    """``receive_limit``: the largest request any method accepts (gRPC core refuses bigger ones unread)."""
     max_bytes = config.max_message_mb * 1024 * 1024
     return [
         ("grpc.max_send_message_length", max_bytes),
-        ("grpc.max_receive_message_length", max_bytes),
+        ("grpc.max_receive_message_length", min(max_bytes, receive_limit or max_bytes)),
         # Recycle connections so clients re-resolve DNS and spread over new replicas.
         ("grpc.max_connection_age_ms", int(config.max_connection_age_seconds * 1000)),
         ("grpc.max_connection_age_grace_ms", int(config.max_connection_age_grace_seconds * 1000)),
@@ -58,9 +80,13 @@ def server_options(config: ServerConfig) -> list[tuple[str, Any]]:
 
 class GrpcServer:
     def __init__(self, config: ServerConfig, *, bindings: Sequence[Binding],
-                 on_stop: Callable[[], Awaitable[None]] | None = None) -> None:
+                 on_stop: Callable[[], Awaitable[None]] | None = None,
+                 authenticator: Authenticator | None = None) -> None:
+        """``authenticator`` guards every binding that brings none of its own (the internal service token)."""
         self.config = config
         self.bindings = list(bindings)
+        policy = guard_policy(config, self.bindings, authenticator)
+        self.receive_limit = policy.receive_limit(p for b in self.bindings for p in b.method_paths())
         self.health = HealthServicer()
         self.in_flight = InFlight()
         self._on_stop = on_stop
@@ -68,8 +94,8 @@ class GrpcServer:
         self._stopped = False
         self.port = 0
         self.server = grpc.aio.server(
-            interceptors=[*telemetry.server_interceptors(), RpcInterceptor(self.in_flight)],
-            options=server_options(config),
+            interceptors=[*telemetry.server_interceptors(), RpcInterceptor(self.in_flight, policy)],
+            options=server_options(config, self.receive_limit),
         )
         for binding in self.bindings:
             binding.add_to_server(binding.servicer, self.server)
