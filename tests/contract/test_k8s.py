@@ -103,8 +103,10 @@ def test_each_service_has_deployment_service_and_hpa(name: str) -> None:
     assert service["spec"]["selector"].items() <= labels.items()
     assert hpa["apiVersion"] == "autoscaling/v2"
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": name}
-    (metric,) = hpa["spec"]["metrics"]
-    assert metric["resource"]["name"] == "cpu" and 0 < metric["resource"]["target"]["averageUtilization"] <= 100
+    (cpu,) = [m for m in hpa["spec"]["metrics"] if m["type"] == "Resource"]
+    assert cpu["resource"]["name"] == "cpu" and 0 < cpu["resource"]["target"]["averageUtilization"] <= 100
+    # Plus the signal that saturates the service first (test_autoscaling.py: served by the adapter rules).
+    assert [m for m in hpa["spec"]["metrics"] if m["type"] == "Pods"], f"{name}: scales on CPU only"
     assert 2 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
     # The HPA owns the replica count: a `replicas` here would reset a scaled-out Deployment on every apply.
     assert "replicas" not in deployment["spec"], f"{name}: drop spec.replicas, the HPA sets it"
