@@ -337,17 +337,21 @@ def test_dockerfile_runs_ragfleet_serve() -> None:
 KUBERNETES_VERSION = "1.30"
 
 
+def schema_problem(doc: dict[str, Any]) -> str | None:
+    """What is wrong with `doc` against the Kubernetes API schema (strict: unknown fields too), or None."""
+    import jsonschema
+    import kubernetes_validate
+
+    try:
+        kubernetes_validate.validate({k: v for k, v in doc.items() if k != "_file"}, KUBERNETES_VERSION, strict=True)
+    except jsonschema.ValidationError as exc:  # what the schema check raises, with the field's path
+        return f"{exc.message} at {list(exc.absolute_path)}"
+    return None
+
+
 @pytest.mark.parametrize("key", sorted(OBJECTS), ids=lambda key: f"{key[0]}/{key[1]}")
 def test_every_object_is_valid_against_the_kubernetes_api_schema(key: tuple[str, str]) -> None:
     # kubernetes-validate ships the API's OpenAPI schemas: a misspelt field (strict: unknown fields fail too), a
     # wrong type or a missing required field fails here instead of at `kubectl apply`.
-    import jsonschema
-    import kubernetes_validate
-
-    doc = {k: v for k, v in OBJECTS[key].items() if k != "_file"}
-    problem = None
-    try:
-        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
-    except jsonschema.ValidationError as exc:  # what the schema check raises, with the field's path
-        problem = f"{exc.message} at {list(exc.absolute_path)}"
+    problem = schema_problem(OBJECTS[key])
     assert problem is None, f"{OBJECTS[key]['_file']}: {key[0]}/{key[1]}: {problem}"
