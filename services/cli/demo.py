@@ -17,7 +17,8 @@ from typing import TextIO
 import grpc
 
 from services.cli.mesh import MeshError
-from services.cli.up import SAMPLE_CORPUS, add_mesh_arguments, build_mesh, resolve_data_dir, running_mesh
+from services.cli.up import (OUTPUT_GONE_EXIT, SAMPLE_CORPUS, add_mesh_arguments, build_mesh, output_gone,
+                             resolve_data_dir, running_mesh, say, silence)
 
 DEFAULT_QUESTION = "How does the waggle dance tell other bees the direction and distance of food?"
 SOURCES_MARKER = "\nSources:\n"
@@ -96,6 +97,11 @@ def run(args: argparse.Namespace) -> int:
         except IngestInputError as exc:  # a malformed corpus line, found while sending
             print(f"ragfleet demo failed: ingest: {exc}", file=sys.stderr)
             return 2
-        except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
+        except KeyboardInterrupt:  # Ctrl-C, SIGTERM or a closed terminal (SIGHUP); the mesh is already stopped
+            say("interrupted", sys.stderr)
             return 130
+        except OSError as exc:  # stdout met a closed pipe or terminal (`ragfleet demo | head`); the mesh is stopped
+            if not output_gone(exc):
+                raise
+            silence(out, sys.stderr)
+            return OUTPUT_GONE_EXIT

@@ -9,15 +9,17 @@ Used by `ragfleet up`, by the integration tests and by the benchmarks, so all th
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Iterable, Mapping
+from typing import IO, Callable, Iterable, Mapping
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -29,6 +31,46 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Whether a gRPC server could not listen on host:port. Binds as the server does (SO_REUSEADDR, no SO_REUSEPORT):
+    a listening socket there still counts, the TIME_WAIT leftovers of connections it closed (~60 s) do not."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+            sock.listen(1)
+        except OSError:
+            return True
+    return False
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A `preexec_fn` that has Linux SIGTERM the child (a graceful drain) when this process dies, even by SIGKILL,
+    so a killed `ragfleet up` or test run never leaves services holding ports and the data-dir lock.
+
+    None elsewhere, and off the main thread: the kernel signals when the spawning *thread* exits, and a worker
+    thread (asyncio.to_thread) may end long before the mesh should.
+    """
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here: the child should only make the call
+    except (OSError, AttributeError):
+        return None
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    parent = os.getpid()
+
+    def set_death_signal() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect: no signal will ever come
+            os._exit(1)
+
+    return set_death_signal
 
 
 @dataclass
@@ -102,7 +144,8 @@ class LocalMesh:
             log_path = self.log_dir / f"{name}.log"
             log = open(log_path, "ab")
             process = subprocess.Popen([sys.executable, "-m", f"services.{name}"], env=self._env_for(name, metrics_port),
-                                       stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                       stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                       preexec_fn=die_with_parent())
             self.processes[name] = ServiceProcess(name, self.ports[name], metrics_port, process, log_path, log)
         try:
             for name in names:

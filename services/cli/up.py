@@ -11,8 +11,11 @@ OTEL_* variable in the environment is passed to every service.
 from __future__ import annotations
 
 import argparse
+import errno
+import os
+import select
 import signal
-import socket
+import stat
 import sys
 import threading
 import time
@@ -20,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, TextIO
 
-from services.cli.mesh import SERVICES, LocalMesh, MeshError
+from services.cli.mesh import SERVICES, LocalMesh, MeshError, port_in_use
 from services.runtime.config import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, data_dir
 
 # Offsets from --port-base follow the runtime's fixed defaults: gateway 50050, embedding 50051, ...
@@ -29,6 +32,10 @@ _METRICS_OFFSETS = {name: port - DEFAULT_METRICS_PORTS["gateway"] for name, port
 SAMPLE_CORPUS = Path(__file__).resolve().parent / "sample_corpus"
 DEFAULT_START_TIMEOUT = 180.0
 POLL_SECONDS = 0.5
+OUTPUT_GONE_EXIT = 128 + 13  # 128 + SIGPIPE: what a shell reports for a command whose output pipe closed
+# Each stops the mesh cleanly: Ctrl-C, `kill`, and closing the terminal (the services run in their own sessions and
+# never see the terminal's SIGHUP, so without this they would outlive `up`).
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 def add_mesh_arguments(parser: argparse.ArgumentParser, *, port_base: int) -> None:
@@ -57,12 +64,9 @@ def pinned_ports(base: int, offsets: dict[str, int]) -> dict[str, int]:
 def _check_free(host: str, ports: dict[str, int]) -> None:
     """Fail before spawning anything when a fixed port is taken (usually another `ragfleet up`)."""
     for name, port in ports.items():
-        with socket.socket() as sock:
-            try:
-                sock.bind((host, port))
-            except OSError:
-                raise MeshError(f"port {port} for {name} is in use on {host}: is another `ragfleet up` running? "
-                                "Stop it or pass --port-base (0 = free ports).") from None
+        if port_in_use(host, port):
+            raise MeshError(f"port {port} for {name} is in use on {host}: is another `ragfleet up` running? "
+                            "Stop it or pass --port-base (0 = free ports).")
 
 
 def build_mesh(args: argparse.Namespace, data: Path) -> LocalMesh:
@@ -80,32 +84,77 @@ def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def output_gone(exc: BaseException) -> bool:
+    """A write to a closed pipe (`ragfleet up | head -3`) or to a hung-up terminal."""
+    return isinstance(exc, OSError) and exc.errno in (errno.EPIPE, errno.EIO)
+
+
+def silence(*streams: TextIO) -> None:
+    """Point a dead stream's descriptor at /dev/null, so later writes and the interpreter's final flush succeed."""
+    for stream in streams:
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(devnull, stream.fileno())
+            finally:
+                os.close(devnull)
+        except (OSError, ValueError, AttributeError):  # no descriptor behind it (a test's StringIO): nothing to do
+            pass
+
+
+def say(text: str, out: TextIO) -> bool:
+    """print() that never raises for a dead terminal or pipe (and silences it): stopping must not depend on it."""
+    try:
+        print(text, file=out, flush=True)
+        return True
+    except OSError as exc:
+        if not output_gone(exc):
+            raise
+        silence(out)
+        return False
+
+
+def _handle(signals: tuple[int, ...], handler: object) -> dict[int, object]:
+    """Install `handler` for each signal, except a SIGHUP ignored by whoever started us (`nohup ragfleet up`)."""
+    previous = {}
+    for sig in signals:
+        if sig == getattr(signal, "SIGHUP", None) and signal.getsignal(sig) == signal.SIG_IGN:
+            continue
+        previous[sig] = signal.signal(sig, handler)
+    return previous
+
+
+def _restore(previous: dict[int, object]) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
 @contextmanager
 def running_mesh(mesh: LocalMesh, *, timeout: float, out: TextIO) -> Iterator[float]:
     """Start every service, yield the cold-start seconds, and always stop them all on the way out.
 
-    SIGTERM is turned into KeyboardInterrupt so `kill` stops the mesh as cleanly as Ctrl-C; while stopping, further
-    signals are ignored so a second Ctrl-C cannot orphan half-stopped children (they run in their own sessions).
+    SIGTERM and SIGHUP are turned into KeyboardInterrupt so `kill` and a closed terminal stop the mesh as cleanly as
+    Ctrl-C; while stopping, further signals are ignored so a second Ctrl-C cannot orphan half-stopped children (they
+    run in their own sessions), and output that can no longer be written is dropped rather than raised.
     """
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    previous = _handle(STOP_SIGNALS[1:], _raise_interrupt)
     try:
         started = time.monotonic()
-        print(f"starting {', '.join(SERVICES)} (logs in {mesh.log_dir}) ...", file=out, flush=True)
+        say(f"starting {', '.join(SERVICES)} (logs in {mesh.log_dir}) ...", out)
         mesh.start(timeout=timeout)
         yield time.monotonic() - started
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        during_stop = _handle(STOP_SIGNALS, signal.SIG_IGN)
         try:
             if mesh.processes:
-                print("stopping ...", file=out, flush=True)
+                say("stopping ...", out)
                 codes = mesh.stop()
                 bad = {name: code for name, code in codes.items() if code not in (0, -signal.SIGTERM)}
                 if bad:
-                    print(f"unclean exits: {bad}", file=out, flush=True)
+                    say(f"unclean exits: {bad}", out)
         finally:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            signal.signal(signal.SIGTERM, previous)
+            _restore(during_stop)
+            _restore(previous)
 
 
 def print_banner(mesh: LocalMesh, cold_start: float, out: TextIO) -> None:
@@ -129,25 +178,51 @@ def print_banner(mesh: LocalMesh, cold_start: float, out: TextIO) -> None:
     print("\n".join(lines), file=out, flush=True)
 
 
+def _reader_gone(streams: tuple[TextIO, ...]) -> TextIO | None:
+    """The first stream that is a pipe or socket whose reader has gone (poll reports POLLERR/POLLHUP).
+
+    Terminals are left to SIGHUP: a job the shell was told to keep (`disown`) outlives its terminal on purpose.
+    """
+    if not hasattr(select, "poll"):
+        return None
+    for stream in streams:
+        try:
+            fd = stream.fileno()
+            if not (stat.S_ISFIFO(os.fstat(fd).st_mode) or stat.S_ISSOCK(os.fstat(fd).st_mode)):
+                continue
+            poller = select.poll()
+            poller.register(fd, 0)  # no events asked for: only error and hang-up are reported
+            if any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0)):
+                return stream
+        except (OSError, ValueError, AttributeError):
+            continue
+    return None
+
+
 def supervise(mesh: LocalMesh, out: TextIO) -> int:
-    """Block until Ctrl-C/SIGTERM (-> 0) or until a service dies (-> 1, with its log tail).
+    """Block until Ctrl-C/SIGTERM/SIGHUP (-> 0), until a service dies (-> 1, with its log tail), or until whoever
+    reads our output has gone (`ragfleet up | head -3` -> 141, as the pipeline's other commands would end).
 
     Here the signals only set a flag: a KeyboardInterrupt raised inside `Popen.poll()` can leave the Popen's wait
     lock held, and the `wait()` of the shutdown that follows then never returns.
     """
     stop = threading.Event()
-    handlers = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    handlers = _handle(STOP_SIGNALS, lambda *_: stop.set())
     try:
         while not stop.wait(POLL_SECONDS):
             dead = mesh.exited()
             if dead is not None:
-                print(f"\n{dead.name} exited with code {dead.process.returncode}; last lines of {dead.log_path}:\n"
-                      f"{dead.log_tail()}", file=sys.stderr, flush=True)
+                say(f"\n{dead.name} exited with code {dead.process.returncode}; last lines of {dead.log_path}:\n"
+                    f"{dead.log_tail()}", sys.stderr)
                 return 1
+            gone = _reader_gone((out, sys.stderr))
+            if gone is not None:
+                silence(gone)
+                say(f"ragfleet up: {'stdout' if gone is out else 'stderr'} was closed; stopping the mesh", sys.stderr)
+                return OUTPUT_GONE_EXIT
         return 0
     finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
+        _restore(handlers)
 
 
 def resolve_data_dir(arg: str | None) -> Path:
@@ -162,8 +237,14 @@ def run(args: argparse.Namespace) -> int:
             print_banner(mesh, cold_start, out)
             return supervise(mesh, out)
     except MeshError as exc:
-        print(f"ragfleet up failed: {exc}", file=sys.stderr)
+        say(f"ragfleet up failed: {exc}", sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted before the mesh was up", file=sys.stderr)
+        say("interrupted before the mesh was up", sys.stderr)
         return 130
+    except OSError as exc:  # the banner met a closed pipe or terminal; the mesh is already stopped
+        if not output_gone(exc):
+            raise
+        silence(out)
+        say("ragfleet up: stdout was closed; stopped the mesh", sys.stderr)
+        return OUTPUT_GONE_EXIT

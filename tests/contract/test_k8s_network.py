@@ -442,3 +442,51 @@ def test_the_script_refuses_a_file_without_tokens(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, str(SCRIPT), "--tokens-from", str(bad)], capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 2 and "no Secret ragfleet-internal-tokens" in result.stderr and not result.stdout
+
+
+# -- the manifests against the runtime's own token check ------------------------------------------------------------
+
+def _authenticate_all(tmp_path: Path, secret: dict[str, Any], configmap: dict[str, Any]) -> dict[tuple[str, str], bool]:
+    """(callee, caller) -> whether the callee's authenticator, reading the mounted callers file, accepts the token
+    the caller's pods present (read through the runtime's token file reader, as the pods would)."""
+    internal_auth = pytest.importorskip("services.runtime.internal_auth")
+    from services.runtime.errors import Unauthenticated
+
+    outcome: dict[tuple[str, str], bool] = {}
+    for caller, token in secret["stringData"].items():
+        token_file = tmp_path / f"{caller}.token"
+        token_file.write_text(token)
+        metadata = internal_auth.CallerToken(str(token_file)).metadata()
+        for callee, text in configmap["data"].items():
+            callers_file = tmp_path / f"{callee}.callers"
+            callers_file.write_text(text)
+            try:
+                outcome[(callee, caller)] = internal_auth.CallersAuthenticator(str(callers_file)).authenticate(
+                    metadata) == caller
+            except Unauthenticated:
+                outcome[(callee, caller)] = False
+    return outcome
+
+
+def _expected_outcome() -> dict[tuple[str, str], bool]:
+    callers = {caller for allowed in ALLOWED_CALLERS.values() for caller in allowed}
+    return {(callee, caller): caller in ALLOWED_CALLERS[callee] for callee in ALLOWED_CALLERS for caller in callers}
+
+
+def test_the_runtime_accepts_exactly_the_allowed_callers_with_the_shipped_and_generated_files(tmp_path: Path) -> None:
+    shipped = (OBJECTS[("Secret", TOKENS_SECRET)], OBJECTS[("ConfigMap", CALLERS_CONFIGMAP)])
+    assert _authenticate_all(tmp_path, *shipped) == _expected_outcome()
+    assert _authenticate_all(tmp_path, *_pair(_run_script())) == _expected_outcome()
+
+
+@pytest.mark.parametrize("name", SERVICES)
+def test_each_pod_environment_enables_internal_auth(name: str, tmp_path: Path) -> None:
+    # The variables the Deployment sets, with the mounted files where the pod would find them, make the runtime's
+    # config turn authentication on with the files it needs for this service's role.
+    internal_auth = pytest.importorskip("services.runtime.internal_auth")
+    (container,) = OBJECTS[("Deployment", name)]["spec"]["template"]["spec"]["containers"]
+    environ = {**CONFIG, **{e["name"]: e["value"] for e in container.get("env", []) if "value" in e}}
+    config = internal_auth.InternalAuthConfig.from_env(name, environ)
+    assert config.enabled
+    assert (config.token_file is not None) == any(name in c for c in ALLOWED_CALLERS.values())
+    assert (config.callers_file is not None) == (name in ALLOWED_CALLERS)
