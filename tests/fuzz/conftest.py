@@ -17,7 +17,7 @@ from tests.fuzz.harness import FuzzMesh
 _COMMON = dict(deadline=None, database=None, print_blob=True,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much,
                                       HealthCheck.large_base_example])
-settings.register_profile("ci", max_examples=int(os.environ.get("RAGFLEET_FUZZ_EXAMPLES", "30")), **_COMMON)
+settings.register_profile("ci", max_examples=int(os.environ.get("RAGFLEET_FUZZ_EXAMPLES", "50")), **_COMMON)
 settings.register_profile("long", max_examples=500, **_COMMON)
 
 

@@ -13,7 +13,7 @@ from collections import Counter
 from typing import Any
 
 import pytest
-from hypothesis import Phase, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.fuzz.harness import FuzzMesh, Target
@@ -24,10 +24,6 @@ RPCS = ["GatewayService/Ask", "GatewayService/Ingest", "GatewayService/DeleteDoc
         "RetrievalService/Upsert", "RetrievalService/Delete", "RetrievalService/Search",
         "GenerationService/Generate"]
 HEALTH_EVERY = 20
-# Until the shared runtime maps decode failures to INVALID_ARGUMENT (issue 10, defect 2; owned by the runtime
-# work), undecodable bytes answer UNKNOWN. Remove this mark once that lands.
-DECODE_PENDING = pytest.mark.xfail(strict=False, reason="malformed protobuf answers UNKNOWN until the runtime maps "
-                                                        "decode failures to INVALID_ARGUMENT (issue 10 defect 2)")
 
 
 def _check_after(fm: FuzzMesh, before: Counter[Any], codes: Counter[str], name: str) -> None:
@@ -64,7 +60,6 @@ def test_generated_requests(fuzz_mesh: FuzzMesh, name: str) -> None:
 
 
 @pytest.mark.slow
-@DECODE_PENDING
 @pytest.mark.parametrize("name", RPCS)
 def test_corrupted_bytes(fuzz_mesh: FuzzMesh, name: str) -> None:
     target = fuzz_mesh.targets[name]
@@ -72,10 +67,7 @@ def test_corrupted_bytes(fuzz_mesh: FuzzMesh, name: str) -> None:
     seeds = st.one_of(st.sampled_from([s.SerializeToString() for s in target.seeds]),
                       target.requests(huge_chars=2000).map(lambda m: m.SerializeToString()))
 
-    # Without the runtime fix every undecodable case fails; shrinking each of them would only burn the CI budget.
-    phases = PROFILE.phases if not _decode_pending(fuzz_mesh) else (Phase.explicit, Phase.generate)
-
-    @settings(PROFILE, phases=phases)
+    @settings(PROFILE)
     @given(mutated=mutations(seeds, target.string_fields))
     def case(mutated: tuple[str, bytes]) -> None:
         _run_case(fuzz_mesh, target, mutated[1], codes)
@@ -102,13 +94,3 @@ def test_gateway_authorization_values(fuzz_mesh: FuzzMesh) -> None:
 
     case()
 
-
-_PENDING: dict[str, bool] = {}
-
-
-def _decode_pending(fm: FuzzMesh) -> bool:
-    """True while invalid UTF-8 in a request still answers UNKNOWN (the runtime fix has not landed)."""
-    if "ask" not in _PENDING:
-        outcome = fm.call(fm.targets["GatewayService/Ask"], b"\x0a\x04b\xff\xfeq")
-        _PENDING["ask"] = outcome.code == "UNKNOWN"
-    return _PENDING["ask"]
