@@ -161,8 +161,11 @@ async def kill_during_load(fm: FaultMesh, service: str, *, askers: int = 3, kill
             n = 0
             while not stop.is_set():
                 n += 1
-                asks.append(await ask(stub, fm, unique(f"Tell me about {WORDS[(i * 7 + n) % len(WORDS)]}."),
-                                      deadline=deadline, bypass_cache=True))
+                result = await ask(stub, fm, unique(f"Tell me about {WORDS[(i * 7 + n) % len(WORDS)]}."),
+                                   deadline=deadline, bypass_cache=True)
+                asks.append(result)
+                if result.code != "OK":
+                    await asyncio.sleep(0.1)  # a client backs off a little instead of spinning on a dead service
 
         async def ingester() -> None:
             n = 0
