@@ -67,6 +67,21 @@ def retry_delay(attempt: int, base: float) -> float:
     return min(base * 2 ** (attempt - 1), MAX_RETRY_DELAY) * (0.5 + random.random() / 2)
 
 
+def retry_after(error: BaseException) -> float | None:
+    """The wait a 429/503 asks for (``retry-after-ms``, else ``Retry-After`` in seconds), as the SDK reads it."""
+    if not isinstance(error, openai.APIStatusError):
+        return None
+    headers = error.response.headers
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        try:
+            value = float(headers.get(name, ""))
+        except ValueError:  # absent, or an HTTP date: fall back to our own backoff
+            continue
+        if value >= 0:
+            return value * scale
+    return None
+
+
 def describe(error: BaseException) -> str:
     if isinstance(error, TimeoutError):
         return "no first token in time"
@@ -242,8 +257,14 @@ class OpenAIAnswerer:
                 metrics.LLM_ATTEMPTS.labels("timeout" if isinstance(exc, TimeoutError)
                                             else "retryable" if retry else "error").inc()
                 delay = retry_delay(attempt, self._config.retry_backoff)
-                out_of_time = (prompt.deadline is not None
-                               and asyncio.get_running_loop().time() + delay >= prompt.deadline)
+                asked = retry_after(exc)
+                if asked is not None:
+                    # Retrying sooner than a rate-limited server asks only prolongs the limit; a wait longer than
+                    # an attempt's whole first-token budget is not worth it (fail now: the fallback answers sooner).
+                    delay = max(delay, asked)
+                out_of_time = ((prompt.deadline is not None
+                                and asyncio.get_running_loop().time() + delay >= prompt.deadline)
+                               or (asked is not None and asked > self._config.timeouts.first_token))
                 span.add_event("attempt failed", {"attempt": attempt, "error": describe(exc)})
                 if (isinstance(exc, TimeoutError) and prompt.deadline is not None
                         and asyncio.get_running_loop().time() >= prompt.deadline - _DEADLINE_SLACK):

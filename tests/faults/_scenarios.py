@@ -257,8 +257,12 @@ LLM_FAULTS: dict[str, tuple[dict[str, Any], float, tuple[str, bool], tuple[str, 
     "slow": ({"ttft_ms": 400.0, "tokens_per_second": 40.0, "max_tokens": 12}, 5.0, ("OK", True), None),
     "slow_past_deadline": ({"tokens_per_second": 5.0, "max_tokens": 40}, 2.0, ("DEADLINE_EXCEEDED", True), None),
     "hung": ({"hang_rate": 1.0}, 5.0, ("UNAVAILABLE", False), ("FALLBACK", True)),
-    "rate_limited_429": ({"rate_limit_rate": 1.0, "retry_after_seconds": 1.0}, 5.0, ("UNAVAILABLE", False),
+    # Retry-After 0.5 s: one retry, no sooner than asked. 30 s: more than an attempt's first-token budget, so no
+    # retry at all (the fallback answers at once).
+    "rate_limited_429": ({"rate_limit_rate": 1.0, "retry_after_seconds": 0.5}, 5.0, ("UNAVAILABLE", False),
                          ("FALLBACK", True)),
+    "rate_limited_429_long_retry_after": ({"rate_limit_rate": 1.0, "retry_after_seconds": 30.0}, 5.0,
+                                          ("UNAVAILABLE", False), ("FALLBACK", True)),
     "server_error_500": ({"failure_rate": 1.0}, 5.0, ("UNAVAILABLE", False), ("FALLBACK", True)),
     "malformed_sse_first": ({"malformed_after_tokens": 0}, 5.0, ("UNAVAILABLE", False), ("FALLBACK", True)),
     "malformed_sse_mid": ({"malformed_after_tokens": 4}, 5.0, ("UNAVAILABLE", True), None),
@@ -289,6 +293,7 @@ async def llm_fault(fm: FaultMesh, name: str, *, concurrency: int = 3, rounds: i
     await asyncio.to_thread(idle)
     before = {v: _llm_state(fm, v) for v in variants}
     results: dict[bool, list[AskResult]] = {v: [] for v in variants}
+    requests_before = (await asyncio.to_thread(fm.sim.stats))["chat_requests"]
     await asyncio.to_thread(fm.sim.configure, **{**SIM_DEFAULTS, **settings})
     try:
         channels = {v: grpc.aio.insecure_channel(fm.gateway(v)) for v in variants}
@@ -306,7 +311,9 @@ async def llm_fault(fm: FaultMesh, name: str, *, concurrency: int = 3, rounds: i
     finally:
         await asyncio.to_thread(fm.sim.configure, **SIM_DEFAULTS)
     sim_idle = (await asyncio.to_thread(idle))["active_streams"] == 0
-    out: dict[str, Any] = {"fault": name, "deadline_s": deadline, "sim_streams_left_open": 0 if sim_idle else 1}
+    llm_requests = (await asyncio.to_thread(fm.sim.stats))["chat_requests"] - requests_before
+    out: dict[str, Any] = {"fault": name, "deadline_s": deadline, "sim_streams_left_open": 0 if sim_idle else 1,
+                           "llm_requests_per_ask": round(llm_requests / sum(map(len, results.values())), 2)}
     for v in variants:
         expected = with_fallback if v else plain
         after = _llm_state(fm, v)
@@ -319,6 +326,7 @@ async def llm_fault(fm: FaultMesh, name: str, *, concurrency: int = 3, rounds: i
             "as_documented": sum(o == expected for o in outcomes),
             "asks": len(outcomes),
             "max_elapsed_s": round(max(r.elapsed for r in results[v]), 3),
+            "min_elapsed_s": round(min(r.elapsed for r in results[v]), 3),
             "over_deadline": sum(r.elapsed > deadline + 0.25 for r in results[v]),
             "details": sorted({r.details[:160] for r in results[v] if r.details})[:3],
             "connections_before": before[v]["connections"], "connections_after": after["connections"],

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.faults._mesh import FaultMesh
+from tests.faults._mesh import MAX_RETRIES, FaultMesh
 from tests.faults._scenarios import LLM_FAULTS, llm_fault
 
 
@@ -30,3 +30,9 @@ async def test_llm_fault_ends_as_documented_without_leaks(fm: FaultMesh, name: s
         assert r["generate_streams_left"] == 0 and r["asks_left_in_flight"] == 0, (variant, r)
         if r["expected"]["status"] == "UNAVAILABLE":
             assert all("LLM" in d or "generation" in d for d in r["details"]), r["details"]
+    if name == "rate_limited_429":  # Retry-After 0.5 s: the one retry waits that long
+        assert result["llm_requests_per_ask"] == 1 + MAX_RETRIES, result
+        assert result["no_fallback"]["min_elapsed_s"] >= 0.5, result
+    if name == "rate_limited_429_long_retry_after":  # past the first-token budget: no retry, no wait
+        assert result["llm_requests_per_ask"] == 1, result
+        assert result["fallback"]["max_elapsed_s"] < 1.0, result
