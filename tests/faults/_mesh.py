@@ -5,7 +5,7 @@
     both gateways -> [embedding proxy] -> embedding,  [retrieval proxy] -> retrieval
     every service -> [Redis proxy] -> Redis on 127.0.0.1:6379
 
-Both gateways and both generations share one data dir (and so whatever credentials LocalMesh keeps there). Budgets
+Both gateways and both generations share one data dir and the first mesh's service-to-service tokens. Budgets
 are short so a fault shows within seconds: first token 1 s, one retry, embed and retrieve stages 1 s each.
 """
 
@@ -123,10 +123,14 @@ def start_fault_mesh(data_dir: Path) -> FaultMesh:
         via_proxies = {"RAGFLEET_GATEWAY_RETRIEVAL_ADDRESS": retrieval_proxy.address,
                        "RAGFLEET_GATEWAY_EMBEDDING_ADDRESS": embedding_proxy.address}
         mesh = LocalMesh(data_dir=data_dir, env=env, ports=ports, service_env={"gateway": via_proxies})
-        fallback = LocalMesh(data_dir=data_dir, log_dir=data_dir / "logs-fallback",
-                             env={**env, "RAGFLEET_GENERATION_FALLBACK": "true"}, service_env={"gateway": via_proxies})
-        meshes += [mesh, fallback]
+        meshes.append(mesh)
         mesh.start()
+        # The second gateway and generation present (and accept) the first mesh's service tokens.
+        shared = {"credentials": mesh.credentials} if hasattr(mesh, "credentials") else {}
+        fallback = LocalMesh(data_dir=data_dir, log_dir=data_dir / "logs-fallback",
+                             env={**env, "RAGFLEET_GENERATION_FALLBACK": "true"}, service_env={"gateway": via_proxies},
+                             **shared)
+        meshes.append(fallback)
         fallback.start(["generation", "gateway"])
         return FaultMesh(mesh, fallback, sim, redis_proxy, retrieval_proxy, embedding_proxy, key, tenant,
                          gateway_prefix, embedding_prefix, proxies)
