@@ -336,7 +336,7 @@ async def sweep(meshes: dict[str, LocalMesh], texts: Sequence[str], warm: Sequen
     """The N sweep against each service ("batched", "unbatched"): N = 1 paired, larger N one service at a time.
     With `sim`, each setting also records the endpoint's own count of HTTP calls."""
     results: dict[str, dict[str, Any]] = {name: {} for name in meshes}
-    channels = {name: grpc.aio.insecure_channel(mesh.address("embedding")) for name, mesh in meshes.items()}
+    channels = {name: mesh.internal_channel("embedding", aio=True) for name, mesh in meshes.items()}
     try:
         stubs = {name: embedding_pb2_grpc.EmbeddingServiceStub(ch) for name, ch in channels.items()}
         for n in callers:
@@ -379,8 +379,8 @@ async def measure_cache(mesh_a: LocalMesh, mesh_b: LocalMesh, texts: Sequence[st
     series: dict[str, list[float]] = {"miss": [], "l1_hit": [], "l2_hit": [], "l2_promoted_l1_hit": [],
                                       "grpc_health_check": []}
     wrong_flag = 0
-    async with grpc.aio.insecure_channel(mesh_a.address("embedding")) as ch_a, \
-            grpc.aio.insecure_channel(mesh_b.address("embedding")) as ch_b:
+    async with mesh_a.internal_channel("embedding", aio=True) as ch_a, \
+            mesh_b.internal_channel("embedding", aio=True) as ch_b:
         a, b = embedding_pb2_grpc.EmbeddingServiceStub(ch_a), embedding_pb2_grpc.EmbeddingServiceStub(ch_b)
         for text in warm[:24]:  # connections, model allocations, Redis pool on both replicas
             for stub in (a, b, a, b):

@@ -65,8 +65,8 @@ async def real_vectors(data: Path, work: Path, max_sentences: int) -> tuple[np.n
     sentences, owners = sentences[:max_sentences], owners[:max_sentences]
     mesh = LocalMesh(data_dir=work, env={"RAGFLEET_LOG_FORMAT": "text", "RAGFLEET_LOG_LEVEL": "WARNING"})
     with mesh.start(["embedding"]):
-        async with grpc.aio.insecure_channel(mesh.address("embedding"),
-                                             options=[("grpc.max_receive_message_length", 64 << 20)]) as channel:
+        async with mesh.internal_channel("embedding", aio=True,
+                                         options=[("grpc.max_receive_message_length", 64 << 20)]) as channel:
             stub = embedding_pb2_grpc.EmbeddingServiceStub(channel)
             docs, doc_info = await cached_vectors(stub, [f"{corpus[d]['title']}\n{corpus[d]['text']}".strip()
                                                          for d in doc_ids], common_pb2.INPUT_TYPE_DOCUMENT, "docs")

@@ -240,8 +240,8 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     common_env = {"RAGFLEET_LOG_FORMAT": "text", "RAGFLEET_LOG_LEVEL": "WARNING"}
     embed_mesh = LocalMesh(data_dir=work, env=common_env, log_dir=work / "logs-embedding").start(["embedding"])
     try:
-        async with grpc.aio.insecure_channel(embed_mesh.address("embedding"),
-                                             options=[("grpc.max_receive_message_length", 64 << 20)]) as channel:
+        async with embed_mesh.internal_channel("embedding", aio=True,
+                                               options=[("grpc.max_receive_message_length", 64 << 20)]) as channel:
             embed = embedding_pb2_grpc.EmbeddingServiceStub(channel)
             doc_texts = [f"{corpus[d]['title']}\n{corpus[d]['text']}".strip() for d in doc_ids]
             doc_matrix, doc_info = await cached_vectors(embed, doc_texts, common_pb2.INPUT_TYPE_DOCUMENT, "docs")
@@ -253,12 +253,12 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
         def retrieval_mesh(tuned: dict[str, Any] | None) -> LocalMesh:
             env = {**common_env, **retrieval_env(tuned)}
-            return LocalMesh(data_dir=work, env=env, service_env=service_env,
+            return LocalMesh(data_dir=work, env=env, service_env=service_env, credentials=embed_mesh.credentials,
                              log_dir=work / f"logs-retrieval-{'tuned' if tuned else 'base'}").start(["retrieval"])
 
         HYBRID, DENSE, SPARSE = common_pb2.SEARCH_MODE_HYBRID, common_pb2.SEARCH_MODE_DENSE, common_pb2.SEARCH_MODE_SPARSE
         with retrieval_mesh(None) as mesh:
-            async with grpc.aio.insecure_channel(mesh.address("retrieval")) as channel:
+            async with mesh.internal_channel("retrieval", aio=True) as channel:
                 stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
                 ingest_seconds = await ingest(stub, doc_ids, corpus, doc_matrix)
                 print(f"ingested {len(doc_ids)} documents in {ingest_seconds:.1f}s", flush=True)
@@ -279,7 +279,7 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         results: dict[str, Any] = {}
         test_q = sorted(qrels["test"])
         with retrieval_mesh(tuned) as mesh:
-            async with grpc.aio.insecure_channel(mesh.address("retrieval")) as channel:
+            async with mesh.internal_channel("retrieval", aio=True) as channel:
                 stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
                 for name, params in pipelines.items():
                     hits, latencies = await search_all(stub, test_q, queries, qvecs, **dict(params))

@@ -13,8 +13,10 @@ import ctypes
 import os
 import signal
 import socket
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -23,6 +25,8 @@ from typing import IO, Callable, Iterable, Mapping
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.runtime.internal_auth import TOKEN_FILE_VAR, write_local_credentials
 
 SERVICES = ("embedding", "retrieval", "generation", "gateway")
 
@@ -97,14 +101,52 @@ class MeshError(RuntimeError):
     pass
 
 
+class _SyncToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds fixed metadata (a service token) to every call of a synchronous channel."""
+
+    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self._metadata = metadata
+
+    def _details(self, details):  # type: ignore[no-untyped-def]
+        return _CallDetails(details.method, details.timeout, (*(details.metadata or ()), *self._metadata),
+                            details.credentials, getattr(details, "wait_for_ready", None),
+                            getattr(details, "compression", None))
+
+    def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):  # type: ignore[no-untyped-def]
+        return continuation(self._details(details), request)
+
+
+class _FixedToken:
+    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self._metadata = metadata
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._metadata
+
+
+class _CallDetails(grpc.ClientCallDetails):
+    def __init__(self, method, timeout, metadata, credentials, wait_for_ready, compression):  # type: ignore
+        self.method, self.timeout, self.metadata = method, timeout, metadata
+        self.credentials, self.wait_for_ready, self.compression = credentials, wait_for_ready, compression
+
+
 class LocalMesh:
     """A set of service processes. Env passed in applies to all; `service_env[name]` to one service."""
 
     def __init__(self, *, data_dir: str | os.PathLike, env: Mapping[str, str] | None = None,
                  service_env: Mapping[str, Mapping[str, str]] | None = None, host: str = "127.0.0.1",
                  log_dir: str | os.PathLike | None = None, ports: Mapping[str, int] | None = None,
-                 metrics_ports: Mapping[str, int] | None = None) -> None:
-        """`ports` / `metrics_ports` pin a service's gRPC / Prometheus port (`ragfleet up`); others get free ones."""
+                 metrics_ports: Mapping[str, int] | None = None,
+                 credentials: Mapping[str, Mapping[str, str]] | None = None) -> None:
+        """`ports` / `metrics_ports` pin a service's gRPC / Prometheus port (`ragfleet up`); others get free ones.
+        Service-to-service tokens are generated under the data dir on start (removed on stop); `credentials` (another
+        mesh's `.credentials`) reuses that mesh's instead, so these processes and its services accept each other."""
+        self.credentials: dict[str, dict[str, str]] | None = (
+            None if credentials is None else {k: dict(v) for k, v in credentials.items()})
+        self._credentials_dir: Path | None = None
         self.data_dir = Path(data_dir)
         self.host = host
         self.env = dict(env or {})
@@ -120,6 +162,7 @@ class LocalMesh:
     def _env_for(self, name: str, metrics_port: int) -> dict[str, str]:
         env = dict(os.environ)
         env.setdefault("RAGFLEET_DATA_DIR", str(self.data_dir))
+        env.update((self.credentials or {}).get(name, {}))
         env.update(self.env)
         prefix = f"RAGFLEET_{name.upper()}_"
         env[prefix + "HOST"] = self.host
@@ -137,6 +180,9 @@ class LocalMesh:
         names = list(names)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        if self.credentials is None:
+            self._credentials_dir = Path(tempfile.mkdtemp(prefix="internal-auth-", dir=self.data_dir))
+            self.credentials = write_local_credentials(self._credentials_dir)
         for name in names:
             self.ports.setdefault(name, free_port(self.host))
         for name in names:
@@ -194,7 +240,30 @@ class LocalMesh:
             if proc._log is not None:
                 proc._log.close()
         self.processes.clear()
+        if self._credentials_dir is not None:
+            shutil.rmtree(self._credentials_dir, ignore_errors=True)
+            self._credentials_dir = self.credentials = None
         return codes
+
+    def internal_metadata(self, caller: str = "gateway") -> tuple[tuple[str, str], ...]:
+        """The metadata `caller` (gateway or retrieval) presents to the internal services, for calling them
+        directly: `stub.Search(request, metadata=mesh.internal_metadata())`. Read now, so it follows a rotation."""
+        if self.credentials is None:
+            raise MeshError("the mesh has no service tokens before start()")
+        token = Path(self.credentials[caller][TOKEN_FILE_VAR]).read_text().strip()
+        return (("authorization", f"Bearer {token}"),)
+
+    def internal_channel(self, name: str, *, caller: str = "gateway", aio: bool = False,
+                         options: list[tuple[str, object]] | None = None) -> grpc.Channel | grpc.aio.Channel:
+        """A channel to service `name` whose every call presents `caller`'s service token (sync, or grpc.aio)."""
+        metadata = self.internal_metadata(caller)
+        if aio:
+            from services.runtime.internal_auth import token_interceptors
+
+            return grpc.aio.insecure_channel(self.address(name), options=options,
+                                             interceptors=token_interceptors(_FixedToken(metadata)))  # type: ignore
+        return grpc.intercept_channel(grpc.insecure_channel(self.address(name), options=options),
+                                      _SyncToken(metadata))
 
     def __enter__(self) -> "LocalMesh":
         return self

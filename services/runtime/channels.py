@@ -14,6 +14,9 @@ period; DNS alone would not do it, since gRPC re-resolves only when a connection
     stub = EmbeddingServiceStub(channel)
     await stub.Embed(request, timeout=2.0)   # every call carries a deadline
     await pool.close()
+
+Every call carries this process's service token (``authorization: Bearer ...``, services.runtime.internal_auth)
+when one is installed, so the internal services can tell their callers apart.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Iterable, Sequence
 
 import grpc
 
-from services.runtime import telemetry
+from services.runtime import internal_auth, telemetry
 
 DEFAULT_RETRY_POLICY = {
     "maxAttempts": 3,
@@ -64,8 +67,10 @@ def channel_options(retry_methods: Sequence[tuple[str, str]] = (), max_message_m
 class ChannelPool:
     """One traced channel per target for the life of the process."""
 
-    def __init__(self) -> None:
+    def __init__(self, token: internal_auth.CallerToken | None = None) -> None:
+        """``token``: presented on every call; by default the process's (installed by services.runtime.serve)."""
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._token = token if token is not None else internal_auth.process_token()
 
     def get(self, target: str, *, health_service: str | None = None,
             retry_methods: Sequence[tuple[str, str]] = ()) -> grpc.aio.Channel:
@@ -73,7 +78,10 @@ class ChannelPool:
         channel = self._channels.get(target)
         if channel is None:
             options = channel_options(retry_methods, health_service=health_service)
-            channel = grpc.aio.insecure_channel(target, options=options, interceptors=telemetry.client_interceptors())
+            interceptors: list[grpc.aio.ClientInterceptor] = telemetry.client_interceptors()
+            if self._token is not None:
+                interceptors += internal_auth.token_interceptors(self._token)
+            channel = grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
             self._channels[target] = channel
         return channel
 

@@ -180,11 +180,13 @@ def offline_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MeshInfo]
 def extra_mesh(base: MeshInfo, data_dir: Path, names: list[str], *, env: dict[str, str] | None = None,
                gateway_env: dict[str, str] | None = None) -> LocalMesh:
     """More processes wired to `base`'s services (a second gateway replica, a differently configured
-    generation, a gateway with a dead upstream). Upstreams not started here point at `base`."""
+    generation, a gateway with a dead upstream). Upstreams not started here point at `base`; both meshes share
+    `base`'s service tokens, so they accept each other's calls."""
     gateway = {f"RAGFLEET_GATEWAY_{n.upper()}_ADDRESS": base.address(n)
                for n in ("embedding", "retrieval", "generation") if n not in names}
     gateway.update(gateway_env or {})
-    mesh = LocalMesh(data_dir=data_dir, env={**base.env, **(env or {})}, service_env={"gateway": gateway})
+    mesh = LocalMesh(data_dir=data_dir, env={**base.env, **(env or {})}, service_env={"gateway": gateway},
+                     credentials=base.mesh.credentials)
     return mesh.start(names)
 
 

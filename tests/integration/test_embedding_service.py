@@ -75,7 +75,10 @@ def no_redis_small_queue(tmp_path_factory):
 
 
 def stub_for(mesh: LocalMesh) -> embedding_pb2_grpc.EmbeddingServiceStub:
-    return embedding_pb2_grpc.EmbeddingServiceStub(grpc.aio.insecure_channel(mesh.address("embedding")))
+    channel = mesh.internal_channel("embedding", aio=True)
+    stub = embedding_pb2_grpc.EmbeddingServiceStub(channel)
+    stub.channel = channel  # type: ignore[attr-defined]  # an unreferenced aio channel closes when collected
+    return stub
 
 
 async def test_embed_over_the_wire_with_cache_flags(service):
@@ -109,7 +112,8 @@ async def test_embed_over_the_wire_with_cache_flags(service):
 async def test_bad_input_is_invalid_argument_naming_field_and_limit(service, request_, detail):
     mesh, _ = service
     with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await stub_for(mesh).Embed(request_, timeout=10)
+        stub = stub_for(mesh)  # held: an intercepted call starts after this line
+        await stub.Embed(request_, timeout=10)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert detail in raised.value.details()
 

@@ -55,7 +55,7 @@ async def harness(tmp_path_factory):
         await asyncio.gather(*(asyncio.to_thread(m.start, ["generation"], timeout=60) for m in meshes.values()))
         stubs = {}
         for name, mesh in meshes.items():
-            channel = grpc.aio.insecure_channel(mesh.address("generation"))
+            channel = mesh.internal_channel("generation", aio=True)
             channels.append(channel)
             stubs[name] = generation_pb2_grpc.GenerationServiceStub(channel)
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as control:

@@ -24,7 +24,7 @@ def retrieval(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("retrieval-mesh")
     with LocalMesh(data_dir=data_dir, env={"RAGFLEET_LOG_FORMAT": "text"}) as mesh:
         mesh.start(["retrieval"])
-        with grpc.insecure_channel(mesh.address("retrieval")) as channel:
+        with mesh.internal_channel("retrieval") as channel:
             yield mesh, retrieval_pb2_grpc.RetrievalServiceStub(channel)
 
 
@@ -86,8 +86,7 @@ def test_locked_data_dir_is_a_clear_start_up_error(retrieval):
 def test_text_queries_are_embedded_by_the_embedding_service(tmp_path):
     with LocalMesh(data_dir=tmp_path, env={"RAGFLEET_LOG_FORMAT": "text"}) as mesh:
         mesh.start(["embedding", "retrieval"])
-        with grpc.insecure_channel(mesh.address("embedding")) as emb_channel, \
-                grpc.insecure_channel(mesh.address("retrieval")) as channel:
+        with mesh.internal_channel("embedding") as emb_channel, mesh.internal_channel("retrieval") as channel:
             embed = embedding_pb2_grpc.EmbeddingServiceStub(emb_channel)
             stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
             vectors = embed.Embed(embedding_pb2.EmbedRequest(texts=list(TEXTS.values()),
@@ -122,7 +121,7 @@ def test_replicas_share_corpus_versions_through_redis(tmp_path, redis_prefix):
     with LocalMesh(data_dir=tmp_path / "a", env=env) as a, LocalMesh(data_dir=tmp_path / "b", env=env) as b:
         a.start(["retrieval"])
         b.start(["retrieval"])
-        with grpc.insecure_channel(a.address("retrieval")) as ca, grpc.insecure_channel(b.address("retrieval")) as cb:
+        with a.internal_channel("retrieval") as ca, b.internal_channel("retrieval") as cb:
             stub_a, stub_b = retrieval_pb2_grpc.RetrievalServiceStub(ca), retrieval_pb2_grpc.RetrievalServiceStub(cb)
             for stub in (stub_a, stub_b):
                 stub.Upsert(pb.UpsertRequest(tenant=tenant, chunks=rand_chunks("d", ["tides and the moon"], 3)),
