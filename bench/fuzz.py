@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
 import tempfile
 import time
 from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +48,14 @@ class Recorder:
         self.unhealthy: list[dict[str, Any]] = []
         self.max_elapsed: dict[str, float] = defaultdict(float)
         self.cases: Counter[str] = Counter()
+        self._lock = threading.Lock()
 
     def record(self, fm: FuzzMesh, target: Target, kind: str, payload: bytes) -> None:
         outcome = fm.call(target, payload)
+        with self._lock:
+            self._record(fm, target, kind, payload, outcome)
+
+    def _record(self, fm: FuzzMesh, target: Target, kind: str, payload: bytes, outcome: Any) -> None:
         name = target.name
         self.cases[name] += 1
         self.codes[name][outcome.code] += 1
@@ -104,6 +111,7 @@ def main() -> int:
     parser.add_argument("--mutated", type=int, default=800, help="corrupted requests per RPC")
     parser.add_argument("--huge-chars", type=int, default=200_000, help="longest generated string")
     parser.add_argument("--rpc", action="append", help="only these RPCs (e.g. GatewayService/Ask); repeatable")
+    parser.add_argument("--workers", type=int, default=4, help="RPCs fuzzed at once (one Hypothesis run each)")
     parser.add_argument("--quick", action="store_true", help="100 cases per RPC, results as fuzz_quick")
     args = parser.parse_args()
     if args.quick:
@@ -113,11 +121,16 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="ragfleet-fuzz-") as tmp, FuzzMesh.start(Path(tmp), timeout=30) as fm:
         before = fm.server_errors()
         names = args.rpc or list(fm.targets)
-        for name in names:
+
+        def one(name: str) -> None:
             t0 = time.monotonic()
             fuzz_rpc(fm, fm.targets[name], rec, args.generated, args.mutated, args.huge_chars)
             print(f"{name}: {rec.cases[name]} cases in {time.monotonic() - t0:.0f}s {dict(rec.codes[name])}",
                   flush=True)
+
+        with ThreadPoolExecutor(max_workers=args.workers) as pool:
+            for future in [pool.submit(one, name) for name in names]:
+                future.result()
         final_health = fm.health()
         server_side = fm.server_errors() - before
         targets_by_name = {n: fm.targets[n] for n in names}

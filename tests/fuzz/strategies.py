@@ -49,7 +49,11 @@ def texts(huge_chars: int = DEFAULT_HUGE_CHARS) -> st.SearchStrategy[str]:
                                 "{tenant}", "../../etc/passwd", "%s%n", "\U0010ffff", "a" * 129, "*"])
     huge = st.builds(lambda ch, n: ch * n, st.sampled_from(["a", "é", "🐝", "bee ", " "]),
                      st.integers(huge_chars // 4, huge_chars))
-    return _weighted((6, words), (3, st.text(max_size=64)), (2, specials), (1, huge))
+    small = _weighted((6, words), (3, st.text(max_size=64)), (2, specials))
+    with_huge = _weighted((6, words), (3, st.text(max_size=64)), (2, specials), (1, huge))
+    # One draw per example decides whether huge strings may appear in it at all: otherwise almost every message
+    # with a few dozen strings holds one, and the per-method size limit answers before any validation runs.
+    return st.shared(st.integers(0, 3), key="ragfleet-fuzz-huge").flatmap(lambda n: with_huge if n == 0 else small)
 
 
 def _ints(bounds: tuple[int, int]) -> st.SearchStrategy[int]:
@@ -99,7 +103,10 @@ def _scalar(field: FieldDescriptor, huge_chars: int) -> st.SearchStrategy[Any]:
 
 
 def _repeated(element: st.SearchStrategy[Any]) -> st.SearchStrategy[list[Any]]:
-    return _weighted((5, st.lists(element, max_size=4)), (1, st.lists(element, min_size=5, max_size=40)))
+    few, many = st.lists(element, max_size=4), st.lists(element, min_size=5, max_size=40)
+    # As with huge strings: long lists only in some examples, decided once per example.
+    return st.shared(st.integers(0, 3), key="ragfleet-fuzz-many").flatmap(
+        lambda n: _weighted((3, few), (1, many)) if n == 0 else few)
 
 
 def _is_map(field: FieldDescriptor) -> bool:
