@@ -9,8 +9,10 @@ reason to refuse). Every test finds the services by their data dir in /proc and 
 from __future__ import annotations
 
 import os
+import pty
 import queue
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -126,6 +128,40 @@ def test_sighup_to_up_stops_every_service(up: tuple[subprocess.Popen, Path, dict
     process.send_signal(signal.SIGHUP)
     assert process.wait(30) == 0
     assert not _wait_gone(data_dir)
+
+
+def test_closing_up_s_terminal_stops_every_service(tmp_path: Path) -> None:
+    """The real thing: `up` leads a session on a pseudo-terminal that is then closed, so the kernel sends it SIGHUP
+    and every later write to the terminal fails with EIO (which must not keep `up` from stopping the mesh)."""
+    data_dir = tmp_path / "data"
+    pid, terminal = pty.fork()
+    if pid == 0:  # the child: exec at once, nothing else in a forked copy of the test process
+        os.execve(sys.executable, _up_command(data_dir), _env())
+    try:
+        shown = b""
+        deadline = time.monotonic() + START_TIMEOUT
+        while b"Ctrl-C stops everything." not in shown and time.monotonic() < deadline:
+            if select.select([terminal], [], [], 0.5)[0]:
+                shown += os.read(terminal, 65536)
+        assert set(_banner_pids(shown.decode().replace("\r\n", "\n")).values()) <= _mesh_pids(data_dir), shown
+        os.close(terminal)
+        terminal = -1
+        deadline = time.monotonic() + 30
+        while (waited := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if waited[0] == pid:
+            pid = 0  # reaped: nothing left to kill under that number
+        assert pid == 0 and os.waitstatus_to_exitcode(waited[1]) == 0, waited
+        assert not _wait_gone(data_dir)
+    finally:
+        try:
+            if terminal >= 0:
+                os.close(terminal)
+            if pid:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+        finally:
+            _kill(None, data_dir)
 
 
 def test_sigkill_of_up_takes_every_service_with_it(up: tuple[subprocess.Popen, Path, dict[str, int]]) -> None:
