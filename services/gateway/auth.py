@@ -5,6 +5,10 @@ how much of a guessed key was right. With no keys configured, auth is off and ev
 (the local `ragfleet up` mesh and the demo run that way; a warning is logged at start-up). That happens only when
 neither RAGFLEET_GATEWAY_API_KEYS nor RAGFLEET_GATEWAY_API_KEYS_FILE is set: a keys file that holds no keys fails
 start-up instead (GatewayConfig.from_env), so an empty mounted secret never turns authentication off.
+
+The gateway's server runs this as its guard's authenticator (services.runtime.guard): the key is checked from the
+invocation metadata before the request body is sized or parsed, and the tenant reaches the servicer through
+``authenticated_by``. An anonymous caller cannot make the gateway parse anything.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ _BEARER = "bearer "
 
 
 class ApiKeyAuth:
+    span_attribute = "ragfleet.tenant"
+
     def __init__(self, keys: Mapping[str, str]) -> None:
         # Compare fixed-length digests so differing key lengths do not leak through timing either.
         self._entries = [(hashlib.sha256(key.encode()).digest(), tenant) for key, tenant in keys.items()]
@@ -52,3 +58,7 @@ class ApiKeyAuth:
         if found is None:
             raise Unauthenticated("authorization: unknown API key")
         return found
+
+    def authenticate(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
+        """The guard's entry point (services.runtime.guard.Authenticator): the tenant, or Unauthenticated."""
+        return self.tenant_for(metadata)

@@ -86,8 +86,9 @@ def main() -> int:
 
     async def build() -> tuple[Sequence[Binding], Callable[[], Awaitable[None]]]:
         servicer, close = build_servicer(config, tokenizer)
+        # The API key is checked by the guard, from metadata, before the request is sized or parsed.
         return [Binding(SERVICE_NAME, gateway_pb2_grpc.add_GatewayServiceServicer_to_server, servicer,
-                        max_request_bytes=request_limits(config))], close
+                        max_request_bytes=request_limits(config), authenticator=servicer.authenticator)], close
 
     serve(config.server, build)
     return 0

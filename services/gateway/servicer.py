@@ -11,6 +11,7 @@ from services.gateway.ask import AskPipeline
 from services.gateway.auth import ApiKeyAuth
 from services.gateway.deadlines import Deadline
 from services.gateway.ingest import Ingestor
+from services.runtime.guard import authenticated_by
 from services.runtime.pb.ragfleet.v1 import gateway_pb2, gateway_pb2_grpc
 
 
@@ -22,10 +23,20 @@ class GatewayServiceServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self._pipeline = pipeline
         self._ingestor = ingestor
 
+    @property
+    def authenticator(self) -> ApiKeyAuth:
+        """For the server's guard: it checks the key before the body is parsed (services.gateway.server)."""
+        return self._auth
+
+    def _tenant(self, context: grpc.aio.ServicerContext) -> str:
+        """The tenant the guard authenticated; checked here only when the servicer runs without that guard."""
+        tenant = authenticated_by(self._auth)
+        return tenant if tenant is not None else self._auth.tenant_for(context.invocation_metadata())
+
     async def Ask(self, request: gateway_pb2.AskRequest,
                   context: grpc.aio.ServicerContext) -> AsyncIterator[gateway_pb2.AskResponse]:
         # Everything that can be refused is refused here, before the first event.
-        tenant = self._auth.tenant_for(context.invocation_metadata())
+        tenant = self._tenant(context)
         plan = self._pipeline.plan(tenant, request)
         deadline = Deadline.from_context(context)
         self._limiter.acquire()
@@ -37,10 +48,10 @@ class GatewayServiceServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
     async def Ingest(self, request: gateway_pb2.IngestRequest,
                      context: grpc.aio.ServicerContext) -> gateway_pb2.IngestResponse:
-        tenant = self._auth.tenant_for(context.invocation_metadata())
+        tenant = self._tenant(context)
         return await self._ingestor.ingest(tenant, request, Deadline.from_context(context))
 
     async def DeleteDocuments(self, request: gateway_pb2.DeleteDocumentsRequest,
                               context: grpc.aio.ServicerContext) -> gateway_pb2.DeleteDocumentsResponse:
-        tenant = self._auth.tenant_for(context.invocation_metadata())
+        tenant = self._tenant(context)
         return await self._ingestor.delete(tenant, request, Deadline.from_context(context))

@@ -38,13 +38,22 @@ RPC_REJECTED = Counter("ragfleet_rpc_rejected_total", "RPCs refused before their
 
 Metadata = Iterable[tuple[str, str | bytes]] | None
 
-_principal: contextvars.ContextVar[str | None] = contextvars.ContextVar("ragfleet_principal", default=None)
+_principal: contextvars.ContextVar[tuple[object, str] | None] = contextvars.ContextVar("ragfleet_principal",
+                                                                                     default=None)
 
 
 def current_principal() -> str | None:
     """Who the guard authenticated for the RPC being handled (a service name or a tenant); None outside one or when
     the server runs without an authenticator."""
-    return _principal.get()
+    found = _principal.get()
+    return None if found is None else found[1]
+
+
+def authenticated_by(authenticator: object) -> str | None:
+    """The caller's name if `authenticator` itself admitted the RPC being handled (the gateway's tenant hand-off),
+    else None: a handler never mistakes another authenticator's principal for its own."""
+    found = _principal.get()
+    return found[1] if found is not None and found[0] is authenticator else None
 
 
 class Authenticator(Protocol):
@@ -118,7 +127,7 @@ class MethodGuard:
                 caller = self.authenticator.authenticate(metadata)
             except Unauthenticated as exc:
                 raise NotAuthenticated(exc.message) from None
-            _principal.set(caller)
+            _principal.set((self.authenticator, caller))
             trace.get_current_span().set_attribute(self.authenticator.span_attribute, caller)
         if len(raw) > self.max_bytes:
             raise TooLarge(f"{self.deserializer_name} is {format_size(len(raw))}; the limit for {self.name} is "

@@ -77,3 +77,83 @@ def test_undecodable_bytes_are_invalid_argument_everywhere(offline_mesh: MeshInf
     with grpc.insecure_channel(offline_mesh.address(service)) as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+# Issue 10, defect 3: the gateway's public port refuses oversized and unauthenticated requests before parsing them.
+
+MiB = 1024 * 1024
+ASK = "/ragfleet.v1.GatewayService/Ask"
+INGEST = "/ragfleet.v1.GatewayService/Ingest"
+
+
+def ask_bytes(question_bytes: int) -> bytes:
+    """A well-formed AskRequest whose question is `question_bytes` long (field 1, length-delimited)."""
+    length, varint = question_bytes, bytearray()
+    while True:
+        byte, length = length & 0x7F, length >> 7
+        varint.append(byte | (0x80 if length else 0))
+        if not length:
+            return b"\x0a" + bytes(varint) + b"a" * question_bytes
+
+
+def rss_bytes(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.fixture(scope="module")
+def keyed_gateway(tmp_path_factory: pytest.TempPathFactory):
+    """A gateway alone (no upstream is called here) with API keys on, as deployed."""
+    from services.cli.mesh import LocalMesh
+
+    env = {"RAGFLEET_GATEWAY_API_KEYS": "right-key=tenantA", "RAGFLEET_LOG_LEVEL": "WARNING",
+           "RAGFLEET_REDIS_URL": ""}
+    with LocalMesh(data_dir=tmp_path_factory.mktemp("keyed-gateway"), env=env) as mesh:
+        mesh.start(["gateway"])
+        yield mesh
+
+
+def _ask_raw(address: str, payload: bytes, metadata=()) -> grpc.RpcError:
+    with grpc.insecure_channel(address, options=[("grpc.max_send_message_length", -1)]) as channel:
+        call = channel.unary_stream(ASK, request_serializer=None, response_deserializer=None)
+        with pytest.raises(grpc.RpcError) as info:
+            list(call(payload, timeout=60, metadata=metadata))
+    return info.value
+
+
+def test_oversized_asks_without_a_key_do_not_grow_the_gateway(keyed_gateway) -> None:
+    import concurrent.futures
+
+    pid = keyed_gateway.processes["gateway"].process.pid
+    address = keyed_gateway.address("gateway")
+    _ask_raw(address, ask_bytes(100))  # connections and code paths warm
+    before = rss_bytes(pid)
+    payload = ask_bytes(60 * MiB)  # the issue's five concurrent 60 MB Asks, no key
+    with concurrent.futures.ThreadPoolExecutor(5) as pool:
+        errors = list(pool.map(lambda _: _ask_raw(address, payload), range(5)))
+    grown = rss_bytes(pid) - before
+    assert all(e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for e in errors), [e.details() for e in errors]
+    # One message is 60 MiB: the gateway may not have held even one of them (before: +950 MB).
+    assert grown < 30 * MiB, f"gateway RSS grew {grown / MiB:.0f} MiB"
+    assert keyed_gateway.exited() is None
+
+
+def test_the_api_key_is_checked_before_the_body_is_parsed_or_sized(keyed_gateway) -> None:
+    address = keyed_gateway.address("gateway")
+    garbage = b"\x0a\x04b\xff\xfeq"
+    for metadata in ((), (("authorization", "Bearer wrong-key"),)):
+        for payload in (garbage, ask_bytes(1 * MiB)):
+            error = _ask_raw(address, payload, metadata)
+            assert error.code() == grpc.StatusCode.UNAUTHENTICATED, error.details()
+    key = (("authorization", "Bearer right-key"),)
+    assert _ask_raw(address, garbage, key).code() == grpc.StatusCode.INVALID_ARGUMENT
+    error = _ask_raw(address, ask_bytes(5 * MiB), key)
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error.details() == "AskRequest is 5.0 MiB; the limit for ragfleet.v1.GatewayService/Ask is 64 KiB"
+    with grpc.insecure_channel(address, options=[("grpc.max_send_message_length", -1)]) as channel:
+        ingest = channel.unary_unary(INGEST, request_serializer=None, response_deserializer=None)
+        with pytest.raises(grpc.RpcError) as info:
+            ingest(b"\x0a" + b"\x80" * (17 * MiB), timeout=60, metadata=key)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # over Ingest's 16 MiB: refused unread
