@@ -4,11 +4,17 @@ Policy (TEI's queue, adapted to a CPU model whose cost grows with padded tokens)
 - Admission is bounded: `append` refuses at once with Overloaded when the queue would exceed its capacity.
 - A batch is bounded by `max_batch_size` texts AND `max_batch_tokens` padded tokens (texts x longest text): on CPU a
   batch costs about its padded tokens, so a budget keeps long texts in small batches and short ones in big ones.
-- Grouping by length: the batch grows from the oldest queued text (so no text starves) towards the neighbours in
-  token-count order that add the least padding, and stops when the next text would add more than
-  `max_added_padding` padded tokens (a text's own padding, or the rise of every text already in the batch): on CPU,
-  batching saves only a fixed per-run cost, so a 20-token sentence padded to a 256-token abstract makes the batch
-  slower than running both alone. Backends that do not pad (`pads_batches` False, a remote API) skip this limit.
+- Grouping by length: the batch grows from the oldest queued text towards the neighbours in token-count order that
+  add the least padding, and stops when the next text would add more than `max_added_padding` padded tokens (a
+  text's own padding, or the rise of every text already in the batch): on CPU, batching saves only a fixed per-run
+  cost, so a 20-token sentence padded to a 256-token abstract makes the batch slower than running both alone.
+  Backends that do not pad (`pads_batches` False, a remote API) skip this limit.
+- Bounded overtaking (policy `bounded`, the default): only texts that arrived within `reorder_window_ms` of the
+  oldest one may join its batch, so a newer text never goes ahead of one that has waited longer than the window.
+  With pure length grouping (policy `length`) any queued text could join, and a text of a rare length waited until
+  everything older was served while newer texts of common lengths kept going ahead of it (p99 2.4-2.7x p50 under 64
+  callers). A finished batch's callers come back within a few ms of each other, so the window still holds texts to
+  group.
 - Waiting: none while a full batch is queued; when the model is free and traffic is bursty (at least half of the
   last 16 requests arrived within `max_wait` of the previous one), it waits up to `max_wait` after the oldest arrival
   for more texts; with sparse traffic (a lone caller) it never waits, so batching adds no latency there. A backend
@@ -27,6 +33,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from itertools import takewhile
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -66,6 +73,7 @@ class Batcher:
         self.max_batch_size = max(1, min(config.max_batch_size, backend.max_batch_size))
         self._max_wait = config.max_wait_ms / 1000.0
         self._max_added_padding = config.max_added_padding if backend.pads_batches else float("inf")
+        self._reorder_window = config.reorder_window_ms / 1000.0 if config.policy == "bounded" else float("inf")
         self._queue: list[_Entry] = []
         self._live = 0  # queued texts whose callers are still waiting
         self._wakeup = asyncio.Event()
@@ -75,10 +83,18 @@ class Batcher:
         # Whether each of the last arrivals came within max_wait of the one before: the burstiness signal.
         self._close_arrivals: deque[bool] = deque(maxlen=_BURST_WINDOW)
         self._task: asyncio.Task | None = None
+        metrics.OLDEST_AGE.set_function(self.oldest_age)
 
     @property
     def depth(self) -> int:
         return self._live
+
+    def oldest_age(self) -> float:
+        """Seconds the oldest queued text has waited (0 when none): read by the metrics thread at scrape time."""
+        for entry in tuple(self._queue):
+            if entry.queued:
+                return max(0.0, time.perf_counter() - entry.enqueued)
+        return 0.0
 
     def start(self) -> None:
         if self._task is None:
@@ -186,7 +202,10 @@ class Batcher:
         if not live:
             return []
         anchor = live[0]
-        ordered = sorted(live, key=lambda e: e.item.token_count)
+        horizon = anchor.enqueued + self._reorder_window
+        # The queue is in arrival order: the candidates are its prefix that arrived within the window.
+        candidates = live if horizon == float("inf") else list(takewhile(lambda e: e.enqueued <= horizon, live))
+        ordered = sorted(candidates, key=lambda e: e.item.token_count)
         lo = hi = ordered.index(anchor)
         longest = anchor.item.token_count
         budget = self.config.max_batch_tokens

@@ -12,6 +12,8 @@
 | RAGFLEET_EMBEDDING_MAX_BATCH_TOKENS | 8192 | most padded tokens (texts x longest) in one model batch |
 | RAGFLEET_EMBEDDING_MAX_ADDED_PADDING | 16 | most padding tokens one more text may add to a local-model batch |
 | RAGFLEET_EMBEDDING_MAX_WAIT_MS | 2.0 | longest wait for more texts when the model is idle and traffic is bursty |
+| RAGFLEET_EMBEDDING_BATCH_POLICY | bounded | `bounded` (length grouping within the reorder window) or `length` (pure length grouping, for comparison) |
+| RAGFLEET_EMBEDDING_REORDER_WINDOW_MS | 100 | `bounded`: a text is never served before one that arrived more than this earlier (bounds how long a rare length is passed over) |
 | RAGFLEET_EMBEDDING_QUEUE_CAPACITY | 2048 | most texts waiting for the model; beyond -> RESOURCE_EXHAUSTED; at least MAX_TEXTS |
 | RAGFLEET_EMBEDDING_ONNX_THREADS | 0 | onnxruntime intra-op threads; 0 = one per CPU this process may use (affinity, cgroup quota) |
 | RAGFLEET_EMBEDDING_ONNX_SPIN | false | let idle onnxruntime threads spin-wait for the next batch (see OnnxConfig) |
@@ -54,6 +56,11 @@ DEFAULT_MAX_WAIT_MS = 2.0
 # token, i.e. a merge is worth ~13-22 tokens; a merge that adds more padding than that loses time.
 DEFAULT_MAX_ADDED_PADDING = 16
 DEFAULT_QUEUE_CAPACITY = 2048
+BATCH_POLICIES = ("bounded", "length")
+# Pure length grouping let a text of a rare length wait while newer texts of common lengths went ahead: under 64
+# closed-loop callers its p99 was 2.4-2.7x its p50. Grouping only texts that arrived within this window of the oldest
+# keeps most of the grouping (a finished batch's callers come back together, within a few ms) and caps the overtaking.
+DEFAULT_REORDER_WINDOW_MS = 100.0
 DEFAULT_OPENAI_MODEL = "text-embedding-3-small"
 CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"
 
@@ -82,6 +89,8 @@ class BatcherConfig:
     max_wait_ms: float = DEFAULT_MAX_WAIT_MS
     queue_capacity: int = DEFAULT_QUEUE_CAPACITY
     max_added_padding: int = DEFAULT_MAX_ADDED_PADDING
+    policy: str = "bounded"
+    reorder_window_ms: float = DEFAULT_REORDER_WINDOW_MS
 
     @classmethod
     def unbatched(cls, queue_capacity: int = DEFAULT_QUEUE_CAPACITY) -> "BatcherConfig":
@@ -164,6 +173,9 @@ class EmbeddingConfig:
         if backend == "openai" and not openai.base_url:
             raise ConfigError("RAGFLEET_EMBEDDING_BACKEND=openai needs RAGFLEET_EMBEDDING_OPENAI_BASE_URL")
         max_texts = env.int("MAX_TEXTS", DEFAULT_MAX_TEXTS, minimum=1)
+        policy = env.str("BATCH_POLICY", "bounded").lower()
+        if policy not in BATCH_POLICIES:
+            raise ConfigError(f"RAGFLEET_EMBEDDING_BATCH_POLICY={policy!r} must be one of {', '.join(BATCH_POLICIES)}")
         queue_capacity = env.int("QUEUE_CAPACITY", DEFAULT_QUEUE_CAPACITY, minimum=1)
         if queue_capacity < max_texts:
             # A request is admitted whole or not at all: a full one would get 'retry later' forever.
@@ -183,6 +195,8 @@ class EmbeddingConfig:
                 max_wait_ms=env.float("MAX_WAIT_MS", DEFAULT_MAX_WAIT_MS, minimum=0),
                 queue_capacity=queue_capacity,
                 max_added_padding=env.int("MAX_ADDED_PADDING", DEFAULT_MAX_ADDED_PADDING, minimum=0),
+                policy=policy,
+                reorder_window_ms=env.float("REORDER_WINDOW_MS", DEFAULT_REORDER_WINDOW_MS, minimum=0),
             ),
             cache=CacheConfig(
                 l1_max_bytes=int(env.float("L1_MAX_MB", 64, minimum=0) * 1024 * 1024),

@@ -15,6 +15,8 @@ BATCH_SIZE = Histogram("ragfleet_embedding_batch_size", "Texts per model batch",
 BATCH_TOKENS = Histogram("ragfleet_embedding_batch_tokens", "Padded tokens (texts x longest) per model batch",
                          buckets=(16, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384))
 QUEUE_DEPTH = Gauge("ragfleet_embedding_queue_depth", "Texts waiting for the model")
+OLDEST_AGE = Gauge("ragfleet_embedding_oldest_wait_seconds",
+                   "How long the oldest text still queued has waited (starvation shows here first)")
 QUEUE_WAIT = Histogram("ragfleet_embedding_queue_wait_seconds", "Time a text waited before its batch started",
                        buckets=_TIME_BUCKETS)
 MODEL_TIME = Histogram("ragfleet_embedding_model_seconds", "Time of one model batch", buckets=_TIME_BUCKETS)

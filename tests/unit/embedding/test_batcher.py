@@ -1,4 +1,5 @@
-"""Batching policy: merging, limits, length grouping, waiting, admission, cancellation, per-caller results."""
+"""Batching policy: merging, limits, length grouping, bounded reordering, waiting, admission, cancellation,
+per-caller results, the oldest-wait gauge."""
 
 from __future__ import annotations
 
@@ -311,3 +312,98 @@ def test_a_queue_smaller_than_one_full_request_is_refused_at_start_up():
         EmbeddingConfig.from_env({"RAGFLEET_EMBEDDING_QUEUE_CAPACITY": "100"})
     fits = EmbeddingConfig.from_env({"RAGFLEET_EMBEDDING_QUEUE_CAPACITY": "100", "RAGFLEET_EMBEDDING_MAX_TEXTS": "100"})
     assert fits.batcher.queue_capacity == fits.max_texts == 100
+
+
+class TokenCostBackend(ScriptedBackend):
+    """A batch takes `per_token` seconds per padded token (texts x longest), as a CPU model does."""
+
+    def __init__(self, per_token: float) -> None:
+        super().__init__()
+        self.per_token = per_token
+        self.started: list[tuple[float, list[str]]] = []
+
+    async def embed(self, items):
+        self.started.append((time.perf_counter(), [i.text for i in items]))
+        await asyncio.sleep(self.per_token * len(items) * max(i.token_count for i in items))
+        return await super().embed(items)
+
+
+async def rare_text_among_a_steady_stream(config: BatcherConfig) -> tuple[float, int, TokenCostBackend]:
+    """Eight queued texts of lengths 20..160 (too far apart to share a batch), then one rare 230-word text, then a
+    steady stream (one text every 2 ms for 0.6 s) of the common lengths. Returns the rare text's queue wait, how many
+    stream texts that arrived more than the reorder window after it were served before it, and the backend."""
+    backend = TokenCostBackend(per_token=0.0002)
+    batcher = Batcher(backend, config)
+    lengths = [20 * (i + 1) for i in range(8)]
+    arrived: dict[str, float] = {}
+
+    def submit(text: str) -> asyncio.Future:
+        (future,) = batcher.append(backend.prepare([text]))
+        arrived[text] = time.perf_counter()
+        return future
+
+    older = [submit(words(n, f"old{n}-")) for n in lengths]
+    rare = submit(words(230, "rare"))
+    batcher.start()
+    stream = []
+    try:
+        for i in range(300):
+            stream.append(submit(words(lengths[i % len(lengths)], f"s{i}-")))
+            await asyncio.sleep(0.002)
+        wait = (await asyncio.wait_for(rare, 10)).queue_wait
+        await asyncio.gather(*older, *stream)
+    finally:
+        await batcher.close()
+    rare_text = words(230, "rare")
+    rare_started = next(t for t, texts in backend.started if rare_text in texts)
+    late = arrived[rare_text] + config.reorder_window_ms / 1000
+    overtook = sum(1 for t, texts in backend.started if t < rare_started for text in texts if arrived[text] > late)
+    return wait, overtook, backend
+
+
+async def test_a_rare_length_among_a_steady_stream_is_served_within_the_reorder_window():
+    window_ms = 40.0
+    wait, overtook, backend = await rare_text_among_a_steady_stream(
+        BatcherConfig(max_batch_size=32, max_wait_ms=0, reorder_window_ms=window_ms))
+    # The bound: no text that arrived more than the window after it went ahead of it...
+    assert overtook == 0, f"{overtook} texts that arrived over {window_ms:.0f} ms later went first"
+    # ...so it waited for the eight older texts and what arrived within the window only (~20 texts of 20-160 tokens
+    # at 0.2 ms per padded token: ~0.35 s; with pure length grouping, ~2 s behind 55-60 newer texts).
+    assert wait < 1.0, f"the rare text waited {wait * 1000:.0f} ms"
+
+
+async def test_pure_length_grouping_lets_a_stream_pass_a_rare_length():
+    # The comparison policy (and the batcher before the reorder window): the same stream overtakes the rare text.
+    wait, overtook, _ = await rare_text_among_a_steady_stream(
+        BatcherConfig(max_batch_size=32, max_wait_ms=0, policy="length", reorder_window_ms=40.0))
+    assert overtook > 20 and wait > 1.0, (overtook, wait)
+
+
+async def test_oldest_wait_gauge_shows_a_text_held_in_the_queue(scripted):
+    gate = scripted.gate = asyncio.Event()
+    batcher = Batcher(scripted, BatcherConfig(max_batch_size=1))
+    batcher.start()
+    running = batcher.append(scripted.prepare(["running"]))
+    await asyncio.sleep(0.01)  # the model holds this one
+    assert REGISTRY.get_sample_value("ragfleet_embedding_oldest_wait_seconds") == 0.0
+    held = batcher.append(scripted.prepare(["held"]))
+    await asyncio.sleep(0.05)
+    age = REGISTRY.get_sample_value("ragfleet_embedding_oldest_wait_seconds")
+    gate.set()
+    await asyncio.gather(*running, *held)
+    await batcher.close()
+    assert 0.04 <= age < 1.0, age
+    assert REGISTRY.get_sample_value("ragfleet_embedding_oldest_wait_seconds") == 0.0
+
+
+def test_batch_policy_and_reorder_window_are_configured():
+    from services.embedding.config import EmbeddingConfig
+    from services.runtime.errors import ConfigError
+
+    default = EmbeddingConfig.from_env({}).batcher
+    assert (default.policy, default.reorder_window_ms) == ("bounded", 100.0)
+    chosen = EmbeddingConfig.from_env({"RAGFLEET_EMBEDDING_BATCH_POLICY": "Length",
+                                       "RAGFLEET_EMBEDDING_REORDER_WINDOW_MS": "25"}).batcher
+    assert (chosen.policy, chosen.reorder_window_ms) == ("length", 25.0)
+    with pytest.raises(ConfigError, match="BATCH_POLICY='fifo' must be one of bounded, length"):
+        EmbeddingConfig.from_env({"RAGFLEET_EMBEDDING_BATCH_POLICY": "fifo"})
