@@ -37,6 +37,9 @@ Generation service variables (prefix RAGFLEET_GENERATION_; plus the server ones 
 | MAX_QUESTION_CHARS | 8000 | longest accepted question |
 | MAX_PASSAGES | 100 | most passages per request |
 | MAX_HISTORY_TURNS | 200 | most history turns per request |
+| MAX_PASSAGE_CHARS | 32768 | longest passage text in characters (at least retrieval's chunk limit, 32768) |
+| MAX_TURN_CHARS | 65536 | longest history turn in characters |
+| FALLBACK_RESERVE_SECONDS | 0.5 | with FALLBACK on, the LLM's first-token wait ends this long before the caller's deadline, so the fallback still answers in time |
 """
 
 from __future__ import annotations
@@ -47,11 +50,11 @@ from typing import Mapping
 
 from services.runtime.config import Env, ServerConfig
 from services.runtime.errors import ConfigError
+from services.runtime.limits import DEFAULT_MAX_TOKENS_LIMIT, MAX_CHUNK_TEXT_CHARS, MAX_STOP_SEQUENCES
 
 DEFAULT_MODEL = "gpt-4o-mini"
 DEFAULT_ENCODING = "cl100k_base"
 EXTRACTIVE_MODEL = "extractive"
-MAX_STOP_SEQUENCES = 4
 DEFAULT_MAX_CONCURRENT = 1024  # Generate calls in flight; also the LLM connection pool's default size
 
 
@@ -106,8 +109,11 @@ class Limits:
     max_question_chars: int = 8000
     max_passages: int = 100
     max_history_turns: int = 200
-    max_tokens: int = 4096
+    max_tokens: int = DEFAULT_MAX_TOKENS_LIMIT
     max_concurrent: int = DEFAULT_MAX_CONCURRENT
+    # Passages come from retrieval's chunks; anything longer is refused before tokenising (which is pure Python).
+    max_passage_chars: int = MAX_CHUNK_TEXT_CHARS
+    max_turn_chars: int = 65_536
 
 
 @dataclass(frozen=True)
@@ -115,6 +121,8 @@ class GenerationConfig:
     server: ServerConfig
     llm: LLMConfig | None = None  # None: offline extractive answerer only
     fallback: bool = False
+    # With fallback on, the LLM's first-token wait ends this long before the caller's deadline: time to answer offline.
+    fallback_reserve: float = 0.5
     defaults: ModelSettings = ModelSettings()
     models: Mapping[str, ModelSettings] = field(default_factory=dict)
     budget: PromptBudget = PromptBudget()
@@ -164,6 +172,7 @@ class GenerationConfig:
             server=ServerConfig.from_env("generation", environ),
             llm=llm if base_url else None,
             fallback=env.bool("FALLBACK", False),
+            fallback_reserve=env.float("FALLBACK_RESERVE_SECONDS", cls.fallback_reserve, minimum=0.0),
             defaults=defaults,
             models=_model_settings(env, defaults),
             budget=PromptBudget(passage_tokens=env.int("PASSAGE_TOKENS", b.passage_tokens, minimum=64),
@@ -176,7 +185,9 @@ class GenerationConfig:
                           max_passages=env.int("MAX_PASSAGES", lim.max_passages, minimum=1),
                           max_history_turns=env.int("MAX_HISTORY_TURNS", lim.max_history_turns, minimum=0),
                           max_tokens=env.int("MAX_TOKENS_LIMIT", lim.max_tokens, minimum=1),
-                          max_concurrent=max_concurrent),
+                          max_concurrent=max_concurrent,
+                          max_passage_chars=env.int("MAX_PASSAGE_CHARS", lim.max_passage_chars, minimum=1),
+                          max_turn_chars=env.int("MAX_TURN_CHARS", lim.max_turn_chars, minimum=1)),
         )
 
 

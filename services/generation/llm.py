@@ -2,7 +2,8 @@
 
 Retry rule: an attempt may be retried (capped backoff with jitter) only while no content token has been received;
 once a token is forwarded the stream is never replayed, because the caller already holds part of the answer.
-Each attempt must deliver its first token within ``timeouts.first_token`` (and within the caller's deadline);
+Each attempt must deliver its first token within ``timeouts.first_token`` and within the caller's deadline, less
+the fallback's reserve when a fallback is on (a hung LLM then still leaves time for the offline answer);
 after that, ``timeouts.read`` bounds the silence between chunks. Closing the stream in ``finally`` closes the HTTP
 response, so a cancelled gRPC call cancels the upstream request (the LLM sees the disconnect and stops generating).
 
@@ -167,10 +168,10 @@ class OpenAIAnswerer:
             body["stop"] = list(s.stop)
         return body
 
-    def _first_token_timeout(self, deadline: float | None) -> float:
+    def _first_token_timeout(self, prompt: Prompt) -> float:
         timeout = self._config.timeouts.first_token
-        if deadline is not None:
-            timeout = min(timeout, deadline - asyncio.get_running_loop().time())
+        if prompt.llm_deadline is not None:
+            timeout = min(timeout, prompt.llm_deadline - asyncio.get_running_loop().time())
         return max(timeout, 0.0)
 
     async def stream(self, prompt: Prompt) -> AsyncIterator[Event]:
@@ -237,7 +238,7 @@ class OpenAIAnswerer:
             response: httpx2.Response | None = None
             chunks: AsyncGenerator[dict[str, Any], None] | None = None
             try:
-                async with asyncio.timeout(self._first_token_timeout(prompt.deadline)):
+                async with asyncio.timeout(self._first_token_timeout(prompt)):
                     raw = await self._client.chat.completions.with_raw_response.create(**body)
                     response = raw.http_response
                     chunks = _chunks(response)
@@ -262,13 +263,14 @@ class OpenAIAnswerer:
                     # Retrying sooner than a rate-limited server asks only prolongs the limit; a wait longer than
                     # an attempt's whole first-token budget is not worth it (fail now: the fallback answers sooner).
                     delay = max(delay, asked)
-                out_of_time = ((prompt.deadline is not None
-                                and asyncio.get_running_loop().time() + delay >= prompt.deadline)
+                out_of_time = ((prompt.llm_deadline is not None
+                                and asyncio.get_running_loop().time() + delay >= prompt.llm_deadline)
                                or (asked is not None and asked > self._config.timeouts.first_token))
                 span.add_event("attempt failed", {"attempt": attempt, "error": describe(exc)})
-                if (isinstance(exc, TimeoutError) and prompt.deadline is not None
+                if (isinstance(exc, TimeoutError) and prompt.deadline is not None and not prompt.fallback_reserve
                         and asyncio.get_running_loop().time() >= prompt.deadline - _DEADLINE_SLACK):
                     # The caller's deadline, not the LLM, ended the wait: say so (no fallback can beat it either).
+                    # With a fallback reserve the wait ended early on purpose: LLMUnavailable below lets it answer.
                     raise DeadlineExceeded(f"deadline passed before the LLM at {self._config.base_url} sent a first "
                                            f"token (attempt {attempt})") from exc
                 if not retry or attempt > self._config.max_retries or out_of_time:

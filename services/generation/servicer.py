@@ -76,6 +76,9 @@ class GenerationServiceServicer(generation_pb2_grpc.GenerationServiceServicer):
         remaining = context.time_remaining()  # read after the build (which may call a summariser): it is now
         if remaining is not None:
             prompt.deadline = loop.time() + remaining
+            if self._fallback is not None:
+                # The LLM gets the deadline less the reserve: a hung LLM leaves the fallback time to answer.
+                prompt.fallback_reserve = self._config.fallback_reserve
         metrics.PASSAGES_DROPPED.inc(len(request.passages) - len(prompt.passages))
         if prompt.history_dropped:
             metrics.HISTORY_TURNS_DROPPED.labels("summarised" if prompt.history_summarised else "dropped").inc(

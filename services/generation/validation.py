@@ -1,9 +1,12 @@
-"""Request validation for Generate: every check that can fail runs before the first response is sent."""
+"""Request validation for Generate: every check that can fail runs before the first response is sent, and before
+any tokenising (pure Python, on the event loop), so an oversized passage costs a length check, not a stall."""
 
 from __future__ import annotations
 
-from services.generation.config import MAX_STOP_SEQUENCES, Limits
-from services.runtime.errors import InvalidArgument, require
+from services.generation.config import Limits
+from services.runtime.errors import require
+from services.runtime.limits import (MAX_CHUNK_ID_CHARS, MAX_DOC_ID_CHARS, MAX_TITLE_CHARS, check_generation_params,
+                                     check_metadata, check_text)
 from services.runtime.pb.ragfleet.v1 import common_pb2, generation_pb2
 
 _ROLES = (common_pb2.ROLE_SYSTEM, common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT)
@@ -29,22 +32,17 @@ def validate(request: generation_pb2.GenerateRequest, limits: Limits) -> None:
                                      f"them in order), got {passage.number}")
         require(passage.number not in seen, f"passages[{i}].number: {passage.number} is used twice")
         seen.add(passage.number)
+        check_text(passage.text, f"passages[{i}].text", limits.max_passage_chars)
         require(bool(passage.text.strip()), f"passages[{i}].text: must not be empty")
+        check_text(passage.title, f"passages[{i}].title", MAX_TITLE_CHARS)
+        check_text(passage.doc_id, f"passages[{i}].doc_id", MAX_DOC_ID_CHARS)
+        check_text(passage.chunk_id, f"passages[{i}].chunk_id", MAX_CHUNK_ID_CHARS)
+        check_metadata(passage.metadata, f"passages[{i}].metadata")
     require(len(request.history) <= limits.max_history_turns,
             f"history: {len(request.history)} turns exceeds the limit of {limits.max_history_turns}")
     for i, turn in enumerate(request.history):
         require(turn.role in _ROLES, f"history[{i}].role: must be ROLE_SYSTEM, ROLE_USER or ROLE_ASSISTANT")
+        check_text(turn.content, f"history[{i}].content", limits.max_turn_chars)
         require(bool(turn.content.strip()), f"history[{i}].content: must not be empty")
-    _validate_params(request.params, limits)
+    check_generation_params(request.params, max_tokens=limits.max_tokens)
 
-
-def _validate_params(params: common_pb2.GenerationParams, limits: Limits) -> None:
-    if params.HasField("temperature") and not 0.0 <= params.temperature <= 2.0:
-        raise InvalidArgument(f"params.temperature: {params.temperature:g} is outside [0, 2]")
-    if params.HasField("max_tokens") and not 1 <= params.max_tokens <= limits.max_tokens:
-        raise InvalidArgument(f"params.max_tokens: {params.max_tokens} is outside [1, {limits.max_tokens}]")
-    if params.HasField("top_p") and not 0.0 < params.top_p <= 1.0:
-        raise InvalidArgument(f"params.top_p: {params.top_p:g} is outside (0, 1]")
-    require(len(params.stop) <= MAX_STOP_SEQUENCES,
-            f"params.stop: {len(params.stop)} sequences exceeds the limit of {MAX_STOP_SEQUENCES}")
-    require(all(params.stop), "params.stop: sequences must not be empty")
