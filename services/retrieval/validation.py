@@ -14,12 +14,12 @@ from services.retrieval.models import BUILTIN_FILTER_FIELDS, META, META_NUM, Chu
 from services.retrieval.search import SearchQuery
 from services.retrieval.sparse import Bm25Encoder
 from services.runtime.errors import InvalidArgument, require
+from services.runtime.limits import (MAX_ANY_OF, MAX_CHUNK_ID_CHARS, MAX_CHUNK_TEXT_CHARS, MAX_DOC_ID_CHARS,
+                                     MAX_DOC_IDS_PER_DELETE, MAX_FILTERS, MAX_TITLE_CHARS, check_filters,
+                                     check_metadata, check_text, check_vector)
 from services.runtime.pb.ragfleet.v1 import common_pb2, retrieval_pb2
 
 MAX_TENANT_CHARS = 128
-MAX_ID_CHARS = 512
-MAX_FILTERS = 16
-MAX_ANY_OF = 256
 MAX_HNSW_EF = 4096
 # Metadata keys a filter can address: one JSON-path key. The engine rejects spaces, ":", "/", "$", "." etc. as an
 # invalid path (and "[" would address array elements, not a key), so only word characters (any script) and "-".
@@ -43,10 +43,7 @@ def tenant_of(tenant: str) -> str:
 def _vector(values: Sequence[float], field: str, dimension: int) -> np.ndarray:
     require(len(values) == dimension, f"{field}: has {len(values)} values, expected {dimension} "
                                       f"(RAGFLEET_RETRIEVAL_DIMENSION)")
-    vector = np.asarray(values, dtype=np.float32)
-    require(bool(np.all(np.isfinite(vector))), f"{field}: contains NaN or infinite values")
-    require(float(np.linalg.norm(vector)) > 0, f"{field}: is all zeros (cosine needs a non-zero vector)")
-    return vector
+    return check_vector(values, field, dimension)
 
 
 def upsert_records(request: retrieval_pb2.UpsertRequest, limits: Limits, encoder: Bm25Encoder) -> list[ChunkRecord]:
@@ -61,9 +58,13 @@ def upsert_records(request: retrieval_pb2.UpsertRequest, limits: Limits, encoder
     for i, chunk in enumerate(request.chunks):
         field = f"chunks[{i}]"
         require(bool(chunk.doc_id), f"{field}.doc_id: required")
-        require(len(chunk.doc_id) <= MAX_ID_CHARS, f"{field}.doc_id: at most {MAX_ID_CHARS} characters")
+        check_text(chunk.doc_id, f"{field}.doc_id", MAX_DOC_ID_CHARS)
+        check_text(chunk.chunk_id, f"{field}.chunk_id", MAX_CHUNK_ID_CHARS)
+        check_text(chunk.title, f"{field}.title", MAX_TITLE_CHARS)
         require(chunk.chunk_index >= 0, f"{field}.chunk_index: must be >= 0, got {chunk.chunk_index}")
+        check_text(chunk.text, f"{field}.text", MAX_CHUNK_TEXT_CHARS)
         require(bool(chunk.text.strip()), f"{field}.text: required (non-empty)")
+        check_metadata(chunk.metadata, f"{field}.metadata")
         key = (chunk.doc_id, chunk.chunk_index)
         require(key not in seen, f"{field}: duplicate (doc_id={chunk.doc_id!r}, chunk_index={chunk.chunk_index}) "
                                  f"in one request")
@@ -80,13 +81,17 @@ def upsert_records(request: retrieval_pb2.UpsertRequest, limits: Limits, encoder
 
 def doc_ids_of(request: retrieval_pb2.DeleteRequest) -> list[str]:
     require(len(request.doc_ids) > 0, "doc_ids: at least one document id is required")
+    require(len(request.doc_ids) <= MAX_DOC_IDS_PER_DELETE,
+            f"doc_ids: {len(request.doc_ids)} ids exceeds the limit of {MAX_DOC_IDS_PER_DELETE}")
     for i, doc_id in enumerate(request.doc_ids):
         require(bool(doc_id), f"doc_ids[{i}]: must be non-empty")
+        check_text(doc_id, f"doc_ids[{i}]", MAX_CHUNK_ID_CHARS)  # lenient: ids stored before the 256 limit
     return list(dict.fromkeys(request.doc_ids))
 
 
 def _conditions(filters: Sequence[common_pb2.FieldCondition], allowed: tuple[str, ...]) -> tuple[Condition, ...]:
     require(len(filters) <= MAX_FILTERS, f"filters: at most {MAX_FILTERS} conditions, got {len(filters)}")
+    check_filters(filters)
     out = []
     for i, cond in enumerate(filters):
         field = f"filters[{i}].field"
