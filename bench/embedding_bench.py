@@ -29,6 +29,10 @@ Phases:
    gRPC capacity: 64 callers of cached texts (no model, no HTTP), the most any backend can get through gRPC here.
 4. remote sweep: the same N sweep with RAGFLEET_EMBEDDING_BACKEND=openai against the sim LLM (10 ms per HTTP call
    + 0.2 ms per text), batching on vs off, default max 2 HTTP calls in flight.
+5. policies (issue 14): two local services, RAGFLEET_EMBEDDING_BATCH_POLICY=bounded (the default) and =length (pure
+   length grouping), on half short queries (SciFact claims) and half ~256-token chunks, at 1, 8 and 64 callers:
+   p50/p95/p99, p99/p50 and throughput, interleaved (1 caller text by text, 8 and 64 in ABBA blocks on the same
+   texts) so machine noise hits both alike. `--policies-only` runs this phase alone (results in *_quick).
 """
 
 from __future__ import annotations
@@ -424,6 +428,202 @@ def cleanup_redis(prefix: str) -> int:
         client.close()
 
 
+# -- phase 5: batching policies side by side (issue 14) ----------------------------------------------------------------
+
+QUERIES = SCIFACT.with_name("queries.jsonl")
+POLICIES = ("bounded", "length")
+POLICY_CALLERS = (1, 8, 64)
+QUERY_SHARE = 0.5
+CHUNK_WORDS = (120, 190)  # a chunk: whole sentences of one abstract, 120-190 words (~180-256 model tokens)
+
+
+class MixedPool:
+    """Short queries (SciFact claims, 12-38 tokens) and ~256-token chunks (whole sentences of one abstract up to
+    CHUNK_WORDS[1] words, the model cuts at 256 tokens), QUERY_SHARE of each draw queries, in a seeded order."""
+
+    def __init__(self, seed: int) -> None:
+        self._rng = random.Random(seed)
+        self._queries = [" ".join(json.loads(line)["text"].split())
+                         for line in QUERIES.read_text(encoding="utf-8").splitlines() if line.strip()]
+        chunks = []
+        for line in SCIFACT.read_text(encoding="utf-8").splitlines():
+            if not line.strip():
+                continue
+            chunk: list[str] = []
+            for sentence in _SENTENCE_SPLIT.split(" ".join(json.loads(line)["text"].split())):
+                if len(chunk) + len(sentence.split()) > CHUNK_WORDS[1]:
+                    break
+                chunk += sentence.split()
+            if len(chunk) >= CHUNK_WORDS[0]:
+                chunks.append(" ".join(chunk))
+        self._chunks = chunks
+        self._rng.shuffle(self._queries)
+        self._rng.shuffle(self._chunks)
+        self._next_query = self._next_chunk = 0
+
+    def draw(self, count: int) -> list[str]:
+        """The next `count` texts, round-robin through each list (no text twice in one draw; L1 is off and there is
+        no Redis, so a text seen in an earlier draw costs the model the same again)."""
+        n_queries = round(count * QUERY_SHARE)
+        texts = [self._queries[(self._next_query + i) % len(self._queries)] for i in range(n_queries)]
+        texts += [self._chunks[(self._next_chunk + i) % len(self._chunks)] for i in range(count - n_queries)]
+        self._next_query += n_queries
+        self._next_chunk += count - n_queries
+        self._rng.shuffle(texts)
+        return texts
+
+
+async def drive_steady(stub: Any, texts: Sequence[str], callers: int) -> dict[str, Any]:
+    """Like `drive`, but the latency percentiles leave out the first and last `callers` calls started (all callers
+    arriving at once, and the drain when the texts run out, are not the steady state the tail target is about)."""
+    done: list[tuple[int, float]] = []
+    codes: Counter = Counter()
+    cursor = 0
+
+    async def caller() -> None:
+        nonlocal cursor
+        while cursor < len(texts):
+            index, cursor = cursor, cursor + 1
+            try:
+                ms, _ = await embed_one(stub, texts[index])
+            except grpc.aio.AioRpcError as exc:
+                codes[exc.code().name] += 1
+                continue
+            done.append((index, ms))
+            codes["OK"] += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(caller() for _ in range(callers)))
+    wall = time.perf_counter() - started
+    trim = callers if callers > 1 else 0
+    steady = [ms for index, ms in done if trim <= index < len(texts) - trim]
+    return {"callers": callers, "texts": len(texts), "wall_seconds": wall, "texts_per_s": codes["OK"] / wall,
+            "steady_latencies_ms": steady, "codes": dict(codes)}
+
+
+def _policy_row(blocks: list[dict[str, Any]], views: list[dict[str, float]]) -> dict[str, Any]:
+    latencies = [ms for b in blocks for ms in b["steady_latencies_ms"]]
+    lat = percentiles(latencies)
+    wall = sum(b["wall_seconds"] for b in blocks)
+    ok = sum(b["codes"].get("OK", 0) for b in blocks)
+    codes: Counter = Counter()
+    for b in blocks:
+        codes.update(b["codes"])
+    batches = sum(v["batches"] for v in views)
+    return {"texts_per_s": ok / wall, "wall_seconds": wall, "latency_ms": lat, "p99_over_p50": lat["p99"] / lat["p50"],
+            "codes": dict(codes), "blocks": len(blocks),
+            "block_texts_per_s": [b["texts_per_s"] for b in blocks],
+            "mean_batch_size": sum(v["mean_batch_size"] * v["batches"] for v in views) / (batches or 1),
+            "padded_tokens": sum(v["padded_tokens"] for v in views),
+            "mean_queue_wait_ms": sum(v["mean_queue_wait_ms"] * v["batches"] for v in views) / (batches or 1),
+            "max_oldest_wait_ms": max((v.get("max_oldest_wait_ms", 0.0) for v in views), default=0.0)}
+
+
+async def policy_sweep(meshes: dict[str, LocalMesh], pool: MixedPool, rounds: int, block_texts: int,
+                       paired_texts: int) -> dict[str, Any]:
+    """Both policies under the same load, interleaved so machine noise hits both alike: at 1 caller text by text
+    (paired), at 8 and 64 callers in blocks in ABBA order (A B, B A, ...), each block of a round on the same texts."""
+    channels = {name: mesh.internal_channel("embedding", aio=True) for name, mesh in meshes.items()}
+    stubs = {name: embedding_pb2_grpc.EmbeddingServiceStub(ch) for name, ch in channels.items()}
+    out: dict[str, Any] = {name: {} for name in meshes}
+    try:
+        for n in POLICY_CALLERS:
+            for name in meshes:
+                await warm_up(stubs[name], pool.draw(max(64, 2 * n)), n)
+            if n == 1:
+                texts = pool.draw(paired_texts)
+                before = {name: scrape(meshes[name]) for name in meshes}
+                rows = await drive_paired(stubs, texts)
+                for name, row in rows.items():
+                    view = service_view(before[name], scrape(meshes[name]), row["wall_seconds"])
+                    lat = row["latency_ms"]
+                    out[name]["1"] = _policy_row([{"wall_seconds": row["wall_seconds"], "codes": row["codes"],
+                                                   "texts_per_s": row["texts_per_s"], "steady_latencies_ms": []}],
+                                                 [view]) | {"latency_ms": lat, "p99_over_p50": lat["p99"] / lat["p50"],
+                                                            "paired": True}
+            else:
+                blocks: dict[str, list[dict[str, Any]]] = {name: [] for name in meshes}
+                views: dict[str, list[dict[str, float]]] = {name: [] for name in meshes}
+                for r in range(rounds):
+                    texts = pool.draw(block_texts)  # the same texts for both policies in a round
+                    order = list(meshes) if r % 2 == 0 else list(reversed(meshes))
+                    for name in order:
+                        before = scrape(meshes[name])
+                        sampler = OldestWaitSampler(meshes[name])
+                        sampler.start()
+                        block = await drive_steady(stubs[name], texts, n)
+                        view = service_view(before, scrape(meshes[name]), block["wall_seconds"])
+                        view["max_oldest_wait_ms"] = await sampler.stop()
+                        blocks[name].append(block)
+                        views[name].append(view)
+                for name in meshes:
+                    out[name][str(n)] = _policy_row(blocks[name], views[name])
+            for name in meshes:
+                row = out[name][str(n)]
+                lat = row["latency_ms"]
+                print(f"  {name:8s} N={n:3d}: {row['texts_per_s']:6.1f} texts/s  p50 {lat['p50']:7.1f}  "
+                      f"p95 {lat['p95']:7.1f}  p99 {lat['p99']:7.1f} ms  p99/p50 {row['p99_over_p50']:.2f}  "
+                      f"mean batch {row['mean_batch_size']:.1f}  {row['codes']}", flush=True)
+    finally:
+        for channel in channels.values():
+            await channel.close()
+    return out
+
+
+class OldestWaitSampler:
+    """Polls the service's oldest-waiting-text gauge every 100 ms while a block runs; keeps the highest value."""
+
+    def __init__(self, mesh: LocalMesh) -> None:
+        self._url = f"http://127.0.0.1:{mesh.metrics_ports['embedding']}/metrics"
+        self._task: asyncio.Task | None = None
+        self.peak = 0.0
+
+    def _read(self) -> float:
+        with urllib.request.urlopen(self._url, timeout=10) as response:
+            for line in response.read().decode().splitlines():
+                if line.startswith("ragfleet_embedding_oldest_wait_seconds "):
+                    return float(line.split()[1])
+        return 0.0
+
+    async def _loop(self) -> None:
+        while True:
+            self.peak = max(self.peak, await asyncio.to_thread(self._read))
+            await asyncio.sleep(0.1)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop())
+
+    async def stop(self) -> float:
+        assert self._task is not None
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        return 1000 * self.peak
+
+
+def policy_targets(policies: dict[str, Any]) -> list[dict[str, Any]]:
+    new, old = policies["bounded"], policies["length"]
+    r64, r8 = new["64"]["p99_over_p50"], new["8"]["p99_over_p50"]
+    tput = new["64"]["texts_per_s"] / old["64"]["texts_per_s"]
+    return [target("policy bounded: 64 callers p99 / p50", r64, "<= 1.5", r64 <= 1.5),
+            target("policy bounded: 64 callers throughput / pure length grouping", tput, ">= 0.95", tput >= 0.95),
+            target("policy bounded: 8 callers p99 / p50", r8, "<= 1.5", r8 <= 1.5)]
+
+
+def policy_rows(policies: dict[str, Any]) -> list[str]:
+    lines = ["| callers | policy | texts/s | p50 ms | p95 ms | p99 ms | p99/p50 | mean batch | mean queue wait ms | "
+             "peak oldest wait ms | errors |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for n in POLICY_CALLERS:
+        for name in POLICIES:
+            r = policies[name][str(n)]
+            lat = r["latency_ms"]
+            errors = sum(v for k, v in r["codes"].items() if k != "OK")
+            peak = f"{r['max_oldest_wait_ms']:.0f}" if n > 1 else ""
+            lines.append(f"| {n} | {name} | {r['texts_per_s']:.1f} | {lat['p50']:.1f} | {lat['p95']:.1f} | "
+                         f"{lat['p99']:.1f} | {r['p99_over_p50']:.2f} | {r['mean_batch_size']:.1f} | "
+                         f"{r['mean_queue_wait_ms']:.1f} | {peak} | {errors} |")
+    return lines
+
+
 # -- report -----------------------------------------------------------------------------------------------------------
 
 def _sweep_rows(sweep_result: dict[str, dict[str, Any]], callers: Sequence[int],
@@ -467,7 +667,7 @@ def report(figures: dict[str, Any], callers: Sequence[int]) -> tuple[list[dict[s
         target("remote: 1 caller p99 batched - unbatched (ms)", remote_p99, "<= 3", remote_p99 <= 3),
         target("gRPC cache: miss p50 / L1 hit p50", cache["l1_hit_speedup_p50"], ">= 20",
                cache["l1_hit_speedup_p50"] >= 20),
-    ]
+    ] + policy_targets(figures["policies"])
     lines = [f"## Local ONNX backend through gRPC ({local['batched'][top]['texts']} texts per setting, one text per "
              "call)", ""]
     lines += _sweep_rows(local, callers, ceiling["real_tokens_mean"] * ceiling["texts"])
@@ -505,7 +705,7 @@ def report(figures: dict[str, Any], callers: Sequence[int]) -> tuple[list[dict[s
         f"text an L1 hit: no model, no HTTP; service CPU {capacity['service']['service_cpu_cores']:.2f} cores). "
         f"Remote batched at {top} callers reached {100 * remote_top / capacity['texts_per_s']:.0f} % of it; "
         f"{8 * remote_base:.0f} texts/s (8x unbatched) would be {100 * 8 * remote_base / capacity['texts_per_s']:.0f} "
-        "%.", "",
+        "%.", "", *policies_markdown(figures["policies"]), "",
         f"## Cache hit vs miss through gRPC (one caller, {cache['texts']} texts; L1 + Redis L2, two replicas)", "",
         "| path | p50 ms | p95 ms | p99 ms | p50 speed-up vs miss |", "|---|---|---|---|---|"]
     for key, label in (("miss", "miss (model)"), ("l1_hit", "L1 hit (same replica)"),
@@ -524,7 +724,7 @@ def plot(figures: dict[str, Any], callers: Sequence[int]):  # type: ignore[no-un
     def draw(path: Path) -> None:
         import matplotlib.pyplot as plt
 
-        fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+        fig, axes = plt.subplots(3, 2, figsize=(13, 13))
         recheck, orders = figures["ceiling_recheck"], figures["ceiling"]["orders"]
         for ax, backend, title in ((axes[0][0], "local", "local ONNX through gRPC"),
                                    (axes[0][1], "remote", "remote (sim 10 ms/call) through gRPC")):
@@ -567,6 +767,20 @@ def plot(figures: dict[str, Any], callers: Sequence[int]):  # type: ignore[no-un
         ax.set_xticks(list(callers), [str(n) for n in callers])
         ax.set(title="p99 latency by callers", xlabel="concurrent single-text callers", ylabel="ms")
         ax.legend(fontsize=8)
+        policies = figures["policies"]
+        for ax, key, title, ylabel in ((axes[2][0], "p99_over_p50", "policies: p99 / p50 (queries + chunks)",
+                                        "p99 / p50"),
+                                       (axes[2][1], "texts_per_s", "policies: throughput (queries + chunks)",
+                                        "texts/s")):
+            for name, style in (("bounded", "o-"), ("length", "s--")):
+                ax.plot(POLICY_CALLERS, [policies[name][str(n)][key] for n in POLICY_CALLERS], style, label=name)
+            if key == "p99_over_p50":
+                ax.axhline(1.5, color="red", lw=0.8, ls=":", label="target 1.5 (8 and 64 callers)")
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(list(POLICY_CALLERS), [str(n) for n in POLICY_CALLERS])
+            ax.set(title=title, xlabel="concurrent single-text callers", ylabel=ylabel)
+            ax.set_ylim(bottom=0)
+            ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(path, dpi=90)
 
@@ -586,7 +800,60 @@ def service_defaults() -> dict[str, Any]:
             "openai_max_in_flight": openai.max_in_flight}
 
 
+def policy_settings(args: argparse.Namespace) -> dict[str, Any]:
+    if args.quick:
+        return {"rounds": 2, "block_texts": 160, "paired_texts": 32}
+    return {"rounds": args.policy_rounds, "block_texts": args.policy_texts, "paired_texts": args.policy_paired_texts}
+
+
+async def run_policies(workdir: Path, meshes: list[LocalMesh], args: argparse.Namespace) -> dict[str, Any]:
+    """Phase 5: one service per batching policy, both up for the whole phase, the service defaults otherwise."""
+    settings = policy_settings(args)
+    services = {name: start_service(workdir, f"policy-{name}", {"RAGFLEET_EMBEDDING_BATCH_POLICY": name})
+                for name in POLICIES}
+    meshes += services.values()
+    try:
+        result = await policy_sweep(services, MixedPool(SEED), **settings)
+    finally:
+        for mesh in services.values():
+            mesh.stop()
+    return result | {"settings": settings, "query_share": QUERY_SHARE, "chunk_words": list(CHUNK_WORDS)}
+
+
+def policies_markdown(policies: dict[str, Any]) -> list[str]:
+    s = policies["settings"]
+    return [f"## Batching policies side by side ({round(100 * policies['query_share'])} % short queries, the rest "
+            f"~256-token chunks; {s['rounds']} rounds of {s['block_texts']} texts per policy at 8 and 64 callers, "
+            f"{s['paired_texts']} paired texts at 1 caller)", "",
+            "`bounded` = the default (RAGFLEET_EMBEDDING_BATCH_POLICY=bounded, reorder window "
+            f"{service_defaults()['batcher']['reorder_window_ms']:g} ms); `length` = pure length grouping. Percentiles "
+            "leave out the first and last N calls of each block (all callers arriving at once, the drain at the end); "
+            "peak oldest wait = the highest ragfleet_embedding_oldest_wait_seconds seen, polled every 100 ms.", ""
+            ] + policy_rows(policies)
+
+
+async def run_policies_only(args: argparse.Namespace) -> int:
+    """--policies-only: phase 5 alone (a quick look while tuning; results go to *_quick, which git ignores)."""
+    workdir = Path(tempfile.mkdtemp(prefix="embedding-bench-"))
+    meshes: list[LocalMesh] = []
+    figures: dict[str, Any] = {"seed": SEED, "service_defaults": service_defaults(),
+                               "load_average_before": os.getloadavg()}
+    try:
+        figures["policies"] = await run_policies(workdir, meshes, args)
+    finally:
+        for mesh in meshes:
+            mesh.stop()
+    targets = policy_targets(figures["policies"])
+    write_results("embedding_bench_policies_quick", figures=figures, targets=targets,
+                  markdown="\n".join(policies_markdown(figures["policies"])), notes=[])
+    for t in targets:
+        print(f"  {t['name']}: {t['value']:.4g} (goal {t['goal']}) {'met' if t['met'] else 'NOT met'}")
+    return 0
+
+
 async def run(args: argparse.Namespace) -> int:
+    if args.policies_only:
+        return await run_policies_only(args)
     n_local, n_remote, n_cache = (32, 96, 16) if args.quick else (args.texts, args.remote_texts, args.cache_texts)
     batch_sizes = (1, 8) if args.quick else BATCH_SIZES
     callers = CALLERS
@@ -664,6 +931,10 @@ async def run(args: argparse.Namespace) -> int:
             mesh.stop()
         sim.stop()
         meter.phase("remote_sweep")
+
+        print("phase 5: batching policies side by side (bounded reordering vs pure length grouping)", flush=True)
+        figures["policies"] = await run_policies(workdir, meshes, args)
+        meter.phase("policies")
         figures["load_average_after"] = os.getloadavg()
         figures["cpu_by_phase"] = meter.phases
     finally:
@@ -721,6 +992,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-texts", type=int, default=200, help="texts in the cache phase")
     parser.add_argument("--pass-seconds", type=float, default=10.0,
                         help="in-process passes in arrival / window order stop at the next whole window after this")
+    parser.add_argument("--policy-rounds", type=int, default=4,
+                        help="phase 5: blocks per policy at 8 and 64 callers (ABBA order)")
+    parser.add_argument("--policy-texts", type=int, default=320, help="phase 5: texts per block")
+    parser.add_argument("--policy-paired-texts", type=int, default=200, help="phase 5: paired texts at 1 caller")
+    parser.add_argument("--policies-only", action="store_true",
+                        help="run phase 5 alone, results in embedding_bench_policies_quick.*")
     parser.add_argument("--quiet-timeout", type=float, default=300.0,
                         help="wait up to this many seconds for other work on the machine to stop (0: don't wait)")
     return asyncio.run(run(parser.parse_args(argv)))
