@@ -29,6 +29,7 @@ from services.gateway.response_cache import CachedAnswer, ResponseCache
 from services.gateway.upstreams import EmbeddingClient, GenerationClient, RetrievalClient
 from services.runtime import telemetry
 from services.runtime.errors import DeadlineExceeded, Unavailable, require
+from services.runtime.limits import check_filters, check_generation_params
 from services.runtime.pb.ragfleet.v1 import common_pb2, gateway_pb2, generation_pb2, retrieval_pb2
 
 log = logging.getLogger("ragfleet.gateway.ask")
@@ -102,15 +103,9 @@ class AskPipeline:
         require(len(request.conversation_id) <= MAX_CONVERSATION_ID_CHARS,
                 f"conversation_id: at most {MAX_CONVERSATION_ID_CHARS} characters")
         require(request.mode in common_pb2.SearchMode.values(), f"mode: unknown search mode {request.mode}")
-        for i, condition in enumerate(request.filters):
-            require(bool(condition.field), f"filters[{i}].field: must not be empty")
-        params = request.params
-        if params.HasField("max_tokens"):
-            require(params.max_tokens > 0, f"params.max_tokens: must be > 0, got {params.max_tokens}")
-        if params.HasField("temperature"):
-            require(0.0 <= params.temperature <= 2.0, f"params.temperature: must be in [0, 2], got {params.temperature}")
-        if params.HasField("top_p"):
-            require(0.0 < params.top_p <= 1.0, f"params.top_p: must be in (0, 1], got {params.top_p}")
+        check_filters(request.filters)
+        # The generation service's own checks and limits: refused here, before Sources, not after them.
+        check_generation_params(request.params, max_tokens=limits.max_tokens)
         top_k = request.top_k or limits.default_top_k
         # Conversations use the cache too, but only while their history is empty (see _prefetch).
         use_cache = self.cache.enabled and not request.bypass_cache

@@ -37,7 +37,10 @@
 | RAGFLEET_GATEWAY_EMBED_BATCH | 64 | texts per Embed call while ingesting |
 | RAGFLEET_GATEWAY_UPSERT_BATCH | 256 | chunks per Upsert call (whole documents only) |
 | RAGFLEET_GATEWAY_INGEST_CONCURRENCY | 4 | Embed/Upsert calls in flight per Ingest |
-| RAGFLEET_GATEWAY_MAX_DOCUMENTS | 1000 | documents per IngestRequest |
+| RAGFLEET_GATEWAY_MAX_DOCUMENTS | 1000 | documents per IngestRequest and doc_ids per DeleteDocuments (at most 10000) |
+| RAGFLEET_GATEWAY_MAX_DOCUMENT_CHARS | 4000000 | longest document text in characters (refused before chunking) |
+| RAGFLEET_GATEWAY_MAX_CHUNKS_PER_DOCUMENT | 2048 | most chunks one document may make, checked before embedding; keep it at most RAGFLEET_RETRIEVAL_MAX_CHUNKS_PER_UPSERT (a document is upserted whole) |
+| RAGFLEET_GENERATION_MAX_TOKENS_LIMIT | 4096 | read here too: an Ask asking for more max_tokens than generation allows is refused before its first event |
 | RAGFLEET_REDIS_URL | (none) | shared Redis; unset = in-process cache and conversations only |
 """
 
@@ -49,6 +52,7 @@ from typing import Mapping
 
 from services.runtime.config import Env, ServerConfig, redis_url
 from services.runtime.errors import ConfigError
+from services.runtime.limits import DEFAULT_MAX_TOKENS_LIMIT, MAX_DOC_IDS_PER_DELETE
 
 DEFAULT_EMBEDDING_ADDRESS = "127.0.0.1:50051"
 DEFAULT_RETRIEVAL_ADDRESS = "127.0.0.1:50052"
@@ -99,6 +103,9 @@ class IngestConfig:
     upsert_batch: int = 256
     concurrency: int = 4
     max_documents: int = 1000
+    max_document_chars: int = 4_000_000
+    # A document is upserted whole, so it must fit one Upsert (RAGFLEET_RETRIEVAL_MAX_CHUNKS_PER_UPSERT, 2048).
+    max_chunks_per_document: int = 2048
 
 
 @dataclass(frozen=True)
@@ -110,6 +117,8 @@ class AskLimits:
     query_variants: int = 1
     parallel_fanout: bool = True
     max_context_tokens: int = 0
+    # Generation's RAGFLEET_GENERATION_MAX_TOKENS_LIMIT: one setting, so both refuse the same requests.
+    max_tokens: int = DEFAULT_MAX_TOKENS_LIMIT
 
 
 @dataclass(frozen=True)
@@ -154,6 +163,8 @@ class GatewayConfig:
             upsert_batch=env.int("UPSERT_BATCH", 256, minimum=1),
             concurrency=env.int("INGEST_CONCURRENCY", 4, minimum=1),
             max_documents=env.int("MAX_DOCUMENTS", 1000, minimum=1),
+            max_document_chars=env.int("MAX_DOCUMENT_CHARS", 4_000_000, minimum=1),
+            max_chunks_per_document=env.int("MAX_CHUNKS_PER_DOCUMENT", 2048, minimum=1),
         )
         _check_ingest(ingest)
         ask = AskLimits(
@@ -164,6 +175,8 @@ class GatewayConfig:
             query_variants=env.int("QUERY_VARIANTS", 1, minimum=1),
             parallel_fanout=env.bool("PARALLEL_FANOUT", True),
             max_context_tokens=env.int("MAX_CONTEXT_TOKENS", 0, minimum=0),
+            max_tokens=Env("RAGFLEET_GENERATION_", environ).int("MAX_TOKENS_LIMIT", DEFAULT_MAX_TOKENS_LIMIT,
+                                                                minimum=1),
         )
         _check_ask(ask)
         return cls(
@@ -210,6 +223,9 @@ def _check_ingest(ingest: IngestConfig) -> None:
         raise ConfigError(f"RAGFLEET_GATEWAY_CHUNK_TOKENS={ingest.chunk_tokens} is larger than "
                           f"RAGFLEET_GATEWAY_MAX_CHUNK_TOKENS={ingest.max_chunk_tokens}: every Ingest without its own "
                           f"chunk_tokens would be refused; lower the first or raise the second")
+    if ingest.max_documents > MAX_DOC_IDS_PER_DELETE:
+        raise ConfigError(f"RAGFLEET_GATEWAY_MAX_DOCUMENTS={ingest.max_documents} is more than the "
+                          f"{MAX_DOC_IDS_PER_DELETE} doc_ids retrieval accepts in one Delete; lower it")
     cap = default_overlap_cap(ingest.chunk_tokens)
     if ingest.chunk_overlap > cap:
         raise ConfigError(f"RAGFLEET_GATEWAY_CHUNK_OVERLAP={ingest.chunk_overlap} is more than a quarter of "

@@ -24,7 +24,9 @@ from services.gateway.deadlines import Deadline
 from services.gateway.response_cache import ResponseCache
 from services.gateway.upstreams import EmbeddingClient, RetrievalClient
 from services.runtime import telemetry
-from services.runtime.errors import Unavailable, require
+from services.runtime.errors import InvalidArgument, Unavailable, require
+from services.runtime.limits import (MAX_CHUNK_ID_CHARS, MAX_CHUNK_TEXT_CHARS, MAX_DOC_ID_CHARS,
+                                     MAX_TITLE_CHARS, check_metadata, check_text)
 from services.runtime.pb.ragfleet.v1 import common_pb2, gateway_pb2, retrieval_pb2
 
 log = logging.getLogger("ragfleet.gateway.ingest")
@@ -33,7 +35,6 @@ tracer = telemetry.tracer(__name__)
 CHUNKS_WRITTEN = Counter("ragfleet_gateway_ingest_chunks_total", "Chunks written to retrieval by Ingest")
 DOCUMENTS_INGESTED = Counter("ragfleet_gateway_ingest_documents_total", "Documents ingested")
 
-MAX_DOC_ID_CHARS = 256
 MIN_CHUNK_TOKENS = 16
 
 T = TypeVar("T")
@@ -64,10 +65,12 @@ class Ingestor:
         seen: set[str] = set()
         for i, doc in enumerate(request.documents):
             require(bool(doc.doc_id.strip()), f"documents[{i}].doc_id: must not be empty")
-            require(len(doc.doc_id) <= MAX_DOC_ID_CHARS,
-                    f"documents[{i}].doc_id: at most {MAX_DOC_ID_CHARS} characters")
+            check_text(doc.doc_id, f"documents[{i}].doc_id", MAX_DOC_ID_CHARS)
             require(doc.doc_id not in seen, f"documents[{i}].doc_id: {doc.doc_id!r} appears twice in one request")
+            check_text(doc.text, f"documents[{i}].text (doc_id {doc.doc_id!r})", config.max_document_chars)
             require(bool(doc.text.strip()), f"documents[{i}].text: must not be empty (doc_id {doc.doc_id!r})")
+            check_text(doc.title, f"documents[{i}].title (doc_id {doc.doc_id!r})", MAX_TITLE_CHARS)
+            check_metadata(doc.metadata, f"documents[{i}].metadata (doc_id {doc.doc_id!r})")
             seen.add(doc.doc_id)
         chunk_tokens = request.chunk_tokens or config.chunk_tokens
         require(MIN_CHUNK_TOKENS <= chunk_tokens <= config.max_chunk_tokens,
@@ -85,6 +88,7 @@ class Ingestor:
         with tracer.start_as_current_span("gateway.chunk"):
             # Tokenising a large batch takes a while; keep the event loop (other Asks) responsive meanwhile.
             chunked = await asyncio.to_thread(self._chunk_all, list(request.documents), chunk_tokens, overlap)
+        self._check_chunks(chunked, chunk_tokens)  # before any embedding is spent
         semaphore = asyncio.Semaphore(self.config.concurrency)
         results = await self._then_invalidate(tenant, gather_or_cancel(
             self._write_group(tenant, group, semaphore, deadline) for group in self._groups(chunked)))
@@ -98,7 +102,11 @@ class Ingestor:
     async def delete(self, tenant: str, request: gateway_pb2.DeleteDocumentsRequest,
                      deadline: Deadline) -> gateway_pb2.DeleteDocumentsResponse:
         require(len(request.doc_ids) > 0, "doc_ids: at least one doc_id is required")
+        require(len(request.doc_ids) <= self.config.max_documents,
+                f"doc_ids: {len(request.doc_ids)} ids exceeds the limit of {self.config.max_documents}")
         require(all(d.strip() for d in request.doc_ids), "doc_ids: must not contain empty ids")
+        for i, doc_id in enumerate(request.doc_ids):
+            check_text(doc_id, f"doc_ids[{i}]", MAX_CHUNK_ID_CHARS)  # as retrieval's Delete (older, longer ids)
         response = await self._then_invalidate(tenant, self.retrieval.delete(
             retrieval_pb2.DeleteRequest(tenant=tenant, doc_ids=request.doc_ids),
             timeout=deadline.budget(self.budgets.ingest, "delete")))
@@ -136,6 +144,20 @@ class Ingestor:
                    overlap: int) -> list[_ChunkedDocument]:
         return [_ChunkedDocument(doc, chunk_text(self.tokenizer, doc.title, doc.text, chunk_tokens=chunk_tokens,
                                                  overlap=overlap)) for doc in documents]
+
+    def _check_chunks(self, chunked: list[_ChunkedDocument], chunk_tokens: int) -> None:
+        """A document retrieval could not store whole is refused here, naming it, before it is embedded."""
+        limit = self.config.max_chunks_per_document
+        for i, doc in enumerate(chunked):
+            doc_id = doc.document.doc_id
+            if len(doc.chunks) > limit:
+                raise InvalidArgument(
+                    f"documents[{i}] (doc_id {doc_id!r}): {len(doc.chunks)} chunks at chunk_tokens={chunk_tokens} "
+                    f"exceeds the limit of {limit} chunks per document; split the document or raise chunk_tokens")
+            for chunk in doc.chunks:
+                # A run without spaces is one tokenizer "word" of any length: its chunk can outgrow retrieval's limit.
+                check_text(chunk.text, f"documents[{i}] (doc_id {doc_id!r}) chunk {chunk.index} text",
+                           MAX_CHUNK_TEXT_CHARS)
 
     def _groups(self, chunked: list[_ChunkedDocument]) -> list[list[_ChunkedDocument]]:
         """Pack whole documents into groups of about ``upsert_batch`` chunks (a big document forms its own)."""
