@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from services.generation.config import Limits
 from services.runtime.errors import require
-from services.runtime.limits import (MAX_CHUNK_ID_CHARS, MAX_DOC_ID_CHARS, MAX_TITLE_CHARS, check_generation_params,
-                                     check_metadata, check_text)
+from services.runtime.limits import (MAX_CHUNK_ID_CHARS, MAX_DOC_ID_CHARS, MAX_TITLE_CHARS,
+                                     check_generation_params, check_metadata, check_text)
 from services.runtime.pb.ragfleet.v1 import common_pb2, generation_pb2
 
 _ROLES = (common_pb2.ROLE_SYSTEM, common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT)
