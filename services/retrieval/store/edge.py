@@ -1,29 +1,18 @@
 """Embedded store: Qdrant's engine in-process (qdrant-edge-py), one shard directory under the data dir.
 
 Engine calls block, so they run on threads: searches on a small pool, writes on one thread (ordered).
-The HNSW build is different: `EdgeShard.optimize()` holds the GIL for its whole run (measured: a 16 s build froze
-every Python thread of the process), so a thread would stall the event loop and all searches. Instead, once writes
-have been quiet for `optimize_idle_seconds`, the shard is flushed and copied (a brief pause), a child process
-optimizes the copy, and the indexed copy is swapped in with the writes made meanwhile replayed on it. Until the swap
-searches run on the live shard, exactly over unindexed segments; `status()` reports which state holds.
-
-    <data dir>/retrieval          live shard
-    <data dir>/retrieval.building copy being indexed by the child (removed if a build fails)
-    <data dir>/retrieval.old      previous shard during a swap: the only copy holding every acknowledged write until
-                                  the swap commits, so start-up restores it over the live path whenever it exists
-    <data dir>/retrieval.replaced previous shard after the swap committed (being deleted; removed at start-up)
-    <data dir>/retrieval.lock     held while the store is open: start-up recovery never touches a running store's data
+The HNSW build runs in a child process instead (`indexer.py` says why, and which directories it uses): once writes
+have been quiet for `optimize_idle_seconds`, writes pause briefly while the shard is copied, the child indexes the
+copy, and the indexed copy is swapped in with the writes made meanwhile replayed on it. Until the swap searches run
+on the live shard, exactly over unindexed segments; `status()` reports which state holds.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
 import logging
 import os
-import shutil
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -35,17 +24,11 @@ import qdrant_edge as qe
 from services.retrieval.config import IndexConfig
 from services.retrieval.models import DOC_ID, TENANT, Candidate, ChunkRecord, Condition, IndexStatus, SparseVec
 from services.retrieval.store.base import DENSE, SPARSE, StoreError, StoreStartupError, VectorStore
+from services.retrieval.store.indexer import ShardFiles, SwapFailed
 from services.runtime.errors import InvalidArgument
 
 log = logging.getLogger("ragfleet.retrieval.edge")
 T = TypeVar("T")
-
-# Runs in the child process: load the copy, build HNSW (and quantized codes), persist, release.
-_OPTIMIZE_CHILD = ("import sys, qdrant_edge as qe\n"
-                   "shard = qe.EdgeShard.load(sys.argv[1])\n"
-                   "shard.optimize()\n"
-                   "shard.flush()\n"
-                   "shard.close()\n")
 
 
 class _Gate:
@@ -118,11 +101,11 @@ class EdgeStore(VectorStore):
 
     def __init__(self, *, path: str, index: IndexConfig) -> None:
         self.path = path
+        self.files = ShardFiles(path)
         self.index = index
         self._shard: qe.EdgeShard | None = None
         self._readers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="edge-search")
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-write")
-        self._indexer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-optimize")
         self._last_write = 0.0
         self._dirty = False
         self._optimizing = False
@@ -135,22 +118,6 @@ class EdgeStore(VectorStore):
         # Update operations applied since the build copy was taken; replayed on the indexed copy at swap time.
         self._journal: list[qe.UpdateOperation] | None = None
         self._lock_fd: int | None = None
-
-    @property
-    def building_path(self) -> str:
-        return self.path.rstrip("/") + ".building"
-
-    @property
-    def old_path(self) -> str:
-        return self.path.rstrip("/") + ".old"
-
-    @property
-    def replaced_path(self) -> str:
-        return self.path.rstrip("/") + ".replaced"
-
-    @property
-    def lock_path(self) -> str:
-        return self.path.rstrip("/") + ".lock"
 
     def _config(self) -> qe.EdgeConfig:
         quantization = None
@@ -183,16 +150,7 @@ class EdgeStore(VectorStore):
             raise
 
     def _open_locked(self) -> qe.EdgeShard:
-        if os.path.isdir(self.old_path):
-            # A swap was interrupted before it committed. Writes are held back for the whole swap, so the previous
-            # shard has every acknowledged write; the live path is missing or an indexed copy without the journal.
-            log.warning("restoring %s: an index swap was interrupted", self.old_path)
-            if os.path.lexists(self.path):
-                shutil.rmtree(self.path)
-            os.rename(self.old_path, self.path)
-        for leftover in (self.building_path, self.replaced_path):
-            if os.path.isdir(leftover):
-                shutil.rmtree(leftover)  # an unfinished build, or a shard a committed swap replaced
+        self.files.recover()
         existing = os.path.isdir(self.path) and any(os.scandir(self.path))
         try:
             if existing:
@@ -215,13 +173,13 @@ class EdgeStore(VectorStore):
         """Hold <path>.lock for the store's lifetime: recovery above rewrites directories, so it must never run
         while another process serves (or swaps) the same shard."""
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.files.lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             os.close(fd)
             raise StoreStartupError(f"retrieval data dir {self.path!r} cannot be opened (locked by another "
-                                    f"process: {self.lock_path}); nothing was changed or deleted") from exc
+                                    f"process: {self.files.lock}); nothing was changed or deleted") from exc
         self._lock_fd = fd
 
     def _unlock(self) -> None:
@@ -337,24 +295,15 @@ class EdgeStore(VectorStore):
             try:
                 async with self._gate.exclusive():  # brief: no write may fall between flush and copy
                     writes_before = self._last_write
-                    await loop.run_in_executor(self._writer, self._snapshot)
+                    await loop.run_in_executor(self._writer, self.files.snapshot, self.shard)
                     self._journal = []
-                child = await asyncio.create_subprocess_exec(sys.executable, "-c", _OPTIMIZE_CHILD,
-                                                             self.building_path, stderr=asyncio.subprocess.PIPE)
-                try:
-                    _, stderr = await child.communicate()
-                except asyncio.CancelledError:  # shutting down: do not leave an orphan writing the copy
-                    child.kill()
-                    await child.wait()
-                    raise
-                if child.returncode != 0:
-                    raise StoreError(f"index build exited with {child.returncode}: {stderr.decode()[-500:]}")
+                await self.files.build()
                 async with self._gate.exclusive():
                     journal, self._journal = self._journal, None
-                    await loop.run_in_executor(self._writer, self._swap, journal)
+                    await self._swap(journal)
             except Exception as exc:  # noqa: BLE001 - a failed build must never take the live shard down
                 self._journal = None
-                await loop.run_in_executor(self._indexer, shutil.rmtree, self.building_path, True)
+                await asyncio.to_thread(self.files.discard_build)
                 log.error("index build failed; still serving the unindexed shard: %s", exc)
                 return False
             finally:
@@ -366,50 +315,15 @@ class EdgeStore(VectorStore):
                                                 "replayed": len(journal)}})
         return True
 
-    def _snapshot(self) -> None:
-        self.shard.flush()
-        if os.path.isdir(self.building_path):
-            shutil.rmtree(self.building_path)
-        shutil.copytree(self.path, self.building_path)
-
-    def _swap(self, journal: list[qe.UpdateOperation]) -> None:
-        """Close live, move the indexed copy in, replay the writes made during the build; roll back on failure.
-
-        Until the commit (moving .old aside) a crash leaves .old, which start-up restores: it has every write."""
-        for stale in (self.old_path, self.replaced_path):
-            if os.path.lexists(stale):  # not authoritative while we run: start-up already restored any .old
-                log.warning("removing stale %s before swapping", stale)
-                shutil.rmtree(stale)
-        live, self._shard = self.shard, None
-        closed = False
-        shard: qe.EdgeShard | None = None
+    async def _swap(self, journal: list[qe.UpdateOperation]) -> None:
+        loop = asyncio.get_running_loop()
+        live, self._shard = self.shard, None  # closed by the swap: no engine call may reach it meanwhile
         try:
-            live.close()
-            closed = True
-            os.rename(self.path, self.old_path)
-            os.rename(self.building_path, self.path)
-            shard = qe.EdgeShard.load(self.path)
-            for operation in journal:
-                shard.update(operation)
-            shard.flush()  # the replayed writes must be on disk before the only other copy of them goes
-            os.rename(self.old_path, self.replaced_path)  # the commit: from here on the new shard is authoritative
-        except Exception:
-            log.exception("swapping in the indexed shard failed; restoring the previous one")
-            if shard is not None:
-                with contextlib.suppress(Exception):
-                    shard.close()
-            self._shard = self._restore_previous() if closed else live
+            self._shard = await loop.run_in_executor(self._writer, self.files.swap, live, journal)
+        except SwapFailed as exc:
+            self._shard = exc.shard
             raise
-        self._shard = shard
-        shutil.rmtree(self.replaced_path, ignore_errors=True)
-
-    def _restore_previous(self) -> qe.EdgeShard:
-        """Put the pre-swap shard back at the live path (wherever the swap stopped) and open it."""
-        if os.path.isdir(self.old_path):
-            if os.path.lexists(self.path):
-                shutil.rmtree(self.path)
-            os.rename(self.old_path, self.path)
-        return qe.EdgeShard.load(self.path)
+        await loop.run_in_executor(self._writer, self.files.discard_replaced)
 
     async def _indexing_loop(self) -> None:
         """Wait until writes settle, then index; repeat whenever new writes arrive."""
@@ -447,8 +361,7 @@ class EdgeStore(VectorStore):
                 pass
         shard, self._shard = self._shard, None
         if shard is not None:
-            # Wait for a running optimize, then flush and close on the write thread (after queued writes).
-            self._indexer.shutdown(wait=True)
+            # Flush and close on the write thread, after the writes queued there.
             try:
                 await asyncio.get_running_loop().run_in_executor(self._writer, lambda: (shard.flush(), shard.close()))
             except Exception as exc:  # noqa: BLE001 - shutdown must finish; the WAL still holds acked writes

@@ -210,7 +210,7 @@ def crash_after_moving_the_indexed_copy_in(monkeypatch, store: EdgeStore) -> Non
 
     def rename(src, dst):
         real_rename(src, dst)
-        if src == store.building_path:
+        if src == store.files.building:
             raise Crash()
 
     monkeypatch.setattr(os, "rename", rename)
@@ -293,7 +293,7 @@ async def test_a_swap_that_fails_keeps_serving_the_previous_shard(tmp_path, enco
         real_rename = os.rename
 
         def rename(src, dst):
-            if src == store.building_path:
+            if src == store.files.building:
                 raise OSError(28, "No space left on device")
             real_rename(src, dst)
 
@@ -318,11 +318,11 @@ async def test_start_up_recovery_never_touches_a_shard_another_process_serves(tm
     await store.start()
     try:
         await store.upsert(records(encoder, 20))
-        os.mkdir(store.old_path)  # as during the first store's swap
+        os.mkdir(store.files.old)  # as during the first store's swap
         second = EdgeStore(path=path, index=index)
         with pytest.raises(StoreStartupError, match="locked by another process.*nothing was changed or deleted"):
             await second.start()
-        assert os.path.isdir(store.old_path) and await store.count("acme") == 20
+        assert os.path.isdir(store.files.old) and await store.count("acme") == 20
         await store.upsert([dataclasses.replace(records(encoder, 1, seed=3)[0], doc_id="new", chunk_id="new#0")])
         assert await store.count("acme") == 21
     finally:
