@@ -65,7 +65,7 @@ DEFAULT_CORPUS_VERSION_KEY = "ragfleet:retrieval:version:{tenant}"
 class StageBudgets:
     """Per-stage time budgets in seconds; each call also gets no more than the client's remaining deadline.
 
-        StageBudgets(embed=2.0).clamp("embed", remaining=0.4)   # -> 0.4
+        Deadline(remaining=0.4).budget(StageBudgets(embed=2.0).embed, "embed")   # -> 0.4 (gateway/deadlines.py)
     """
 
     cache: float = 0.25
