@@ -1,6 +1,6 @@
 """The OpenAI-compatible streaming backend: one pooled AsyncOpenAI client per process.
 
-Retry rule: an attempt may be retried (capped backoff with jitter) only while no content token has been received;
+Retry rule: an attempt may be retried (``services.runtime.retry``) only while no content token has been received;
 once a token is forwarded the stream is never replayed, because the caller already holds part of the answer.
 Each attempt must deliver its first token within ``timeouts.first_token`` and within the caller's deadline, less
 the fallback's reserve when a fallback is on (a hung LLM then still leaves time for the offline answer);
@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import random
 import ssl
 from collections import OrderedDict
 from typing import Any, AsyncGenerator, AsyncIterator, Sequence
@@ -39,48 +38,18 @@ from services.generation.prompt import Prompt, TokenCounter
 from services.generation.sse import ErrorEvent, SSEDecoder, decode_data, is_done
 from services.runtime.errors import DeadlineExceeded
 from services.runtime.openai_client import openai_client
+from services.runtime.retry import RetryPolicy, is_transient
 from services.runtime.telemetry import tracer
 
 log = logging.getLogger("ragfleet.generation.llm")
 _tracer = tracer(__name__)
 
-MAX_RETRY_DELAY = 1.0
 _SUMMARY_CACHE_SIZE = 512
-_RETRYABLE_STATUS = {408, 409, 429}
 _FINISH = {"length": FINISH_LENGTH}
 _DEADLINE_SLACK = 0.005  # seconds: a first-token wait ending this close to the deadline was cut by it
 _DRAIN_TIMEOUT = 0.1  # after [DONE]: read the body's end so the HTTP/1.1 connection goes back to the pool
 _SUMMARY_INSTRUCTION = ("Summarise this earlier part of a conversation in a few sentences. Keep names, numbers and "
                         "anything the user asked to remember.")
-
-
-def should_retry(error: BaseException) -> bool:
-    """Connection problems, timeouts, 408/409/429 and 5xx may succeed on another attempt; other 4xx will not."""
-    if isinstance(error, (TimeoutError, openai.APIConnectionError)):
-        return True
-    if isinstance(error, openai.APIStatusError):
-        return error.status_code in _RETRYABLE_STATUS or error.status_code >= 500
-    return isinstance(error, (openai.APIError, httpx2.TransportError))
-
-
-def retry_delay(attempt: int, base: float) -> float:
-    """Capped exponential backoff with jitter (attempt 1 -> ~base)."""
-    return min(base * 2 ** (attempt - 1), MAX_RETRY_DELAY) * (0.5 + random.random() / 2)
-
-
-def retry_after(error: BaseException) -> float | None:
-    """The wait a 429/503 asks for (``retry-after-ms``, else ``Retry-After`` in seconds), as the SDK reads it."""
-    if not isinstance(error, openai.APIStatusError):
-        return None
-    headers = error.response.headers
-    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
-        try:
-            value = float(headers.get(name, ""))
-        except ValueError:  # absent, or an HTTP date: fall back to our own backoff
-            continue
-        if value >= 0:
-            return value * scale
-    return None
 
 
 def describe(error: BaseException) -> str:
@@ -152,6 +121,9 @@ class OpenAIAnswerer:
         # first Ask's time to first token.
         self._client.chat.completions  # noqa: B018
         self._summaries: OrderedDict[str, str] = OrderedDict()
+        # A wait longer than an attempt's whole first-token budget is not worth it: the fallback answers sooner.
+        self._retry = RetryPolicy(max_retries=config.max_retries, base_delay=config.retry_backoff,
+                                  max_server_wait=t.first_token)
 
     @property
     def target(self) -> str:
@@ -254,18 +226,8 @@ class OpenAIAnswerer:
                 raise
             except Exception as exc:  # noqa: BLE001 - classified below
                 await _close(chunks, response)
-                retry = should_retry(exc)
                 metrics.LLM_ATTEMPTS.labels("timeout" if isinstance(exc, TimeoutError)
-                                            else "retryable" if retry else "error").inc()
-                delay = retry_delay(attempt, self._config.retry_backoff)
-                asked = retry_after(exc)
-                if asked is not None:
-                    # Retrying sooner than a rate-limited server asks only prolongs the limit; a wait longer than
-                    # an attempt's whole first-token budget is not worth it (fail now: the fallback answers sooner).
-                    delay = max(delay, asked)
-                out_of_time = ((prompt.llm_deadline is not None
-                                and asyncio.get_running_loop().time() + delay >= prompt.llm_deadline)
-                               or (asked is not None and asked > self._config.timeouts.first_token))
+                                            else "retryable" if is_transient(exc) else "error").inc()
                 span.add_event("attempt failed", {"attempt": attempt, "error": describe(exc)})
                 if (isinstance(exc, TimeoutError) and prompt.deadline is not None and not prompt.fallback_reserve
                         and asyncio.get_running_loop().time() >= prompt.deadline - _DEADLINE_SLACK):
@@ -273,7 +235,8 @@ class OpenAIAnswerer:
                     # With a fallback reserve the wait ended early on purpose: LLMUnavailable below lets it answer.
                     raise DeadlineExceeded(f"deadline passed before the LLM at {self._config.base_url} sent a first "
                                            f"token (attempt {attempt})") from exc
-                if not retry or attempt > self._config.max_retries or out_of_time:
+                delay = self._retry.delay(exc, attempt, deadline=prompt.llm_deadline)
+                if delay is None:
                     raise LLMUnavailable(f"LLM at {self._config.base_url} (model {prompt.sampling.model}) "
                                          f"failed: {describe(exc)} after {attempt} attempt(s)") from exc
                 log.warning("LLM attempt %d failed (%s); retrying in %.3fs", attempt, describe(exc), delay)

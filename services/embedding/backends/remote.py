@@ -1,8 +1,7 @@
 """Any OpenAI-compatible `/v1/embeddings` endpoint through the `openai` package.
 
 One AsyncOpenAI client per process (its HTTP connection pool is reused by every call), a timeout per call, bounded
-retries with capped exponential backoff and jitter on transient failures (connection errors, timeouts, 408/409/429
-and 5xx), batches capped at `max_batch_size` texts, at most `max_in_flight` calls at once, and every answer checked:
+retries on transient failures (connection errors, timeouts, 408/409/429 and 5xx; ``services.runtime.retry``), batches capped at `max_batch_size` texts, at most `max_in_flight` calls at once, and every answer checked:
 one vector per input, in input order, of the configured dimension. The remote model does its own tokenization, so
 token counts here are estimates used only for batching; the input limit is checked by characters (see `prepare`).
 An endpoint refusing the input itself (400/413/422) is the caller's INVALID_ARGUMENT with the endpoint's message,
@@ -15,7 +14,6 @@ import asyncio
 import base64
 import json
 import logging
-import random
 from typing import Any, Sequence
 
 import httpx2
@@ -26,14 +24,12 @@ from services.embedding.backends.base import EmbeddingBackend, PreparedText, l2_
 from services.embedding.config import OpenAIConfig
 from services.runtime.errors import InvalidArgument, Unavailable
 from services.runtime.openai_client import openai_client
+from services.runtime.retry import RetryPolicy
 
 log = logging.getLogger("ragfleet.embedding.remote")
 
-RETRY_BASE_SECONDS = 0.05
-RETRY_MAX_SECONDS = 1.0
 REMOTE_MAX_TOKENS = 8191
 _CHARS_PER_TOKEN = 4
-_RETRYABLE_STATUS = {408, 409, 429}
 # The endpoint refused the request's content (too long, malformed text). Other 4xx (401/403/404...) mean our key,
 # URL or model name is wrong: a server problem the caller cannot fix, so they stay UNAVAILABLE.
 _BAD_INPUT_STATUS = {400, 413, 422}
@@ -53,14 +49,6 @@ def shared_client(config: OpenAIConfig) -> openai.AsyncOpenAI:
     return _client
 
 
-def should_retry(exc: Exception) -> bool:
-    if isinstance(exc, (openai.APIConnectionError, openai.APITimeoutError)):
-        return True
-    if isinstance(exc, openai.APIStatusError):
-        return exc.status_code in _RETRYABLE_STATUS or exc.status_code >= 500
-    return False
-
-
 def refuses_input(exc: Exception) -> bool:
     return isinstance(exc, openai.APIStatusError) and exc.status_code in _BAD_INPUT_STATUS
 
@@ -71,11 +59,6 @@ def endpoint_message(exc: openai.APIStatusError) -> str:
     if isinstance(body, dict) and isinstance(body.get("message"), str):
         return body["message"]
     return exc.message
-
-
-def retry_delay(attempt: int) -> float:
-    """Capped exponential backoff with full jitter (openai-python's _calculate_retry_timeout, shorter)."""
-    return random.uniform(0, min(RETRY_MAX_SECONDS, RETRY_BASE_SECONDS * 2 ** attempt))
 
 
 def decode(embedding: object) -> np.ndarray:
@@ -98,6 +81,8 @@ class RemoteEmbeddingBackend(EmbeddingBackend):
         self.max_in_flight = config.max_in_flight
         self.max_tokens = REMOTE_MAX_TOKENS
         self._client = shared_client(config)
+        # A server asking for a longer wait than one call's whole timeout: giving up answers sooner.
+        self.retry = RetryPolicy(max_retries=config.max_retries, max_server_wait=config.timeout_seconds)
 
     @property
     def input_limit(self) -> str:
@@ -122,7 +107,9 @@ class RemoteEmbeddingBackend(EmbeddingBackend):
         texts = [item.text for item in items]
         # base64 float32 is ~4x smaller than JSON floats and decodes in numpy; a server that ignores it sends lists.
         body = {"model": self.config.model, "input": texts, "encoding_format": "base64"}
-        for attempt in range(self.config.max_retries + 1):
+        attempt = 0
+        while True:
+            attempt += 1
             try:
                 # The SDK's generic POST (auth, base URL, timeout, pool, status errors -> APIStatusError) with the raw
                 # body back: embeddings.create's parameter transform and pydantic response models cost ~1.3 ms of
@@ -132,14 +119,13 @@ class RemoteEmbeddingBackend(EmbeddingBackend):
             except Exception as exc:  # noqa: BLE001 - classified below
                 if refuses_input(exc):
                     raise InvalidArgument(self._refusal(texts, exc)) from exc
-                if not should_retry(exc) or attempt == self.config.max_retries:
+                delay = self.retry.delay(exc, attempt)
+                if delay is None:
                     raise Unavailable(f"embedding endpoint {self.config.base_url} failed: "
                                       f"{type(exc).__name__}: {exc}") from exc
-                delay = retry_delay(attempt)
-                log.info("embedding call failed (%s); retry %d in %.0f ms", type(exc).__name__, attempt + 1,
+                log.info("embedding call failed (%s); retry %d in %.0f ms", type(exc).__name__, attempt,
                          delay * 1000)
                 await asyncio.sleep(delay)
-        raise AssertionError("unreachable")
 
     def _refusal(self, texts: Sequence[str], exc: openai.APIStatusError) -> str:
         what = f"the text {texts[0][:40]!r}..." if len(texts) == 1 else f"a batch of {len(texts)} texts"

@@ -251,8 +251,9 @@ async def test_retries_are_spaced_by_capped_jittered_backoff(sim, monkeypatch):
         await backend.embed(backend.prepare(["x"]))
     assert (await control())["failures_injected"] == 4  # one call + three retries, then give up
     assert len(delays) == 3
+    policy = backend.retry
     for attempt, delay in enumerate(delays):
-        assert 0 <= delay <= min(remote.RETRY_MAX_SECONDS, remote.RETRY_BASE_SECONDS * 2 ** attempt)
-    samples = [remote.retry_delay(10) for _ in range(200)]
-    assert max(samples) <= remote.RETRY_MAX_SECONDS and len(set(samples)) > 100  # capped, and jittered
+        assert 0 <= delay <= min(policy.max_delay, policy.base_delay * 2 ** attempt)
+    samples = [policy.backoff(11) for _ in range(200)]
+    assert max(samples) <= policy.max_delay and len(set(samples)) > 100  # capped, and jittered
     await backend.close()
