@@ -76,6 +76,99 @@ class _Prefetched:
         return self.history_known and not self.history
 
 
+class _Prefetch:
+    """One Ask's prefetch: each step fills its part of `out` and records its stage time."""
+
+    def __init__(self, pipeline: AskPipeline, tenant: str, request: gateway_pb2.AskRequest, plan: AskPlan,
+                 deadline: Deadline, timings: gateway_pb2.StageTimings) -> None:
+        self.pipeline = pipeline
+        self.tenant = tenant
+        self.request = request
+        self.plan = plan
+        self.deadline = deadline
+        self.timings = timings
+        self.out = _Prefetched(history_known=not request.conversation_id)
+
+    async def run(self, *, parallel: bool) -> _Prefetched:
+        steps: list[Callable[[], Awaitable[None]]] = []
+        if self.plan.use_cache:
+            if self._hot():
+                # The entry is in L1, so a hit is all but certain. Confirm its corpus version (one Redis GET) before
+                # starting an embedding RPC that would only be cancelled; a stale entry falls through.
+                await self.lookup_cache()
+                if self.answered():
+                    return self.out
+            else:
+                steps.append(self.lookup_cache)
+        if self.request.conversation_id:
+            steps.append(self.load_history)
+        steps.append(self.embed_query)  # last: the sequential path may skip it
+        await (self._concurrently(steps) if parallel else self._one_by_one(steps))
+        return self.out
+
+    def answered(self) -> bool:
+        return self.out.hit is not None and self.out.cacheable
+
+    def _hot(self) -> bool:
+        """A question with its answer in L1 (outside a conversation, where a hit needs the history first)."""
+        return not self.request.conversation_id and self.pipeline.cache.has_local(self.plan.cache_key)
+
+    async def _concurrently(self, steps: list[Callable[[], Awaitable[None]]]) -> None:
+        """Run every step at once; stop (cancelling the rest) at a usable hit or at the first failure."""
+        tasks = [asyncio.ensure_future(step()) for step in steps]
+        try:
+            pending = set(tasks)
+            while pending and not self.answered():
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    task.result()  # the first failure (e.g. embedding down) ends the Ask with its error
+        finally:
+            await cancel_all(tasks)
+
+    async def _one_by_one(self, steps: list[Callable[[], Awaitable[None]]]) -> None:
+        """The benchmark baseline (RAGFLEET_GATEWAY_PARALLEL_FANOUT=false)."""
+        for step in steps:
+            if self.answered():
+                return
+            await step()
+
+    async def lookup_cache(self) -> None:
+        pipeline, start = self.pipeline, time.perf_counter()
+        try:
+            self.out.version, self.out.hit = await asyncio.wait_for(
+                pipeline.cache.lookup(self.tenant, self.plan.cache_key),
+                self.deadline.budget(pipeline.budgets.cache, "cache"))
+        except asyncio.TimeoutError:
+            log.warning("response cache lookup exceeded its %.0f ms budget; treating as a miss",
+                        pipeline.budgets.cache * 1000)
+        finally:
+            self.timings.cache_ms = _ms_since(start)
+            ASK_STAGE_SECONDS.labels("cache").observe(self.timings.cache_ms / 1000)
+
+    async def embed_query(self) -> None:
+        pipeline, start = self.pipeline, time.perf_counter()
+        try:
+            response = await pipeline.embedding.embed(self.plan.variants, input_type=common_pb2.INPUT_TYPE_QUERY,
+                                                      timeout=self.deadline.budget(pipeline.budgets.embed, "embed"))
+            self.out.vectors = [list(e.values) for e in response.embeddings]
+        finally:
+            self.timings.embed_ms = _ms_since(start)
+            ASK_STAGE_SECONDS.labels("embed").observe(self.timings.embed_ms / 1000)
+
+    async def load_history(self) -> None:
+        pipeline, start = self.pipeline, time.perf_counter()
+        try:
+            self.out.history = await asyncio.wait_for(
+                pipeline.conversations.history(self.tenant, self.request.conversation_id),
+                self.deadline.budget(pipeline.budgets.history, "history"))
+            self.out.history_known = True
+        except (asyncio.TimeoutError, OSError, RedisError) as exc:
+            # Answering without history beats failing the question.
+            log.warning("conversation history unavailable, answering without it: %s", exc)
+        finally:
+            self.timings.history_ms = _ms_since(start)
+
+
 class AskPipeline:
     def __init__(self, *, embedding: EmbeddingClient, retrieval: RetrievalClient, generation: GenerationClient,
                  cache: ResponseCache, conversations: ConversationStore, limits: AskLimits,
@@ -192,72 +285,8 @@ class AskPipeline:
                         timings: gateway_pb2.StageTimings) -> _Prefetched:
         """Cache lookup ∥ query embedding ∥ history load. A usable cache hit cancels the embedding at once; in a
         conversation the (cheap) history load must finish first, since a hit is usable only with no history."""
-        out = _Prefetched(history_known=not request.conversation_id)
-
-        async def cache_branch() -> None:
-            start = time.perf_counter()
-            try:
-                out.version, out.hit = await asyncio.wait_for(self.cache.lookup(tenant, plan.cache_key),
-                                                              deadline.budget(self.budgets.cache, "cache"))
-            except asyncio.TimeoutError:
-                log.warning("response cache lookup exceeded its %.0f ms budget; treating as a miss",
-                            self.budgets.cache * 1000)
-            finally:
-                timings.cache_ms = _ms_since(start)
-                ASK_STAGE_SECONDS.labels("cache").observe(timings.cache_ms / 1000)
-
-        async def embed_branch() -> None:
-            start = time.perf_counter()
-            try:
-                response = await self.embedding.embed(plan.variants, input_type=common_pb2.INPUT_TYPE_QUERY,
-                                                      timeout=deadline.budget(self.budgets.embed, "embed"))
-                out.vectors = [list(e.values) for e in response.embeddings]
-            finally:
-                timings.embed_ms = _ms_since(start)
-                ASK_STAGE_SECONDS.labels("embed").observe(timings.embed_ms / 1000)
-
-        async def history_branch() -> None:
-            start = time.perf_counter()
-            try:
-                out.history = await asyncio.wait_for(
-                    self.conversations.history(tenant, request.conversation_id),
-                    deadline.budget(self.budgets.history, "history"))
-                out.history_known = True
-            except (asyncio.TimeoutError, OSError, RedisError) as exc:
-                # Answering without history beats failing the question.
-                log.warning("conversation history unavailable, answering without it: %s", exc)
-            finally:
-                timings.history_ms = _ms_since(start)
-
-        def answered() -> bool:
-            return out.hit is not None and out.cacheable
-
-        branches = ([cache_branch] if plan.use_cache else []) + (
-            [history_branch] if request.conversation_id else []) + [embed_branch]
-        if plan.use_cache and not request.conversation_id and self.cache.has_local(plan.cache_key):
-            # Hot question: the entry is in L1, so a hit is all but certain. Confirm its corpus version (one Redis
-            # GET) before starting an embedding RPC that would only be cancelled; a stale entry falls through.
-            await cache_branch()
-            if answered():
-                return out
-            branches.remove(cache_branch)
-        if not self.limits.parallel_fanout:  # one after another (benchmark baseline); embed last, as it may be skipped
-            for branch in branches:
-                if answered():
-                    break
-                await branch()
-            return out
-
-        tasks = [asyncio.ensure_future(branch()) for branch in branches]
-        try:
-            pending = set(tasks)
-            while pending and not answered():
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    task.result()  # the first failure (e.g. embedding down) ends the Ask with its error
-        finally:
-            await cancel_all(tasks)
-        return out
+        prefetch = _Prefetch(self, tenant, request, plan, deadline, timings)
+        return await prefetch.run(parallel=self.limits.parallel_fanout)
 
     async def _retrieve(self, tenant: str, request: gateway_pb2.AskRequest, plan: AskPlan,
                         vectors: list[list[float]], deadline: Deadline,
