@@ -1,29 +1,15 @@
-"""Admission control: at most N Asks in flight per replica, refused at once beyond that (no unbounded queue)."""
+"""The gateway's Ask admission: the runtime's limiter with the gateway's metrics and setting."""
 
 from __future__ import annotations
 
 from prometheus_client import Counter, Gauge
 
-from services.runtime.errors import Overloaded
+from services.runtime.admission import AdmissionLimiter
 
 ASKS_IN_FLIGHT = Gauge("ragfleet_gateway_asks_in_flight", "Ask streams in progress on this replica")
 ASKS_REJECTED = Counter("ragfleet_gateway_asks_rejected_total", "Asks refused with RESOURCE_EXHAUSTED")
 
 
-class InFlightLimiter:
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.count = 0
-
-    def acquire(self) -> None:
-        """Take a slot or raise Overloaded. Single-threaded asyncio: no lock needed between check and increment."""
-        if self.count >= self.limit:
-            ASKS_REJECTED.inc()
-            raise Overloaded(f"gateway: {self.count} Asks in flight, the limit is {self.limit} "
-                             "(RAGFLEET_GATEWAY_MAX_IN_FLIGHT); retry with backoff")
-        self.count += 1
-        ASKS_IN_FLIGHT.set(self.count)
-
-    def release(self) -> None:
-        self.count -= 1
-        ASKS_IN_FLIGHT.set(self.count)
+def ask_limiter(limit: int) -> AdmissionLimiter:
+    return AdmissionLimiter(limit, in_flight=ASKS_IN_FLIGHT, rejected=ASKS_REJECTED, what="gateway: {} Asks",
+                            setting="RAGFLEET_GATEWAY_MAX_IN_FLIGHT")

@@ -26,8 +26,9 @@ from services.gateway.conversations import ConversationStore
 from services.gateway.deadlines import Deadline
 from services.gateway.fusion import query_variants, rrf_merge
 from services.gateway.response_cache import CachedAnswer, ResponseCache
-from services.gateway.upstreams import EmbeddingClient, GenerationClient, RetrievalClient
+from services.gateway.upstreams import GenerationClient, RetrievalClient
 from services.runtime import telemetry
+from services.runtime.embed_client import EmbedClient
 from services.runtime.errors import DeadlineExceeded, Unavailable, require
 from services.runtime.limits import check_filters, check_generation_params
 from services.runtime.pb.ragfleet.v1 import common_pb2, gateway_pb2, generation_pb2, retrieval_pb2
@@ -170,7 +171,7 @@ class _Prefetch:
 
 
 class AskPipeline:
-    def __init__(self, *, embedding: EmbeddingClient, retrieval: RetrievalClient, generation: GenerationClient,
+    def __init__(self, *, embedding: EmbedClient, retrieval: RetrievalClient, generation: GenerationClient,
                  cache: ResponseCache, conversations: ConversationStore, limits: AskLimits,
                  budgets: StageBudgets) -> None:
         self.embedding = embedding

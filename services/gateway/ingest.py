@@ -22,8 +22,9 @@ from services.gateway.concurrency import gather_or_cancel
 from services.gateway.config import IngestConfig, StageBudgets, default_overlap_cap
 from services.gateway.deadlines import Deadline
 from services.gateway.response_cache import ResponseCache
-from services.gateway.upstreams import EmbeddingClient, RetrievalClient
+from services.gateway.upstreams import RetrievalClient
 from services.runtime import telemetry
+from services.runtime.embed_client import EmbedClient
 from services.runtime.errors import InvalidArgument, Unavailable, require
 from services.runtime.limits import (MAX_CHUNK_ID_CHARS, MAX_CHUNK_TEXT_CHARS, MAX_DOC_ID_CHARS,
                                      MAX_TITLE_CHARS, check_metadata, check_text)
@@ -47,7 +48,7 @@ class _ChunkedDocument:
 
 
 class Ingestor:
-    def __init__(self, *, embedding: EmbeddingClient, retrieval: RetrievalClient, cache: ResponseCache,
+    def __init__(self, *, embedding: EmbedClient, retrieval: RetrievalClient, cache: ResponseCache,
                  tokenizer: Tokenizer, config: IngestConfig, budgets: StageBudgets) -> None:
         self.embedding = embedding
         self.retrieval = retrieval

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Awaitable, Callable, Sequence
 
-from services.gateway.admission import InFlightLimiter
+from services.gateway.admission import ask_limiter
 from services.gateway.ask import AskPipeline
 from services.gateway.auth import ApiKeyAuth
 from services.gateway.chunker import Tokenizer, load_tokenizer
@@ -14,8 +14,9 @@ from services.gateway.conversations import ConversationStore
 from services.gateway.ingest import Ingestor
 from services.gateway.response_cache import ResponseCache
 from services.gateway.servicer import GatewayServiceServicer
-from services.gateway.upstreams import EmbeddingClient, GenerationClient, RetrievalClient
+from services.gateway.upstreams import GenerationClient, RetrievalClient
 from services.runtime.channels import ChannelPool
+from services.runtime.embed_client import EmbedClient
 from services.runtime.errors import ConfigError
 from services.runtime.guard import KiB, MiB, utf8_bytes
 from services.runtime.pb.ragfleet.v1 import gateway_pb2, gateway_pb2_grpc
@@ -49,7 +50,7 @@ def build_servicer(config: GatewayConfig, tokenizer: Tokenizer | None = None,
     """Wire the gateway from its config; returns the servicer and the coroutine that closes its clients."""
     pool = ChannelPool()
     redis = _redis_client(config.redis_url)
-    embedding = EmbeddingClient(pool, config.embedding_address)
+    embedding = EmbedClient(pool, config.embedding_address)
     retrieval = RetrievalClient(pool, config.retrieval_address)
     cache = ResponseCache(config.cache, redis)
     pipeline = AskPipeline(embedding=embedding, retrieval=retrieval,
@@ -61,7 +62,7 @@ def build_servicer(config: GatewayConfig, tokenizer: Tokenizer | None = None,
     log.info("chunking with %s", tokenizer.name)
     ingestor = Ingestor(embedding=embedding, retrieval=retrieval, cache=cache, tokenizer=tokenizer,
                         config=config.ingest, budgets=config.budgets)
-    servicer = GatewayServiceServicer(auth=ApiKeyAuth(config.api_keys), limiter=InFlightLimiter(config.ask.max_in_flight),
+    servicer = GatewayServiceServicer(auth=ApiKeyAuth(config.api_keys), limiter=ask_limiter(config.ask.max_in_flight),
                                       pipeline=pipeline, ingestor=ingestor)
 
     async def close() -> None:

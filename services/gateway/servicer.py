@@ -6,17 +6,17 @@ from typing import AsyncIterator
 
 import grpc
 
-from services.gateway.admission import InFlightLimiter
 from services.gateway.ask import AskPipeline
 from services.gateway.auth import ApiKeyAuth
 from services.gateway.deadlines import Deadline
 from services.gateway.ingest import Ingestor
+from services.runtime.admission import AdmissionLimiter
 from services.runtime.guard import authenticated_by
 from services.runtime.pb.ragfleet.v1 import gateway_pb2, gateway_pb2_grpc
 
 
 class GatewayServiceServicer(gateway_pb2_grpc.GatewayServiceServicer):
-    def __init__(self, *, auth: ApiKeyAuth, limiter: InFlightLimiter, pipeline: AskPipeline,
+    def __init__(self, *, auth: ApiKeyAuth, limiter: AdmissionLimiter, pipeline: AskPipeline,
                  ingestor: Ingestor) -> None:
         self._auth = auth
         self._limiter = limiter

@@ -1,4 +1,5 @@
-"""gRPC clients for the three upstream services, one class each, over the process-wide ChannelPool.
+"""gRPC clients for the retrieval and generation services over the process-wide ChannelPool (the embedding
+service's is the runtime's ``EmbedClient``, shared with retrieval).
 
 Every call carries a deadline. Idempotent unary methods (Embed, Search, Upsert, Delete) are retried by gRPC itself
 through the channel's retryPolicy; Generate is a stream and is never listed, so a started stream is never replayed.
@@ -8,41 +9,28 @@ the client instead of an anonymous UNAVAILABLE.
 
 from __future__ import annotations
 
-from typing import AsyncIterator, Sequence
+from typing import AsyncIterator
 
 import grpc
+from google.protobuf.descriptor import ServiceDescriptor
 
 from services.runtime.channels import ChannelPool
 from services.runtime.errors import from_rpc_error
-from services.runtime.pb.ragfleet.v1 import (common_pb2, embedding_pb2, embedding_pb2_grpc, generation_pb2,
-                                             generation_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc)
+from services.runtime.pb.ragfleet.v1 import generation_pb2, generation_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
 
-_EMBEDDING = "ragfleet.v1.EmbeddingService"
-_RETRIEVAL = "ragfleet.v1.RetrievalService"
-_GENERATION = "ragfleet.v1.GenerationService"
+_RETRIEVAL = retrieval_pb2.DESCRIPTOR.services_by_name["RetrievalService"]
+_GENERATION = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"]
 
 
-class EmbeddingClient:
-    def __init__(self, pool: ChannelPool, address: str) -> None:
-        channel = pool.get(address, health_service=_EMBEDDING, retry_methods=[(_EMBEDDING, "Embed")])
-        self._stub = embedding_pb2_grpc.EmbeddingServiceStub(channel)
-
-    async def embed(self, texts: Sequence[str], *, input_type: int, timeout: float) -> embedding_pb2.EmbedResponse:
-        try:
-            return await self._stub.Embed(embedding_pb2.EmbedRequest(texts=list(texts), input_type=input_type),
-                                          timeout=timeout)
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error("embedding", exc) from None
-
-    async def embed_query(self, text: str, *, timeout: float) -> list[float]:
-        response = await self.embed([text], input_type=common_pb2.INPUT_TYPE_QUERY, timeout=timeout)
-        return list(response.embeddings[0].values)
+def _methods(service: ServiceDescriptor, *names: str) -> list[tuple[str, str]]:
+    """(service, method) pairs for the channel's retryPolicy, looked up so that a renamed RPC fails at import."""
+    return [(service.full_name, service.methods_by_name[name].name) for name in names]
 
 
 class RetrievalClient:
     def __init__(self, pool: ChannelPool, address: str) -> None:
-        channel = pool.get(address, health_service=_RETRIEVAL,
-                           retry_methods=[(_RETRIEVAL, "Search"), (_RETRIEVAL, "Upsert"), (_RETRIEVAL, "Delete")])
+        channel = pool.get(address, health_service=_RETRIEVAL.full_name,
+                           retry_methods=_methods(_RETRIEVAL, "Search", "Upsert", "Delete"))
         self._stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
 
     async def search(self, request: retrieval_pb2.SearchRequest, *, timeout: float) -> retrieval_pb2.SearchResponse:
@@ -66,7 +54,7 @@ class RetrievalClient:
 
 class GenerationClient:
     def __init__(self, pool: ChannelPool, address: str) -> None:
-        self._stub = generation_pb2_grpc.GenerationServiceStub(pool.get(address, health_service=_GENERATION))
+        self._stub = generation_pb2_grpc.GenerationServiceStub(pool.get(address, health_service=_GENERATION.full_name))
 
     async def generate_stream(self, request: generation_pb2.GenerateRequest, *,
                               timeout: float) -> AsyncIterator[generation_pb2.GenerateResponse]:

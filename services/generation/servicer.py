@@ -23,7 +23,8 @@ from services.generation.coalesce import Coalescer
 from services.generation.config import GenerationConfig
 from services.generation.prompt import Prompt, PromptBuilder
 from services.generation.validation import number_passages, validate
-from services.runtime.errors import Overloaded, Unavailable
+from services.runtime.admission import AdmissionLimiter
+from services.runtime.errors import Unavailable
 from services.runtime.pb.ragfleet.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 
 log = logging.getLogger("ragfleet.generation")
@@ -48,25 +49,18 @@ class GenerationServiceServicer(generation_pb2_grpc.GenerationServiceServicer):
         # Falling back to the same offline answerer that just failed would be pointless.
         self._fallback = offline if config.fallback and answerer is not offline else None
         self._prompts = prompts
-        self._active = 0
+        self._admission = AdmissionLimiter(config.limits.max_concurrent, in_flight=metrics.ACTIVE,
+                                           rejected=metrics.REJECTED, what="generation: {} streams",
+                                           setting="RAGFLEET_GENERATION_MAX_CONCURRENT")
         metrics.ADMISSION_LIMIT.set(config.limits.max_concurrent)
 
     async def Generate(self, request: generation_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[generation_pb2.GenerateResponse]:
         number_passages(request)
         validate(request, self._config.limits)
-        if self._active >= self._config.limits.max_concurrent:
-            metrics.REJECTED.inc()
-            raise Overloaded(f"generation: {self._active} streams in flight, the limit is "
-                             f"{self._config.limits.max_concurrent}; retry later")
-        self._active += 1
-        metrics.ACTIVE.inc()
-        try:
+        with self._admission.admitted():
             async for message in self._generate(request, context):
                 yield message
-        finally:
-            self._active -= 1
-            metrics.ACTIVE.dec()
 
     async def _generate(self, request: generation_pb2.GenerateRequest,
                         context: grpc.aio.ServicerContext) -> AsyncIterator[generation_pb2.GenerateResponse]:

@@ -18,10 +18,10 @@ from services.retrieval import metrics
 from services.retrieval.config import SearchSettings
 from services.retrieval.hybrid import mmr, rrf, token_budget
 from services.retrieval.models import Candidate, Condition
-from services.retrieval.query_embedder import QueryEmbedder
 from services.retrieval.rerank import Reranker, RerankQuery
 from services.retrieval.sparse import Bm25Encoder
 from services.retrieval.store.base import VectorStore
+from services.runtime.embed_client import EmbedClient
 from services.runtime.errors import InvalidArgument
 from services.runtime.telemetry import tracer
 
@@ -51,7 +51,7 @@ class SearchOutcome:
 
 class SearchPipeline:
     def __init__(self, *, store: VectorStore, encoder: Bm25Encoder, settings: SearchSettings,
-                 embedder: QueryEmbedder | None = None, reranker: Reranker | None = None) -> None:
+                 embedder: EmbedClient | None = None, reranker: Reranker | None = None) -> None:
         self.store = store
         self.encoder = encoder
         self.settings = settings
@@ -83,7 +83,7 @@ class SearchPipeline:
                                       "embedding service configured (RAGFLEET_RETRIEVAL_EMBEDDING_ADDRESS)")
             return None  # hybrid without an embedder degrades to BM25 only
         with self._stage("embed", timings) as out:
-            vector = await self.embedder.embed(query.text)
+            vector = await self.embedder.embed_query(query.text)
             out["candidates"] = 1
         return vector
 

@@ -9,7 +9,6 @@ import sys
 from services.retrieval import metrics
 from services.retrieval.cache import ResultCache
 from services.retrieval.config import RetrievalConfig
-from services.retrieval.query_embedder import QueryEmbedder
 from services.retrieval.rerank import build_reranker
 from services.retrieval.search import SearchPipeline
 from services.retrieval.servicer import RetrievalServiceServicer
@@ -17,6 +16,7 @@ from services.retrieval.sparse import Bm25Encoder
 from services.retrieval.store import StoreStartupError, open_store
 from services.retrieval.validation import Limits
 from services.runtime.channels import ChannelPool
+from services.runtime.embed_client import EmbedClient
 from services.runtime.errors import ConfigError
 from services.runtime.guard import KiB, MiB, utf8_bytes
 from services.runtime.pb.ragfleet.v1 import retrieval_pb2, retrieval_pb2_grpc
@@ -45,8 +45,8 @@ async def build(config: RetrievalConfig):  # type: ignore[no-untyped-def]
     pool = ChannelPool()
     embedder = None
     if config.embedding_address:
-        embedder = QueryEmbedder(pool, config.embedding_address, timeout_seconds=config.embedding_timeout_seconds,
-                                 dimension=config.index.dimension)
+        embedder = EmbedClient(pool, config.embedding_address, timeout=config.embedding_timeout_seconds,
+                               dimension=config.index.dimension, dimension_setting="RAGFLEET_RETRIEVAL_DIMENSION")
     reranker = build_reranker(config.rerank)
     encoder = Bm25Encoder(config.bm25)
     cache = ResultCache(config.cache)

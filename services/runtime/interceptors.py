@@ -18,6 +18,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from services.runtime.errors import RagfleetError, from_rpc_error
 from services.runtime.guard import GuardPolicy, MethodGuard, Rejected, record_rejection
+from services.runtime.telemetry import INFRA_METHOD_PREFIXES
 
 log = logging.getLogger("ragfleet.rpc")
 
@@ -25,8 +26,6 @@ RPC_REQUESTS = Counter("ragfleet_rpc_requests_total", "RPCs handled", ["method",
 RPC_LATENCY = Histogram("ragfleet_rpc_duration_seconds", "RPC handling time", ["method"],
                         buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
 RPC_IN_FLIGHT = Gauge("ragfleet_rpc_in_flight", "RPCs being handled", ["method"])
-
-_UNTRACKED = ("/grpc.health.", "/grpc.reflection.")
 
 
 class InFlight:
@@ -107,7 +106,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
         method = details.method
-        if handler is None or method.startswith(_UNTRACKED):
+        if handler is None or method.startswith(INFRA_METHOD_PREFIXES):
             return handler
         cached = self._wrapped.get(method)
         if cached is None or cached[0] is not handler:

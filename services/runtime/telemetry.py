@@ -18,7 +18,8 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 _provider: TracerProvider | None = None
 
-_INFRA = ("/grpc.health.", "/grpc.reflection.")
+# Method-name prefixes of infrastructure RPCs: never traced here, nor counted by the RPC metrics (interceptors).
+INFRA_METHOD_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
 
 
 def _not_infra(details: object) -> bool:
@@ -27,8 +28,8 @@ def _not_infra(details: object) -> bool:
     service's CPU; this reads the one attribute both server and client call details carry."""
     method = getattr(details, "method", "")
     if isinstance(method, bytes):  # grpc.aio client details carry bytes (grpc/grpc#31092)
-        return not method.decode().startswith(_INFRA)
-    return not method.startswith(_INFRA)
+        return not method.decode().startswith(INFRA_METHOD_PREFIXES)
+    return not method.startswith(INFRA_METHOD_PREFIXES)
 
 
 def otlp_endpoint() -> str | None:

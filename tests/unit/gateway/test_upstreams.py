@@ -8,8 +8,9 @@ from typing import Sequence
 import grpc
 from google.protobuf import descriptor_pool
 
-from services.gateway.upstreams import EmbeddingClient, GenerationClient, RetrievalClient
+from services.gateway.upstreams import GenerationClient, RetrievalClient
 from services.runtime.channels import ChannelPool
+from services.runtime.embed_client import EmbedClient
 
 # Nothing listens on these, and channels connect lazily: nothing is dialled.
 EMBEDDING, RETRIEVAL, GENERATION = "127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"
@@ -33,7 +34,7 @@ class RecordingPool(ChannelPool):
 async def test_only_idempotent_unary_methods_are_retried_and_every_upstream_is_health_checked():
     pool = RecordingPool()
     try:
-        EmbeddingClient(pool, EMBEDDING)
+        EmbedClient(pool, EMBEDDING)
         RetrievalClient(pool, RETRIEVAL)
         GenerationClient(pool, GENERATION)
     finally:

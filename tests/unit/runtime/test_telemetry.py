@@ -1,0 +1,24 @@
+"""Health checks and reflection are infrastructure: neither traced (telemetry) nor counted (interceptors)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from services.runtime import interceptors, telemetry
+
+
+@pytest.mark.parametrize(("method", "traced"), [
+    ("/ragfleet.v1.GatewayService/Ask", True),
+    (b"/ragfleet.v1.EmbeddingService/Embed", True),  # grpc.aio client call details carry bytes
+    ("/grpc.health.v1.Health/Check", False),
+    (b"/grpc.health.v1.Health/Watch", False),
+    ("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", False),
+])
+def test_infrastructure_rpcs_are_not_traced(method: str | bytes, traced: bool) -> None:
+    assert telemetry._not_infra(SimpleNamespace(method=method)) is traced
+
+
+def test_the_metrics_interceptor_skips_the_same_methods() -> None:
+    assert interceptors.INFRA_METHOD_PREFIXES is telemetry.INFRA_METHOD_PREFIXES
