@@ -1,7 +1,11 @@
-"""Helpers every benchmark shares: machine facts, percentiles, and the results writer (json + md + png)."""
+"""Helpers the benchmarks share: machine facts, percentiles, the results writer (json + md + png), the sample-corpus
+mesh's questions and one timed Ask, and BEIR data with its embeddings cached on disk."""
 
 from __future__ import annotations
 
+import asyncio
+import csv
+import hashlib
 import json
 import os
 import platform
@@ -13,7 +17,13 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+from services.runtime.pb.ragfleet.v1 import embedding_pb2, embedding_pb2_grpc, gateway_pb2
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = ROOT / "bench" / "results"
+CACHE_DIR = ROOT / "bench" / ".cache"  # embeddings of benchmark data, keyed by model and text hash
+EMBED_BATCH = 32
+EMBED_CONCURRENCY = 4
 
 
 def machine_info() -> dict[str, Any]:
@@ -74,3 +84,99 @@ def write_results(name: str, *, figures: dict[str, Any], targets: list[dict[str,
         lines += ["", f"![{name}]({name}.png)"]
     (RESULTS_DIR / f"{name}.md").write_text("\n".join(lines) + "\n")
     return json_path
+
+
+# -- the sample corpus through a mesh ------------------------------------------------------------------------------
+
+SAMPLE_CORPUS = ROOT / "services" / "cli" / "sample_corpus"
+REDIS_URL = os.environ.get("RAGFLEET_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+QUESTIONS = [
+    "How do honey bees tell each other where flowers are?", "What is the waggle dance?",
+    "What is the round dance used for?", "How do bees make honey?", "How is beeswax produced?",
+    "Why do colonies swarm?", "How do bees keep the hive warm in winter?", "What senses do bees have?",
+    "What threatens honey bee colonies?", "How is a colony organised?", "What do foragers collect?",
+    "How do bees pollinate plants?",
+]
+LOAD_SIM = {"ttft_ms": 200.0, "tokens_per_second": 20.0, "max_tokens": 100}
+
+
+async def ask_once(stub: Any, question: str, *, first_token_only: bool = False,
+                   **fields: Any) -> tuple[float, float, gateway_pb2.AskFinished | None]:
+    """(time to first delta, total) in ms, client side, and the final event. With first_token_only the stream is
+    cancelled at the first delta (a baseline TTFT need not wait out a 5 s answer)."""
+    started = time.perf_counter()
+    first = 0.0
+    finished = None
+    call = stub.Ask(gateway_pb2.AskRequest(question=question, **fields), timeout=60)
+    async for event in call:
+        kind = event.WhichOneof("event")
+        if kind == "delta" and not first:
+            first = (time.perf_counter() - started) * 1000
+            if first_token_only:
+                call.cancel()
+                break
+        elif kind == "finished":
+            finished = event.finished
+    return first, (time.perf_counter() - started) * 1000, finished
+
+
+# -- BEIR data, embedded through the embedding service -------------------------------------------------------------
+
+def load_beir(path: Path) -> tuple[dict[str, dict], dict[str, str], dict[str, dict[str, dict[str, int]]]]:
+    corpus = {}
+    with open(path / "corpus.jsonl") as f:
+        for line in f:
+            doc = json.loads(line)
+            corpus[str(doc["_id"])] = {"title": doc.get("title", ""), "text": doc.get("text", "")}
+    queries = {}
+    with open(path / "queries.jsonl") as f:
+        for line in f:
+            q = json.loads(line)
+            queries[str(q["_id"])] = q["text"]
+    qrels: dict[str, dict[str, dict[str, int]]] = {}
+    for split in ("train", "test"):
+        qrels[split] = {}
+        with open(path / "qrels" / f"{split}.tsv") as f:
+            for row in csv.DictReader(f, delimiter="\t"):
+                qrels[split].setdefault(str(row["query-id"]), {})[str(row["corpus-id"])] = int(row["score"])
+    return corpus, queries, qrels
+
+
+async def embed_all(stub: embedding_pb2_grpc.EmbeddingServiceStub, texts: list[str], input_type: int,
+                    label: str) -> tuple[np.ndarray, str]:
+    out: list[np.ndarray | None] = [None] * len(texts)
+    model = ""
+    sem = asyncio.Semaphore(EMBED_CONCURRENCY)
+    done = 0
+    started = time.monotonic()
+
+    async def one(start: int) -> None:
+        nonlocal done, model
+        async with sem:
+            reply = await stub.Embed(embedding_pb2.EmbedRequest(texts=texts[start:start + EMBED_BATCH],
+                                                                input_type=input_type), timeout=600)
+        model = reply.model
+        for i, e in enumerate(reply.embeddings):
+            out[start + i] = np.asarray(e.values, dtype=np.float32)
+        done += len(reply.embeddings)
+        if done % 1024 < EMBED_BATCH:
+            print(f"  embedded {label}: {done}/{len(texts)} ({time.monotonic() - started:.0f}s)", flush=True)
+
+    await asyncio.gather(*(one(s) for s in range(0, len(texts), EMBED_BATCH)))
+    return np.stack(out), model  # type: ignore[arg-type]
+
+
+async def cached_vectors(stub, texts: list[str], input_type: int, label: str) -> tuple[np.ndarray, dict[str, Any]]:
+    probe = await stub.Embed(embedding_pb2.EmbedRequest(texts=["probe"], input_type=input_type), timeout=60)
+    digest = hashlib.sha256("\x1e".join(texts).encode()).hexdigest()[:16]
+    path = CACHE_DIR / f"scifact-{label}-{probe.model.replace('/', '_')}-{probe.dimension}-{digest}.npy"
+    if path.exists():
+        vectors = np.load(path)
+        return vectors, {"source": "cache", "path": str(path.relative_to(ROOT)), "model": probe.model}
+    started = time.monotonic()
+    vectors, model = await embed_all(stub, texts, input_type, label)
+    seconds = time.monotonic() - started
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    np.save(path, vectors)
+    return vectors, {"source": "embedding service", "seconds": round(seconds, 1), "model": model,
+                     "texts_per_second": round(len(texts) / seconds, 1)}

@@ -1,6 +1,6 @@
 """CPU cost of one Ask, process by process, through the mesh: the budget behind the concurrent-stream targets.
 
-    flock /tmp/ragfleet-bench.lock .venv/bin/python bench/ask_cost.py
+    flock /tmp/ragfleet-bench.lock .venv/bin/python -m bench.ask_cost
 
 Same mesh, sim LLM and sample corpus as bench/gateway_bench.py (bypass_cache=True, so every Ask embeds, retrieves
 and generates; the query embeddings are served by the embedding service's own cache, as there). Two phases:
@@ -26,18 +26,14 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-import grpc  # noqa: E402
+import grpc
 
-from bench._common import target, write_results  # noqa: E402
-from bench._sim import SimProcess, cpu_seconds  # noqa: E402
-from bench.gateway_bench import LOAD_SIM, QUESTIONS, REDIS_URL, SAMPLE_CORPUS, ask_once  # noqa: E402
-from services.cli.ingest import ingest_path  # noqa: E402
-from services.cli.mesh import LocalMesh  # noqa: E402
-from services.runtime.pb.ragfleet.v1 import gateway_pb2, gateway_pb2_grpc  # noqa: E402
+from bench._common import LOAD_SIM, QUESTIONS, REDIS_URL, SAMPLE_CORPUS, ask_once, target, write_results
+from bench._sim import SimProcess, cpu_seconds
+from services.cli.ingest import ingest_path
+from services.cli.mesh import LocalMesh
+from services.runtime.pb.ragfleet.v1 import gateway_pb2, gateway_pb2_grpc
 
 MESH = ("embedding", "retrieval", "generation", "gateway")
 ONE_TOKEN_SIM = {"ttft_ms": 0.0, "tokens_per_second": 5000.0, "max_tokens": 1}

@@ -1,6 +1,6 @@
 """Cold start of `ragfleet up` and one Ask's per-stage timings (issue 2), as a new user meets them.
 
-    flock /tmp/ragfleet-bench.lock .venv/bin/python bench/cold_start.py [--runs 3]
+    flock /tmp/ragfleet-bench.lock .venv/bin/python -m bench.cold_start [--runs 3]
 
 Each run: `ragfleet up --port-base 0` on an empty data dir (a new process tree; the OS file cache is warm after the
 first run), timed until it prints the gateway address (all four services SERVING on grpc.health.v1); `ragfleet
@@ -20,18 +20,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-import grpc  # noqa: E402
-from google.protobuf.json_format import MessageToDict  # noqa: E402
+import grpc
+from google.protobuf.json_format import MessageToDict
 
-from bench._common import percentiles, write_results  # noqa: E402
-from services.runtime.pb.ragfleet.v1 import gateway_pb2, gateway_pb2_grpc  # noqa: E402
+from bench._common import ROOT, SAMPLE_CORPUS, percentiles, write_results
+from services.runtime.pb.ragfleet.v1 import gateway_pb2, gateway_pb2_grpc
+
 
 RAGFLEET = [sys.executable, "-m", "services.cli"]
-SAMPLE_CORPUS = ROOT / "services" / "cli" / "sample_corpus"
 ASKS = [("first question", "Why do honeybee colonies swarm?"),
         ("same question again", "Why do honeybee colonies swarm?"),
         ("new question", "How do bees keep the hive warm in winter?")]

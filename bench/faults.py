@@ -1,6 +1,6 @@
 """The fault suite's scenarios (tests/faults) with larger counts, recorded: each fault, its outcome and its count.
 
-    flock /tmp/ragfleet-bench.lock .venv/bin/python bench/faults.py [--quick]
+    flock /tmp/ragfleet-bench.lock .venv/bin/python -m bench.faults [--quick]
 
 One fault mesh on loopback (tests/faults/_mesh.py: all four services on the sim LLM, a second gateway + generation
 with fallback on, TCP proxies in front of Redis, retrieval and embedding): Redis cut mid-load and restored;
@@ -20,16 +20,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-import grpc  # noqa: E402
+import grpc
 
-from bench._common import target, write_results  # noqa: E402
-from services.runtime.pb.ragfleet.v1 import gateway_pb2, gateway_pb2_grpc  # noqa: E402
-from tests.faults._mesh import FaultMesh, start_fault_mesh  # noqa: E402
-from tests.faults._scenarios import (LLM_FAULTS, SLOW_HOPS, WORDS, kill_during_load, llm_fault,  # noqa: E402
+from bench._common import target, write_results
+from services.runtime.pb.ragfleet.v1 import gateway_pb2, gateway_pb2_grpc
+from tests.faults._mesh import FaultMesh, start_fault_mesh
+from tests.faults._scenarios import (LLM_FAULTS, SLOW_HOPS, WORDS, kill_during_load, llm_fault,
                                      redis_outage, slow_hop)
 
 

@@ -5,8 +5,8 @@ corruptions of valid requests), but nothing stops at the first failure: each cas
 and each violation (UNKNOWN/INTERNAL/DATA_LOSS, no status within the deadline, a service not SERVING) is kept with
 the smallest payload that showed it, for the owners to reproduce.
 
-    flock /tmp/ragfleet-bench.lock .venv/bin/python bench/fuzz.py                  # >= 2000 cases per RPC
-    .venv/bin/python bench/fuzz.py --quick                                         # 100 per RPC, *_quick results
+    flock /tmp/ragfleet-bench.lock .venv/bin/python -m bench.fuzz                  # >= 2000 cases per RPC
+    .venv/bin/python -m bench.fuzz --quick                                         # 100 per RPC, *_quick results
 
 Writes bench/results/fuzz.{json,md,png} and the findings to /tmp/fuzz_findings.md.
 """
@@ -23,16 +23,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 
-from bench._common import write_results  # noqa: E402
-from tests.fuzz.harness import FORBIDDEN, FuzzMesh, Target  # noqa: E402
-from tests.fuzz.strategies import mutations  # noqa: E402
+from bench._common import write_results
+from tests.fuzz.harness import FORBIDDEN, FuzzMesh, Target
+from tests.fuzz.strategies import mutations
 
 HEALTH_EVERY = 50
 FINDINGS = Path("/tmp/fuzz_findings.md")

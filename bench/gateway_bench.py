@@ -3,8 +3,8 @@
 Runs the real mesh (four service processes, LocalMesh) against the simulated LLM (its own process) and drives it
 from this process (the load generator). All of them share the machine's cores; that is recorded in the result.
 
-    flock /tmp/ragfleet-bench.lock .venv/bin/python bench/gateway_bench.py            # full run (< 10 min)
-    .venv/bin/python bench/gateway_bench.py --quick                                    # smoke run (~1 min)
+    flock /tmp/ragfleet-bench.lock .venv/bin/python -m bench.gateway_bench            # full run (< 10 min)
+    .venv/bin/python -m bench.gateway_bench --quick                                    # smoke run (~1 min)
 
 Phases:
 1. cached Ask end to end: one question answered once, then asked again and again through the gateway
@@ -33,35 +33,23 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-import grpc  # noqa: E402
+import grpc
 
-from bench._common import percentiles, target, write_results  # noqa: E402
-from bench._sim import SimProcess, cpu_seconds  # noqa: E402
-from services.cli.ingest import ingest_path  # noqa: E402
-from services.cli.mesh import LocalMesh, free_port  # noqa: E402
-from services.gateway.ask import AskPipeline  # noqa: E402
-from services.gateway.chunker import load_tokenizer  # noqa: E402
-from services.gateway.config import AskLimits, CacheConfig, ConversationConfig, IngestConfig, StageBudgets  # noqa: E402
-from services.gateway.conversations import ConversationStore  # noqa: E402
-from services.gateway.deadlines import Deadline  # noqa: E402
-from services.gateway.ingest import Ingestor  # noqa: E402
-from services.gateway.response_cache import ResponseCache  # noqa: E402
-from services.runtime.pb.ragfleet.v1 import gateway_pb2, gateway_pb2_grpc  # noqa: E402
+from bench._common import (LOAD_SIM, QUESTIONS, REDIS_URL, ROOT, SAMPLE_CORPUS, ask_once, percentiles, target,
+                           write_results)
+from bench._sim import SimProcess, cpu_seconds
+from services.cli.ingest import ingest_path
+from services.cli.mesh import LocalMesh, free_port
+from services.gateway.ask import AskPipeline
+from services.gateway.chunker import load_tokenizer
+from services.gateway.config import AskLimits, CacheConfig, ConversationConfig, IngestConfig, StageBudgets
+from services.gateway.conversations import ConversationStore
+from services.gateway.deadlines import Deadline
+from services.gateway.ingest import Ingestor
+from services.gateway.response_cache import ResponseCache
+from services.runtime.pb.ragfleet.v1 import gateway_pb2, gateway_pb2_grpc
 
-SAMPLE_CORPUS = ROOT / "services" / "cli" / "sample_corpus"
-REDIS_URL = os.environ.get("RAGFLEET_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
-QUESTIONS = [
-    "How do honey bees tell each other where flowers are?", "What is the waggle dance?",
-    "What is the round dance used for?", "How do bees make honey?", "How is beeswax produced?",
-    "Why do colonies swarm?", "How do bees keep the hive warm in winter?", "What senses do bees have?",
-    "What threatens honey bee colonies?", "How is a colony organised?", "What do foragers collect?",
-    "How do bees pollinate plants?",
-]
-LOAD_SIM = {"ttft_ms": 200.0, "tokens_per_second": 20.0, "max_tokens": 100}
 FAST_SIM = {"ttft_ms": 0.0, "tokens_per_second": 5000.0, "max_tokens": 8}
 
 
@@ -159,26 +147,6 @@ def sample_documents() -> list[gateway_pb2.Document]:
 
 
 # -- measurements ---------------------------------------------------------------------------------------------------
-
-async def ask_once(stub: Any, question: str, *, first_token_only: bool = False,
-                   **fields: Any) -> tuple[float, float, gateway_pb2.AskFinished | None]:
-    """(time to first delta, total) in ms, client side, and the final event. With first_token_only the stream is
-    cancelled at the first delta (a baseline TTFT need not wait out a 5 s answer)."""
-    started = time.perf_counter()
-    first = 0.0
-    finished = None
-    call = stub.Ask(gateway_pb2.AskRequest(question=question, **fields), timeout=60)
-    async for event in call:
-        kind = event.WhichOneof("event")
-        if kind == "delta" and not first:
-            first = (time.perf_counter() - started) * 1000
-            if first_token_only:
-                call.cancel()
-                break
-        elif kind == "finished":
-            finished = event.finished
-    return first, (time.perf_counter() - started) * 1000, finished
-
 
 async def inprocess_ttft(pipeline: AskPipeline, question: str, **fields: Any) -> float:
     started = time.perf_counter()

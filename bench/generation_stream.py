@@ -5,8 +5,8 @@ token and how it shows up in time to first token (TTFT) of new streams while man
 (variant, path, streams) cell runs in a fresh child process, so its CPU seconds are its own; the simulated LLM
 (TTFT 200 ms, 20 tokens/s, 100 tokens: 2000 chunks/s with 100 streams open) runs in its own process.
 
-    flock /tmp/ragfleet-bench.lock .venv/bin/python bench/generation_stream.py --before 730e34c --aiohttp
-    .venv/bin/python bench/generation_stream.py --quick        # smoke run: 50 streams, one round
+    flock /tmp/ragfleet-bench.lock .venv/bin/python -m bench.generation_stream --before 730e34c --aiohttp
+    .venv/bin/python -m bench.generation_stream --quick        # smoke run: 50 streams, one round
 
 Variants, interleaved round by round:
 - after: the current tree (services/generation/llm.py and coalesce.py);
@@ -31,12 +31,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from bench._common import percentiles, target, write_results  # noqa: E402
-from bench._sim import SimProcess  # noqa: E402
+from bench._common import ROOT, percentiles, target, write_results
+from bench._sim import SimProcess
+
 
 LOAD_SIM = {"ttft_ms": 200.0, "tokens_per_second": 20.0, "max_tokens": 100}
 RAMP_SECONDS = 5.0

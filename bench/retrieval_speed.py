@@ -1,6 +1,6 @@
 """ANN speed and recall of the embedded engine on ~100k real-embedding chunk vectors.
 
-    flock /tmp/ragfleet-bench.lock .venv/bin/python bench/retrieval_speed.py
+    flock /tmp/ragfleet-bench.lock .venv/bin/python -m bench.retrieval_speed
 
 Vectors (all-MiniLM-L6-v2 int8 via EmbeddingService.Embed, cached in bench/.cache/). Embedding 100k texts costs
 ~30+ min of this machine's CPU, which we cannot spend, so:
@@ -31,17 +31,14 @@ import grpc
 import numpy as np
 import qdrant_edge as qe
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from bench._common import percentiles, target, write_results  # noqa: E402
-from bench.scifact_eval import cached_vectors, load_beir  # noqa: E402
-from services.cli.mesh import LocalMesh  # noqa: E402
-from services.retrieval.config import IndexConfig  # noqa: E402
-from services.retrieval.models import TENANT  # noqa: E402
-from services.retrieval.store.base import DENSE  # noqa: E402
-from services.retrieval.store.edge import EdgeStore, search_params  # noqa: E402
-from services.runtime.pb.ragfleet.v1 import common_pb2, embedding_pb2_grpc  # noqa: E402
+from bench._common import cached_vectors, load_beir, percentiles, target, write_results
+from services.cli.mesh import LocalMesh
+from services.retrieval.config import IndexConfig
+from services.retrieval.models import TENANT
+from services.retrieval.store.base import DENSE
+from services.retrieval.store.edge import EdgeStore, search_params
+from services.runtime.pb.ragfleet.v1 import common_pb2, embedding_pb2_grpc
 
 _SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9(\[])")
 TENANTS = {"big": 0.30, "small": 0.01}  # share of points; the rest belongs to 'rest'

@@ -1,6 +1,6 @@
 """SciFact (BEIR) retrieval quality through the running services: nDCG@10, Recall@10, Recall@100.
 
-    flock /tmp/ragfleet-bench.lock .venv/bin/python bench/scifact_eval.py [--data /work/shared/data/scifact]
+    flock /tmp/ragfleet-bench.lock .venv/bin/python -m bench.scifact_eval [--data /work/shared/data/scifact]
 
 1. Starts the embedding and retrieval services as real processes (LocalMesh).
 2. Embeds the corpus (title + text) and all queries through EmbeddingService.Embed; the vectors are cached in
@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import csv
-import hashlib
-import json
 import math
 import sys
 import tempfile
@@ -30,45 +27,20 @@ from typing import Any, Sequence
 import grpc
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from bench._common import percentiles, target, write_results  # noqa: E402
-from services.cli.mesh import LocalMesh  # noqa: E402
-from services.retrieval.hybrid import mmr, rrf  # noqa: E402
-from services.retrieval.models import Candidate  # noqa: E402
-from services.retrieval.rerank import FusionRescorer, RerankQuery  # noqa: E402
-from services.runtime.pb.ragfleet.v1 import (common_pb2, embedding_pb2, embedding_pb2_grpc,  # noqa: E402
+from bench._common import cached_vectors, load_beir, percentiles, target, write_results
+from services.cli.mesh import LocalMesh
+from services.retrieval.hybrid import mmr, rrf
+from services.retrieval.models import Candidate
+from services.retrieval.rerank import FusionRescorer, RerankQuery
+from services.runtime.pb.ragfleet.v1 import (common_pb2, embedding_pb2_grpc,
                                              retrieval_pb2 as pb, retrieval_pb2_grpc)
 
-CACHE_DIR = ROOT / "bench" / ".cache"
 TENANT = "scifact"
 DEPTH = 100
-EMBED_BATCH = 32
 CONCURRENCY = 4
 
 
 # ---------------------------------------------------------------- data and metrics
-
-def load_beir(path: Path) -> tuple[dict[str, dict], dict[str, str], dict[str, dict[str, dict[str, int]]]]:
-    corpus = {}
-    with open(path / "corpus.jsonl") as f:
-        for line in f:
-            doc = json.loads(line)
-            corpus[str(doc["_id"])] = {"title": doc.get("title", ""), "text": doc.get("text", "")}
-    queries = {}
-    with open(path / "queries.jsonl") as f:
-        for line in f:
-            q = json.loads(line)
-            queries[str(q["_id"])] = q["text"]
-    qrels: dict[str, dict[str, dict[str, int]]] = {}
-    for split in ("train", "test"):
-        qrels[split] = {}
-        with open(path / "qrels" / f"{split}.tsv") as f:
-            for row in csv.DictReader(f, delimiter="\t"):
-                qrels[split].setdefault(str(row["query-id"]), {})[str(row["corpus-id"])] = int(row["score"])
-    return corpus, queries, qrels
-
 
 def ndcg_at(ranked: Sequence[str], rel: dict[str, int], k: int) -> float:
     dcg = sum(rel.get(d, 0) / math.log2(i + 2) for i, d in enumerate(ranked[:k]))
@@ -88,48 +60,6 @@ def evaluate(runs: dict[str, list[str]], qrels: dict[str, dict[str, int]]) -> di
             "recall@10": float(np.mean([recall_at(runs[q], qrels[q], 10) for q in qids])),
             "recall@100": float(np.mean([recall_at(runs[q], qrels[q], 100) for q in qids])),
             "queries": len(qids)}
-
-
-# ---------------------------------------------------------------- embedding through the service
-
-async def embed_all(stub: embedding_pb2_grpc.EmbeddingServiceStub, texts: list[str], input_type: int,
-                    label: str) -> tuple[np.ndarray, str]:
-    out: list[np.ndarray | None] = [None] * len(texts)
-    model = ""
-    sem = asyncio.Semaphore(CONCURRENCY)
-    done = 0
-    started = time.monotonic()
-
-    async def one(start: int) -> None:
-        nonlocal done, model
-        async with sem:
-            reply = await stub.Embed(embedding_pb2.EmbedRequest(texts=texts[start:start + EMBED_BATCH],
-                                                                input_type=input_type), timeout=600)
-        model = reply.model
-        for i, e in enumerate(reply.embeddings):
-            out[start + i] = np.asarray(e.values, dtype=np.float32)
-        done += len(reply.embeddings)
-        if done % 1024 < EMBED_BATCH:
-            print(f"  embedded {label}: {done}/{len(texts)} ({time.monotonic() - started:.0f}s)", flush=True)
-
-    await asyncio.gather(*(one(s) for s in range(0, len(texts), EMBED_BATCH)))
-    return np.stack(out), model  # type: ignore[arg-type]
-
-
-async def cached_vectors(stub, texts: list[str], input_type: int, label: str) -> tuple[np.ndarray, dict[str, Any]]:
-    probe = await stub.Embed(embedding_pb2.EmbedRequest(texts=["probe"], input_type=input_type), timeout=60)
-    digest = hashlib.sha256("\x1e".join(texts).encode()).hexdigest()[:16]
-    path = CACHE_DIR / f"scifact-{label}-{probe.model.replace('/', '_')}-{probe.dimension}-{digest}.npy"
-    if path.exists():
-        vectors = np.load(path)
-        return vectors, {"source": "cache", "path": str(path.relative_to(ROOT)), "model": probe.model}
-    started = time.monotonic()
-    vectors, model = await embed_all(stub, texts, input_type, label)
-    seconds = time.monotonic() - started
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    np.save(path, vectors)
-    return vectors, {"source": "embedding service", "seconds": round(seconds, 1), "model": model,
-                     "texts_per_second": round(len(texts) / seconds, 1)}
 
 
 # ---------------------------------------------------------------- ingestion and search through retrieval

@@ -16,8 +16,8 @@ Rate: ask_cost.json measured 14.75 ms of mesh CPU per uncached Ask + 362 us per 
 of them. 70 % of that is ~45/s; the default is 30/s because this machine's 2 cores are shared with other work
 during the run (pass --rate 45 on a quiet machine).
 
-    flock /tmp/ragfleet-bench.lock .venv/bin/python bench/soak.py                 # 10 minutes at 30 Asks/s
-    .venv/bin/python bench/soak.py --quick                                        # 2 minutes, *_quick results
+    flock /tmp/ragfleet-bench.lock .venv/bin/python -m bench.soak                 # 10 minutes at 30 Asks/s
+    .venv/bin/python -m bench.soak --quick                                        # 2 minutes, *_quick results
 """
 
 from __future__ import annotations
@@ -37,19 +37,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-import grpc  # noqa: E402
-import redis  # noqa: E402
+import grpc
+import redis
 
-from bench._common import percentiles, target, write_results  # noqa: E402
-from services.cli.mesh import SERVICES, LocalMesh, free_port  # noqa: E402
-from services.runtime.pb.ragfleet.v1 import gateway_pb2, gateway_pb2_grpc  # noqa: E402
+from bench._common import SAMPLE_CORPUS, percentiles, target, write_results
+from services.cli.mesh import SERVICES, LocalMesh, free_port
+from services.runtime.pb.ragfleet.v1 import gateway_pb2, gateway_pb2_grpc
+
 
 REDIS_URL = os.environ.get("RAGFLEET_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-CORPUS = ROOT / "services" / "cli" / "sample_corpus"
 TOPICS = ["swarming", "the waggle dance", "the round dance", "foraging", "pollination", "honey", "wax comb",
           "hive temperature", "bee senses", "colony threats", "the queen", "drones", "workers", "nectar", "pollen"]
 FORMS = ["What is known about {t}?", "Explain {t} in honeybee colonies.", "Why does {t} matter to bees?",
@@ -250,7 +247,8 @@ def main() -> int:
                     raise RuntimeError("sim-llm did not start")
                 time.sleep(0.1)
         mesh.start()
-        docs = [gateway_pb2.Document(doc_id=p.stem, title=p.stem, text=p.read_text()) for p in sorted(CORPUS.iterdir())]
+        docs = [gateway_pb2.Document(doc_id=p.stem, title=p.stem, text=p.read_text())
+                for p in sorted(SAMPLE_CORPUS.iterdir())]
         with grpc.insecure_channel(mesh.address("gateway")) as channel:
             gateway_pb2_grpc.GatewayServiceStub(channel).Ingest(
                 gateway_pb2.IngestRequest(documents=docs), metadata=(("authorization", f"Bearer {key}"),), timeout=120)
