@@ -1,7 +1,8 @@
 """The Ask pipeline: validate, prefetch (cache ∥ query embedding ∥ history), retrieve, then stream the answer.
 
 Stream contract (GatewayService.Ask): exactly one Sources event, then text deltas as generation produces them
-(forwarded one for one, never buffered), then one AskFinished with usage, cache status and per-stage timings.
+(the first at once; deltas arriving back to back merged into at most one message per COALESCE_WINDOW_MS), then
+one AskFinished with usage, cache status and per-stage timings.
 Everything that can be refused (bad input) is checked in ``plan`` before the first event. A failure after the
 first event ends the stream with that error's status; a started generation stream is never retried.
 The Redis writes after the answer (conversation turn, cache entry) are best effort within their stage budgets: a
@@ -28,6 +29,7 @@ from services.gateway.fusion import query_variants, rrf_merge
 from services.gateway.response_cache import CachedAnswer, ResponseCache
 from services.gateway.upstreams import GenerationClient, RetrievalClient
 from services.runtime import telemetry
+from services.runtime.coalesce import Coalescer
 from services.runtime.embed_client import EmbedClient
 from services.runtime.errors import DeadlineExceeded, Unavailable, require
 from services.runtime.limits import check_filters, check_generation_params
@@ -246,6 +248,10 @@ class AskPipeline:
         parts: list[str] = []
         finished: generation_pb2.GenerationFinished | None = None
         events = self.generation.generate_stream(generate, timeout=deadline.budget(self.budgets.generate, "generate"))
+        if self.limits.coalesce_window > 0:
+            # Generation's own window already spaces its messages a window apart, and those pass unheld; this merges
+            # what still comes back to back (its window off, or a burst after a network stall).
+            events = Coalescer(events, text=_delta_text, join=_delta_event, window=self.limits.coalesce_window)
         # aclosing: when the client leaves, closing this generator cancels the generation call (and its LLM request).
         async with contextlib.aclosing(events):
             async for event in events:
@@ -346,6 +352,14 @@ def _fingerprint(request: gateway_pb2.AskRequest, top_k: int) -> bytes:
     parts = [request.params.SerializeToString(deterministic=True), str(top_k).encode(), str(request.mode).encode()]
     parts += [f.SerializeToString(deterministic=True) for f in request.filters]
     return b"\x1f".join(parts)
+
+
+def _delta_text(event: generation_pb2.GenerateResponse) -> str | None:
+    return event.delta.text if event.HasField("delta") else None
+
+
+def _delta_event(text: str) -> generation_pb2.GenerateResponse:
+    return generation_pb2.GenerateResponse(delta=common_pb2.TextDelta(text=text))
 
 
 def _exemplar(trace_id: str) -> dict[str, str] | None:

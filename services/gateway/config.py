@@ -15,6 +15,7 @@
 | RAGFLEET_GATEWAY_QUERY_VARIANTS | 1 | query variants searched in parallel and merged by RRF (1 = the question only) |
 | RAGFLEET_GATEWAY_PARALLEL_FANOUT | true | run cache ∥ embed ∥ history concurrently (false = one after another; for benchmarks) |
 | RAGFLEET_GATEWAY_MAX_CONTEXT_TOKENS | 0 | passed to retrieval as max_context_tokens (0 = no cut) |
+| RAGFLEET_GATEWAY_COALESCE_WINDOW_MS | 20 | at most one delta message per window to the client: deltas generation sends back to back leave merged, none held longer than this (the first never); 0 = forwarded one for one |
 | RAGFLEET_GATEWAY_EMBED_TIMEOUT_S | 2.0 | per-call budget for Embed on the Ask path |
 | RAGFLEET_GATEWAY_RETRIEVE_TIMEOUT_S | 3.0 | per-call budget for Search |
 | RAGFLEET_GATEWAY_HISTORY_TIMEOUT_S | 0.5 | budget for loading conversation history |
@@ -59,6 +60,7 @@ DEFAULT_RETRIEVAL_ADDRESS = "127.0.0.1:50052"
 DEFAULT_GENERATION_ADDRESS = "127.0.0.1:50053"
 # Shared with the retrieval service (services/retrieval/cache.py), so writes that bypass the gateway invalidate too.
 DEFAULT_CORPUS_VERSION_KEY = "ragfleet:retrieval:version:{tenant}"
+DEFAULT_COALESCE_WINDOW_MS = 20.0  # deltas back to back leave as one message per window (issue 12)
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,9 @@ class AskLimits:
     query_variants: int = 1
     parallel_fanout: bool = True
     max_context_tokens: int = 0
+    # Seconds; 0 relays deltas one for one, as a pipeline built in-process (tests) does. The service reads
+    # RAGFLEET_GATEWAY_COALESCE_WINDOW_MS, default DEFAULT_COALESCE_WINDOW_MS.
+    coalesce_window: float = 0.0
     # Generation's RAGFLEET_GENERATION_MAX_TOKENS_LIMIT: one setting, so both refuse the same requests.
     max_tokens: int = DEFAULT_MAX_TOKENS_LIMIT
 
@@ -175,6 +180,7 @@ class GatewayConfig:
             query_variants=env.int("QUERY_VARIANTS", 1, minimum=1),
             parallel_fanout=env.bool("PARALLEL_FANOUT", True),
             max_context_tokens=env.int("MAX_CONTEXT_TOKENS", 0, minimum=0),
+            coalesce_window=env.float("COALESCE_WINDOW_MS", DEFAULT_COALESCE_WINDOW_MS, minimum=0) / 1000,
             max_tokens=Env("RAGFLEET_GENERATION_", environ).int("MAX_TOKENS_LIMIT", DEFAULT_MAX_TOKENS_LIMIT,
                                                                 minimum=1),
         )

@@ -34,6 +34,7 @@ Generation service variables (prefix RAGFLEET_GENERATION_; plus the server ones 
 | MAX_CONCURRENT | 1024 | in-flight Generate calls; beyond it RESOURCE_EXHAUSTED at once |
 | COALESCE_MAX_BYTES | 1024 | largest merged delta when the consumer lags |
 | COALESCE_MAX_DELAY_MS | 5 | longest a delta waits to be merged while the consumer lags |
+| COALESCE_WINDOW_MS | 20 | at most one delta message per window: a fast LLM's tokens leave merged, none held longer than this (the first token never); 0 = merge only while the consumer lags |
 | MAX_QUESTION_CHARS | 8000 | longest accepted question |
 | MAX_PASSAGES | 100 | most passages per request |
 | MAX_HISTORY_TURNS | 200 | most history turns per request |
@@ -102,6 +103,7 @@ class PromptBudget:
 class CoalesceConfig:
     max_bytes: int = 1024
     max_delay: float = 0.005
+    window: float = 0.020  # 0: merge only while the consumer lags
 
 
 @dataclass(frozen=True)
@@ -180,7 +182,8 @@ class GenerationConfig:
                                 summary_tokens=env.int("SUMMARY_TOKENS", b.summary_tokens, minimum=16)),
             coalesce=CoalesceConfig(
                 max_bytes=env.int("COALESCE_MAX_BYTES", c.max_bytes, minimum=1),
-                max_delay=env.float("COALESCE_MAX_DELAY_MS", c.max_delay * 1000, minimum=0) / 1000),
+                max_delay=env.float("COALESCE_MAX_DELAY_MS", c.max_delay * 1000, minimum=0) / 1000,
+                window=env.float("COALESCE_WINDOW_MS", c.window * 1000, minimum=0) / 1000),
             limits=Limits(max_question_chars=env.int("MAX_QUESTION_CHARS", lim.max_question_chars, minimum=1),
                           max_passages=env.int("MAX_PASSAGES", lim.max_passages, minimum=1),
                           max_history_turns=env.int("MAX_HISTORY_TURNS", lim.max_history_turns, minimum=0),

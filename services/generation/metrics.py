@@ -14,7 +14,7 @@ FALLBACKS = Counter("ragfleet_generation_fallbacks_total", "Answers produced off
 TOKENS = Counter("ragfleet_generation_tokens_total", "Tokens by kind (prompt, completion) and backend",
                  ["kind", "backend"])
 DELTAS_COALESCED = Counter("ragfleet_generation_deltas_coalesced_total",
-                           "Deltas merged into an earlier message because the consumer lagged")
+                           "Deltas merged into an earlier message (the coalescing window, or a lagging consumer)")
 HISTORY_TURNS_DROPPED = Counter("ragfleet_generation_history_turns_dropped_total",
                                 "Turns dropped (or summarised) to fit the history budget", ["how"])
 PASSAGES_DROPPED = Counter("ragfleet_generation_passages_dropped_total", "Passages left out by the token budget")

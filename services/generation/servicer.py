@@ -81,7 +81,7 @@ class GenerationServiceServicer(generation_pb2_grpc.GenerationServiceServicer):
         coalesce = self._config.coalesce
         try:
             async with Coalescer(self._answer(prompt), max_bytes=coalesce.max_bytes,
-                                 max_delay=coalesce.max_delay) as events:
+                                 max_delay=coalesce.max_delay, window=coalesce.window) as events:
                 async for event in events:
                     if isinstance(event, Delta):
                         if first:
