@@ -101,23 +101,20 @@ class InProcessStack:
 
     async def start(self, env: dict[str, str]) -> "InProcessStack":
         from services.embedding.config import EmbeddingConfig
-        from services.embedding.server import build_embedder
-        from services.embedding.servicer import EmbeddingServiceServicer
+        from services.embedding.server import build as build_embedding
         from services.generation.config import GenerationConfig
         from services.generation.server import build as build_generation
         from services.retrieval.config import RetrievalConfig
         from services.retrieval.server import build as build_retrieval
 
         environ = {**os.environ, **env}
-        emb_config = EmbeddingConfig.from_env(environ)
-        self.embedder = await build_embedder(emb_config)
-        embedding = EmbeddingServiceServicer(self.embedder, max_texts=emb_config.max_texts,
-                                             max_text_chars=emb_config.max_text_chars)
-        retrieval_bindings, self._retrieval_stop = await build_retrieval(RetrievalConfig.from_env(environ))
-        generation_bindings, self._generation_stop = await build_generation(GenerationConfig.from_env(environ))
+        self._started = [await build_embedding(EmbeddingConfig.from_env(environ)),
+                         await build_retrieval(RetrievalConfig.from_env(environ)),
+                         await build_generation(GenerationConfig.from_env(environ))]
+        embedding, retrieval, generation = (started.bindings[0].servicer for started in self._started)
         self.embedding = InProcessEmbedding(embedding)
-        self.retrieval = InProcessRetrieval(retrieval_bindings[0].servicer)
-        self.generation = InProcessGeneration(generation_bindings[0].servicer)
+        self.retrieval = InProcessRetrieval(retrieval)
+        self.generation = InProcessGeneration(generation)
         return self
 
     def pipeline(self, *, cache: ResponseCache | None = None, conversations: ConversationStore | None = None,
@@ -135,9 +132,9 @@ class InProcessStack:
         await ingestor.ingest(tenant, gateway_pb2.IngestRequest(documents=documents), Deadline(None))
 
     async def close(self) -> None:
-        for stop in (self._generation_stop, self._retrieval_stop, self.embedder.close):
-            if stop is not None:
-                await stop()
+        for started in reversed(self._started):
+            if started.on_stop is not None:
+                await started.on_stop()
 
 
 def sample_documents() -> list[gateway_pb2.Document]:

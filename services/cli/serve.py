@@ -13,5 +13,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # Each service package exposes main() in services/<name>/server.py; configuration comes from RAGFLEET_* env.
-    return int(importlib.import_module(f"services.{args.name}.server").main() or 0)
+    # Each services/<name>/server.py declares SERVICE and build(config); configuration comes from RAGFLEET_* env.
+    from services.runtime.serve import main  # the gRPC stack loads only for a service
+
+    server = importlib.import_module(f"services.{args.name}.server")
+    return main(server.SERVICE, server.build)

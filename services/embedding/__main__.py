@@ -2,6 +2,7 @@
 
 import sys
 
-from services.embedding.server import main
+from services.embedding.server import SERVICE, build
+from services.runtime.serve import main
 
-sys.exit(main())
+sys.exit(main(SERVICE, build))

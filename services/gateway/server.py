@@ -1,14 +1,14 @@
-"""Gateway process: build the upstream clients, cache, conversation store and pipelines, then serve."""
+"""Gateway process: config -> upstream clients, cache, conversation store, pipelines -> gRPC server."""
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Any
 
 from services.gateway.admission import ask_limiter
 from services.gateway.ask import AskPipeline
 from services.gateway.auth import ApiKeyAuth
-from services.gateway.chunker import Tokenizer, load_tokenizer
+from services.gateway.chunker import load_tokenizer
 from services.gateway.config import GatewayConfig
 from services.gateway.conversations import ConversationStore
 from services.gateway.ingest import Ingestor
@@ -17,13 +17,12 @@ from services.gateway.servicer import GatewayServiceServicer
 from services.gateway.upstreams import GenerationClient, RetrievalClient
 from services.runtime.channels import ChannelPool
 from services.runtime.embed_client import EmbedClient
-from services.runtime.errors import ConfigError
 from services.runtime.guard import KiB, MiB, utf8_bytes
 from services.runtime.pb.ragfleet.v1 import gateway_pb2, gateway_pb2_grpc
-from services.runtime.serve import Binding, bootstrap, serve
+from services.runtime.serve import Binding, Service, Started
 
+SERVICE = Service(gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"], GatewayConfig)
 log = logging.getLogger("ragfleet.gateway")
-SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
 
 
 def _redis_client(url: str | None) -> Any | None:
@@ -45,9 +44,10 @@ def request_limits(config: GatewayConfig) -> dict[str, int]:
             "Ingest": MAX_INGEST_BYTES, "DeleteDocuments": 1 * MiB}
 
 
-def build_servicer(config: GatewayConfig, tokenizer: Tokenizer | None = None,
-                   ) -> tuple[GatewayServiceServicer, Callable[[], Awaitable[None]]]:
-    """Wire the gateway from its config; returns the servicer and the coroutine that closes its clients."""
+async def build(config: GatewayConfig) -> Started:
+    """Load the tokenizer (a RAGFLEET_GATEWAY_TOKENIZER_PATH that does not load is a ConfigError), wire the upstream
+    clients, the response cache, the conversation store and the pipelines."""
+    tokenizer = load_tokenizer(config.ingest.tokenizer_path)
     pool = ChannelPool()
     redis = _redis_client(config.redis_url)
     embedding = EmbedClient(pool, config.embedding_address)
@@ -58,7 +58,6 @@ def build_servicer(config: GatewayConfig, tokenizer: Tokenizer | None = None,
                            conversations=ConversationStore(config.conversations, redis,
                                                            prefix=config.cache.redis_prefix),
                            limits=config.ask, budgets=config.budgets)
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.ingest.tokenizer_path)
     log.info("chunking with %s", tokenizer.name)
     ingestor = Ingestor(embedding=embedding, retrieval=retrieval, cache=cache, tokenizer=tokenizer,
                         config=config.ingest, budgets=config.budgets)
@@ -70,31 +69,6 @@ def build_servicer(config: GatewayConfig, tokenizer: Tokenizer | None = None,
         if redis is not None:
             await redis.aclose()
 
-    return servicer, close
-
-
-def main() -> int:
-    try:
-        config = GatewayConfig.from_env()
-    except ConfigError as exc:
-        return _config_error(exc)
-    bootstrap(config.server)
-    try:
-        # Before serving: a tokenizer that does not load is a configuration error, not a runtime one.
-        tokenizer = load_tokenizer(config.ingest.tokenizer_path)
-    except ConfigError as exc:
-        return _config_error(exc)
-
-    async def build() -> tuple[Sequence[Binding], Callable[[], Awaitable[None]]]:
-        servicer, close = build_servicer(config, tokenizer)
-        # The API key is checked by the guard, from metadata, before the request is sized or parsed.
-        return [Binding(SERVICE_NAME, gateway_pb2_grpc.add_GatewayServiceServicer_to_server, servicer,
-                        max_request_bytes=request_limits(config), authenticator=servicer.authenticator)], close
-
-    serve(config.server, build)
-    return 0
-
-
-def _config_error(exc: ConfigError) -> int:
-    print(f"gateway: configuration error: {exc}")
-    return 2
+    # The API key is checked by the guard, from metadata, before the request is sized or parsed.
+    return Started([Binding(SERVICE.full_name, gateway_pb2_grpc.add_GatewayServiceServicer_to_server, servicer,
+                            max_request_bytes=request_limits(config), authenticator=servicer.authenticator)], close)

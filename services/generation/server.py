@@ -1,36 +1,32 @@
-"""Run the generation service: `python -m services.generation` or `ragfleet serve generation`."""
+"""Generation service process: config -> tokenizers, answerers (offline extractive, optional LLM) -> gRPC server."""
 
 from __future__ import annotations
 
 import logging
-import sys
-from typing import Awaitable, Callable, Sequence
 
 from services.generation.config import GenerationConfig
 from services.generation.extractive import ExtractiveAnswerer
 from services.generation.prompt import PromptBuilder, TokenCounter
-from services.generation.servicer import SERVICE_NAME, GenerationServiceServicer
-from services.runtime.errors import ConfigError
-from services.runtime.guard import KiB, utf8_bytes
-from services.runtime.pb.ragfleet.v1 import generation_pb2_grpc
-from services.runtime.serve import Binding, bootstrap, serve
+from services.generation.servicer import GenerationServiceServicer
+from services.runtime.limits import FIELD_OVERHEAD, GENERATION_PARAMS_BYTES, chunk_bytes, text_bytes
+from services.runtime.pb.ragfleet.v1 import generation_pb2, generation_pb2_grpc
+from services.runtime.serve import Binding, Service, Started
 
+SERVICE = Service(generation_pb2.DESCRIPTOR.services_by_name["GenerationService"], GenerationConfig)
 log = logging.getLogger("ragfleet.generation")
 
 
-# Room per passage (a retrieved chunk) and per history turn (a question or an answer of up to MAX_TOKENS_LIMIT).
-PASSAGE_BYTES = 32 * KiB
-TURN_BYTES = 32 * KiB
-
-
 def request_limits(config: GenerationConfig) -> dict[str, int]:
-    """Largest legitimate Generate (defaults: ~9.4 MiB): refused unparsed past it (services.runtime.guard)."""
+    """Largest legitimate Generate, every field at its limit (~117 MiB by default, so the server's MAX_MESSAGE_MB is
+    the effective bound): refused unparsed past it (services.runtime.guard)."""
     lim = config.limits
-    return {"Generate": utf8_bytes(lim.max_question_chars) + lim.max_passages * PASSAGE_BYTES
-            + lim.max_history_turns * TURN_BYTES + 4 * KiB}
+    return {"Generate": text_bytes(lim.max_question_chars) + lim.max_passages * chunk_bytes(lim.max_passage_chars)
+            + lim.max_history_turns * (text_bytes(lim.max_turn_chars) + 2 * FIELD_OVERHEAD)
+            + GENERATION_PARAMS_BYTES}
 
 
-async def build(config: GenerationConfig) -> tuple[Sequence[Binding], Callable[[], Awaitable[None]] | None]:
+async def build(config: GenerationConfig) -> Started:
+    """Load the tokenizers, build the offline answerer and, when configured, the LLM client."""
     # Load every tokenizer now (~0.2 s each) rather than on the first request.
     counter = TokenCounter(sorted({config.defaults.encoding, *(m.encoding for m in config.models.values())}))
     offline = ExtractiveAnswerer(counter)
@@ -49,17 +45,5 @@ async def build(config: GenerationConfig) -> tuple[Sequence[Binding], Callable[[
     servicer = GenerationServiceServicer(config, answerer=llm or offline, offline=offline, prompts=prompts)
     log.info("generation backend: %s", f"LLM at {config.llm.base_url}" if config.llm else "offline extractive",
              extra={"fields": {"fallback": config.fallback, "model": config.default_model}})
-    binding = Binding(SERVICE_NAME, generation_pb2_grpc.add_GenerationServiceServicer_to_server, servicer,
-                      max_request_bytes=request_limits(config))
-    return [binding], (llm.close if llm is not None else None)
-
-
-def main() -> int:
-    try:
-        config = GenerationConfig.from_env()
-    except ConfigError as exc:
-        print(f"generation: configuration error: {exc}", file=sys.stderr)
-        return 2
-    bootstrap(config.server)
-    serve(config.server, lambda: build(config))
-    return 0
+    return Started([Binding(SERVICE.full_name, generation_pb2_grpc.add_GenerationServiceServicer_to_server, servicer,
+                            max_request_bytes=request_limits(config))], llm.close if llm is not None else None)

@@ -1,5 +1,8 @@
+"""`python -m services.retrieval` runs the retrieval service."""
+
 import sys
 
-from services.retrieval.server import main
+from services.retrieval.server import SERVICE, build
+from services.runtime.serve import main
 
-sys.exit(main())
+sys.exit(main(SERVICE, build))

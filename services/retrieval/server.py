@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 
 from services.retrieval import metrics
 from services.retrieval.cache import ResultCache
@@ -13,33 +12,31 @@ from services.retrieval.rerank import build_reranker
 from services.retrieval.search import SearchPipeline
 from services.retrieval.servicer import RetrievalServiceServicer
 from services.retrieval.sparse import Bm25Encoder
-from services.retrieval.store import StoreStartupError, open_store
-from services.retrieval.validation import Limits
+from services.retrieval.store import open_store
+from services.retrieval.validation import MAX_TENANT_CHARS, Limits
 from services.runtime.channels import ChannelPool
 from services.runtime.embed_client import EmbedClient
-from services.runtime.errors import ConfigError
 from services.runtime.guard import KiB, MiB, utf8_bytes
+from services.runtime.limits import chunk_bytes, text_bytes
 from services.runtime.pb.ragfleet.v1 import retrieval_pb2, retrieval_pb2_grpc
-from services.runtime.serve import Binding, bootstrap, serve
+from services.runtime.serve import Binding, Service, Started
 
-SERVICE_NAME = retrieval_pb2.DESCRIPTOR.services_by_name["RetrievalService"].full_name
+SERVICE = Service(retrieval_pb2.DESCRIPTOR.services_by_name["RetrievalService"], RetrievalConfig)
 log = logging.getLogger("ragfleet.retrieval")
 
 
-# Room per upserted chunk besides its vector: text (a chunk of up to 512 tokens), ids, title and metadata.
-CHUNK_BYTES = 16 * KiB
-
-
 def request_limits(config: RetrievalConfig) -> dict[str, int]:
-    """Largest legitimate request per method (defaults: Upsert ~36 MiB, Search 1 MiB, Delete 2 MiB), refused unparsed
-    past it (services.runtime.guard)."""
+    """Largest legitimate request per method, refused unparsed past it (services.runtime.guard). An Upsert is
+    MAX_CHUNKS_PER_UPSERT chunks with every field at its limit (~1.3 GiB by default, so the server's MAX_MESSAGE_MB
+    is the effective bound); a Search 1 MiB, a Delete 2 MiB."""
     vector = 5 * config.index.dimension  # packed floats, with slack
-    return {"Upsert": config.search.max_chunks_per_upsert * (vector + CHUNK_BYTES),
+    return {"Upsert": text_bytes(MAX_TENANT_CHARS) + config.search.max_chunks_per_upsert * (vector + chunk_bytes()),
             "Search": max(1 * MiB, utf8_bytes(config.search.max_query_chars) + vector + 256 * KiB),
             "Delete": 2 * MiB}
 
 
-async def build(config: RetrievalConfig):  # type: ignore[no-untyped-def]
+async def build(config: RetrievalConfig) -> Started:
+    """Open the store, wire the search pipeline (query embedder, reranker, BM25, result cache), report index status."""
     store = open_store(config)
     await store.start()
     pool = ChannelPool()
@@ -68,21 +65,5 @@ async def build(config: RetrievalConfig):  # type: ignore[no-untyped-def]
         await cache.close()
         await store.close()
 
-    return [Binding(SERVICE_NAME, retrieval_pb2_grpc.add_RetrievalServiceServicer_to_server, servicer,
-                    max_request_bytes=request_limits(config))], on_stop
-
-
-def main() -> int:
-    try:
-        config = RetrievalConfig.from_env()
-    except ConfigError as exc:
-        print(f"retrieval: configuration error: {exc}", file=sys.stderr)
-        return 2
-    bootstrap(config.server)
-    try:
-        serve(config.server, lambda: build(config))
-    except (StoreStartupError, ConfigError) as exc:
-        log.error("start-up failed: %s", exc)
-        print(f"retrieval: start-up failed: {exc}", file=sys.stderr)
-        return 3
-    return 0
+    return Started([Binding(SERVICE.full_name, retrieval_pb2_grpc.add_RetrievalServiceServicer_to_server, servicer,
+                            max_request_bytes=request_limits(config))], on_stop)

@@ -14,6 +14,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from services.runtime.errors import require
+from services.runtime.guard import utf8_bytes
 from services.runtime.pb.ragfleet.v1 import common_pb2
 
 # GenerationParams (the OpenAI API accepts at most 4 stop sequences).
@@ -35,6 +36,28 @@ MAX_METADATA_VALUE_CHARS = 2048
 MAX_FILTERS = 16
 MAX_ANY_OF = 256
 MAX_DOC_IDS_PER_DELETE = 10_000
+
+# Wire sizes of fields at the limits above, for the servers' per-method request limits (services.runtime.guard):
+# sized from the same numbers, a byte limit never refuses what the character checks accept.
+FIELD_OVERHEAD = 16  # a field's tag and length prefix (at most 6 bytes each), rounded up
+
+
+def text_bytes(chars: int) -> int:
+    """The most bytes a string field of at most ``chars`` characters takes on the wire (UTF-8: 4 bytes a char)."""
+    return utf8_bytes(chars) + FIELD_OVERHEAD
+
+
+METADATA_BYTES = MAX_METADATA_ENTRIES * (text_bytes(MAX_METADATA_KEY_CHARS) + text_bytes(MAX_METADATA_VALUE_CHARS)
+                                         + FIELD_OVERHEAD)
+GENERATION_PARAMS_BYTES = (text_bytes(MAX_MODEL_CHARS) + MAX_STOP_SEQUENCES * text_bytes(MAX_STOP_CHARS)
+                           + 4 * FIELD_OVERHEAD)  # + temperature, max_tokens, top_p
+
+
+def chunk_bytes(text_chars: int = MAX_CHUNK_TEXT_CHARS) -> int:
+    """The most bytes a Chunk or a Passage takes besides its vector: chunk id, doc id, title, metadata and a text of
+    at most ``text_chars`` at their limits, plus its numbers (index or number, score) and its own prefix."""
+    return (text_bytes(MAX_CHUNK_ID_CHARS) + text_bytes(MAX_DOC_ID_CHARS) + text_bytes(MAX_TITLE_CHARS)
+            + text_bytes(text_chars) + METADATA_BYTES + 3 * FIELD_OVERHEAD)
 
 
 def check_generation_params(params: common_pb2.GenerationParams, *, max_tokens: int,

@@ -28,8 +28,8 @@ class Service:
         self.config = config
 
     async def __aenter__(self) -> generation_pb2_grpc.GenerationServiceStub:
-        bindings, on_stop = await build(self.config)
-        self.server = GrpcServer(self.config.server, bindings=bindings, on_stop=on_stop)
+        started = await build(self.config)
+        self.server = GrpcServer(self.config.server, bindings=started.bindings, on_stop=started.on_stop)
         port = await self.server.start()
         self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
         return generation_pb2_grpc.GenerationServiceStub(self.channel)
