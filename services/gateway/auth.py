@@ -37,8 +37,9 @@ class ApiKeyAuth:
             log.warning("no API keys configured (RAGFLEET_GATEWAY_API_KEYS / _API_KEYS_FILE): authentication is "
                         "DISABLED and every caller is tenant %r", DEFAULT_TENANT)
 
-    def tenant_for(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
-        """Return the caller's tenant or raise Unauthenticated. Must not log the key."""
+    def authenticate(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
+        """The caller's tenant, or Unauthenticated; the guard's entry point (services.runtime.guard.Authenticator).
+        Must not log the key."""
         if not self.enabled:
             return DEFAULT_TENANT
         header = None
@@ -58,7 +59,3 @@ class ApiKeyAuth:
         if found is None:
             raise Unauthenticated("authorization: unknown API key")
         return found
-
-    def authenticate(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
-        """The guard's entry point (services.runtime.guard.Authenticator): the tenant, or Unauthenticated."""
-        return self.tenant_for(metadata)

@@ -31,7 +31,7 @@ class GatewayServiceServicer(gateway_pb2_grpc.GatewayServiceServicer):
     def _tenant(self, context: grpc.aio.ServicerContext) -> str:
         """The tenant the guard authenticated; checked here only when the servicer runs without that guard."""
         tenant = authenticated_by(self._auth)
-        return tenant if tenant is not None else self._auth.tenant_for(context.invocation_metadata())
+        return tenant if tenant is not None else self._auth.authenticate(context.invocation_metadata())
 
     async def Ask(self, request: gateway_pb2.AskRequest,
                   context: grpc.aio.ServicerContext) -> AsyncIterator[gateway_pb2.AskResponse]:

@@ -10,9 +10,9 @@ from services.runtime.errors import ConfigError, Unauthenticated
 
 def test_key_maps_to_its_tenant():
     auth = ApiKeyAuth({"k-a": "acme", "k-b": "globex"})
-    assert auth.tenant_for([("authorization", "Bearer k-a")]) == "acme"
-    assert auth.tenant_for([("Authorization", "bearer   k-b ")]) == "globex"
-    assert auth.tenant_for([("authorization", b"Bearer k-b")]) == "globex"
+    assert auth.authenticate([("authorization", "Bearer k-a")]) == "acme"
+    assert auth.authenticate([("Authorization", "bearer   k-b ")]) == "globex"
+    assert auth.authenticate([("authorization", b"Bearer k-b")]) == "globex"
 
 
 @pytest.mark.parametrize("metadata", [None, [], [("x-other", "1")], [("authorization", "k-a")],
@@ -21,7 +21,7 @@ def test_key_maps_to_its_tenant():
 def test_missing_malformed_or_unknown_key_is_unauthenticated(metadata):
     auth = ApiKeyAuth({"k-a": "acme"})
     with pytest.raises(Unauthenticated) as info:
-        auth.tenant_for(metadata)
+        auth.authenticate(metadata)
     assert "authorization" in info.value.message
     assert "k-a" not in info.value.message or "Bearer" in info.value.message
 
@@ -31,8 +31,8 @@ def test_no_keys_disables_auth_with_default_tenant(caplog):
         auth = ApiKeyAuth({})
     assert not auth.enabled
     assert "DISABLED" in caplog.text
-    assert auth.tenant_for(None) == DEFAULT_TENANT
-    assert auth.tenant_for([("authorization", "Bearer anything")]) == DEFAULT_TENANT
+    assert auth.authenticate(None) == DEFAULT_TENANT
+    assert auth.authenticate([("authorization", "Bearer anything")]) == DEFAULT_TENANT
 
 
 def test_parse_api_keys_commas_newlines_comments():
@@ -84,4 +84,4 @@ def test_no_keys_configured_anywhere_still_runs_open_for_local_development(caplo
     with caplog.at_level("WARNING"):
         auth = ApiKeyAuth(config.api_keys)
     assert not auth.enabled and "DISABLED" in caplog.text
-    assert auth.tenant_for(None) == DEFAULT_TENANT
+    assert auth.authenticate(None) == DEFAULT_TENANT
