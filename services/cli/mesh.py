@@ -186,13 +186,7 @@ class LocalMesh:
         for name in names:
             self.ports.setdefault(name, free_port(self.host))
         for name in names:
-            metrics_port = self.metrics_ports.setdefault(name, free_port(self.host))
-            log_path = self.log_dir / f"{name}.log"
-            log = open(log_path, "ab")
-            process = subprocess.Popen([sys.executable, "-m", f"services.{name}"], env=self._env_for(name, metrics_port),
-                                       stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                       preexec_fn=die_with_parent())
-            self.processes[name] = ServiceProcess(name, self.ports[name], metrics_port, process, log_path, log)
+            self._spawn(name)
         try:
             for name in names:
                 self.wait_serving(name, timeout=timeout)
@@ -200,6 +194,29 @@ class LocalMesh:
             self.stop()
             raise
         return self
+
+    def restart(self, name: str, *, timeout: float = 120.0) -> ServiceProcess:
+        """Start `name` again on its ports, environment and data dir, and wait until SERVING. A process still running
+        is SIGKILLed first (the fault tests' crash and recovery)."""
+        old = self.processes[name]
+        if old.process.poll() is None:
+            old.process.kill()
+            old.process.wait(10)
+        if old._log is not None:
+            old._log.close()
+        self._spawn(name)
+        self.wait_serving(name, timeout=timeout)
+        return self.processes[name]
+
+    def _spawn(self, name: str) -> ServiceProcess:
+        metrics_port = self.metrics_ports.setdefault(name, free_port(self.host))
+        log_path = self.log_dir / f"{name}.log"
+        log = open(log_path, "ab")  # appended: a restart keeps the log of the run before it
+        process = subprocess.Popen([sys.executable, "-m", f"services.{name}"], env=self._env_for(name, metrics_port),
+                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                   preexec_fn=die_with_parent())
+        self.processes[name] = ServiceProcess(name, self.ports[name], metrics_port, process, log_path, log)
+        return self.processes[name]
 
     def wait_serving(self, name: str, *, timeout: float = 120.0) -> None:
         proc = self.processes[name]

@@ -1,4 +1,4 @@
-"""What the fault tests observe and do to service processes: SIGKILL and restart, sockets, Prometheus metrics.
+"""What the fault tests observe and do to service processes: SIGKILL, sockets, Prometheus metrics.
 
 Connections are counted from /proc (no psutil): a process's socket inodes (/proc/<pid>/fd) matched against the
 kernel's TCP table (/proc/<pid>/net/tcp{,6}), so only sockets this process holds are counted.
@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 import urllib.request
 from collections import Counter
@@ -17,7 +15,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.cli.mesh import LocalMesh, ServiceProcess
+from services.cli.mesh import LocalMesh
 
 TCP_STATES = {"01": "ESTABLISHED", "02": "SYN_SENT", "03": "SYN_RECV", "04": "FIN_WAIT1", "05": "FIN_WAIT2",
               "06": "TIME_WAIT", "07": "CLOSE", "08": "CLOSE_WAIT", "09": "LAST_ACK", "0A": "LISTEN",
@@ -72,22 +70,6 @@ def sigkill(mesh: LocalMesh, name: str) -> None:
     proc = mesh.processes[name].process
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
-
-
-def restart(mesh: LocalMesh, name: str, *, timeout: float = 60.0) -> ServiceProcess:
-    """Start `name` again on its old ports, environment and data dir (after a kill), and wait until SERVING."""
-    old = mesh.processes[name]
-    if old.process.poll() is None:
-        sigkill(mesh, name)
-    if old._log is not None:
-        old._log.close()
-    log = open(old.log_path, "ab")
-    process = subprocess.Popen([sys.executable, "-m", f"services.{name}"],
-                               env=mesh._env_for(name, old.metrics_port),
-                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    mesh.processes[name] = ServiceProcess(name, old.port, old.metrics_port, process, old.log_path, log)
-    mesh.wait_serving(name, timeout=timeout)
-    return mesh.processes[name]
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.05) -> bool:

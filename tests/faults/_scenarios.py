@@ -17,7 +17,7 @@ import grpc
 
 from services.runtime.pb.ragfleet.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from tests.faults._mesh import SIM_DEFAULTS, FaultMesh
-from tests.faults._procs import connections_to, metric, metrics, restart, sigkill
+from tests.faults._procs import connections_to, metric, metrics, sigkill
 
 WORDS = ("amber basalt cobalt dune ember fjord geyser harbor iris jasper kelp lagoon mica nectar orchid pumice quartz "
          "reef sierra tundra umber violet willow xenon yarrow zephyr").split()
@@ -188,7 +188,7 @@ async def kill_during_load(fm: FaultMesh, service: str, *, askers: int = 3, kill
             killed = time.monotonic()
             await asyncio.to_thread(sigkill, fm.mesh, service)
             await asyncio.sleep(down_s)
-            await asyncio.to_thread(restart, fm.mesh, service)
+            await asyncio.to_thread(fm.mesh.restart, service, timeout=60.0)
             back = time.monotonic()
             await asyncio.sleep(after_s)
         finally:
