@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from services.runtime import redis_client
+
 if TYPE_CHECKING:
     from services.retrieval.store.base import VectorStore
 
@@ -40,9 +42,7 @@ async def index_status_task(store: "VectorStore", interval_seconds: float = 5.0,
     previous = None
     client = None
     if redis_url:
-        import redis.asyncio as aioredis
-
-        client = aioredis.from_url(redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
+        client = redis_client.connect(redis_url, max_connections=1)
     try:
         while True:
             previous = await _report(store, client, previous)

@@ -78,19 +78,19 @@ async def test_a_failed_bump_lands_before_the_next_read(redis_cleanup):
         before = await cache.version("t")
         stale_key = cache.key("t", before, b"query")
         await cache.put(stale_key, b"computed before the write")
-        real_incr = cache._redis.incr
+        real_bump = cache._redis.evalsha  # the bump is a script: INCR past the highest version seen
         real_get = cache._redis.get
 
         async def blip(*args, **kwargs):
             raise ConnectionError("redis blip")
 
-        cache._redis.incr = blip  # the write's invalidation fails ...
+        cache._redis.evalsha = blip  # the write's invalidation fails ...
         assert await cache.bump("t") is None  # ... and reports no version rather than a local number
         cache._redis.get = blip
         assert await cache.version("t") is None  # still failing: no cache
-        cache._redis.get = real_get  # GET works again but INCR still fails: the pending bump blocks reads
+        cache._redis.get = real_get  # GET works again but the bump still fails: the pending bump blocks reads
         assert await cache.version("t") is None
-        cache._redis.incr = real_incr  # Redis recovers
+        cache._redis.evalsha = real_bump  # Redis recovers
         after = await cache.version("t")
         assert after is not None and after > before
         assert await cache.get(cache.key("t", after, b"query")) == (None, "miss")
