@@ -1,32 +1,29 @@
 """The two-level embedding cache: L1 in-process (LRU by bytes, TTL), L2 Redis shared by all replicas.
 
 Key = hash of (model id, input type, normalised text), so a model change never serves stale vectors. L2 values are
-the raw float32 bytes of the vector. Every request costs Redis at most one pipelined MGET and one pipelined SET
-batch. Redis is an optimisation, never a dependency: when it fails the cache logs once, counts the error, skips L2
-for a short, growing back-off, then tries again (redis.asyncio reconnects by itself), and requests carry on.
+the raw float32 bytes of the vector. Both levels are the runtime's (``runtime.lru``, ``runtime.l2``): every request
+costs Redis at most one MGET and one pipelined SET batch, and a failing Redis means a short, growing back-off without
+L2 (logged once, counted in ``ragfleet_embedding_redis_errors_total``), never a failed request.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import time
 import unicodedata
-from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
 from services.embedding import metrics
 from services.embedding.config import CacheConfig
+from services.runtime import redis_client
+from services.runtime.l2 import RedisL2
+from services.runtime.lru import LruCache
 
 log = logging.getLogger("ragfleet.embedding.cache")
 
 _ENTRY_OVERHEAD = 200  # bytes of bookkeeping per L1 entry (key, node, object headers)
-_BACKOFF_START = 0.5
-_BACKOFF_MAX = 10.0
-_MAX_CONNECTIONS = 32
 
 
 def normalise_text(text: str) -> str:
@@ -46,130 +43,35 @@ class CachedVector:
     truncated: bool
 
 
-class L1Cache:
-    """LRU bounded by bytes, entries expire after `ttl` seconds. Event-loop only (no locking)."""
+def _l1_size(value: CachedVector) -> int:
+    return value.vector.nbytes + _ENTRY_OVERHEAD
+
+
+class L1Cache(LruCache[CachedVector]):
+    """The runtime LRU bounded by bytes, publishing its size as a gauge."""
 
     def __init__(self, max_bytes: int, ttl: float) -> None:
-        self.max_bytes = max_bytes
-        self.ttl = ttl
-        self.bytes = 0
-        self._entries: OrderedDict[str, tuple[float, CachedVector]] = OrderedDict()
+        super().__init__(max_bytes=max_bytes, ttl=ttl, size_of=_l1_size)
 
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    @staticmethod
-    def _size(value: CachedVector) -> int:
-        return value.vector.nbytes + _ENTRY_OVERHEAD
-
-    def get(self, key: str) -> CachedVector | None:
-        found = self._entries.get(key)
-        if found is None:
-            return None
-        expires, value = found
-        if expires < time.monotonic():
-            self._remove(key)
-            return None
-        self._entries.move_to_end(key)
-        return value
-
-    def put(self, key: str, value: CachedVector) -> None:
-        size = self._size(value)
-        if size > self.max_bytes:
-            return
-        if key in self._entries:
-            self._remove(key)
-        self._entries[key] = (time.monotonic() + self.ttl, value)
-        self.bytes += size
-        while self.bytes > self.max_bytes:
-            oldest = next(iter(self._entries))
-            self._remove(oldest)
+    def put(self, key: str, value: CachedVector, *, ttl: float | None = None) -> None:
+        super().put(key, value, ttl=ttl)
         metrics.L1_BYTES.set(self.bytes)
 
-    def _remove(self, key: str) -> None:
-        _, value = self._entries.pop(key)
-        self.bytes -= self._size(value)
 
-    def clear(self) -> None:
-        self._entries.clear()
-        self.bytes = 0
-
-
-class L2Cache:
-    """Redis through redis.asyncio with a connection pool; failures degrade to 'no L2', never to an error."""
+class L2Cache(RedisL2[np.ndarray]):
+    """The runtime L2 over its own Redis client, holding each vector as its raw float32 bytes."""
 
     def __init__(self, url: str, *, prefix: str, ttl_seconds: int, timeout: float, dimension: int) -> None:
-        import redis.asyncio as redis
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
-
-        self.prefix = prefix
-        self.ttl_seconds = ttl_seconds
+        super().__init__(redis_client.connect(url, timeout=timeout), prefix=prefix, ttl_seconds=ttl_seconds, log=log,
+                         errors=metrics.REDIS_ERRORS)
         self.dimension = dimension
-        # A blocking pool: a burst of more than 32 concurrent requests waits (up to `timeout`) for a free connection;
-        # the default pool raises 'Too many connections' at once, which read as an outage and skipped L2.
-        pool = redis.BlockingConnectionPool.from_url(url, max_connections=_MAX_CONNECTIONS, timeout=timeout,
-                                                     socket_timeout=timeout, socket_connect_timeout=timeout,
-                                                     health_check_interval=30,
-                                                     # Our own back-off handles outages; redis' retries only add delay.
-                                                     retry=Retry(NoBackoff(), 0))
-        self._client = redis.Redis.from_pool(pool)  # the client owns the pool: aclose() disconnects it
-        self._down_since: float | None = None
-        self._retry_at = 0.0
-        self._backoff = _BACKOFF_START
 
-    @property
-    def available(self) -> bool:
-        return self._down_since is None or time.monotonic() >= self._retry_at
+    def _encode(self, value: np.ndarray) -> bytes:
+        return np.asarray(value, dtype=np.float32).tobytes()
 
-    def _failed(self, operation: str, exc: Exception, started: float) -> None:
-        """Start or extend the back-off. Only a failed probe (an operation started once the back-off had run out)
-        doubles it, and only once: requests in flight when Redis went down, or probing alongside, fail together,
-        and counting each would keep L2 off for the maximum long after Redis is back."""
-        metrics.REDIS_ERRORS.inc()
-        now = time.monotonic()
-        if self._down_since is None:
-            # Log once per outage, not once per request.
-            log.warning("redis %s failed, serving without the L2 cache until it is back: %s", operation, exc)
-            self._down_since = now
-            self._backoff = _BACKOFF_START
-        elif started >= self._retry_at:
-            self._backoff = min(self._backoff * 2, _BACKOFF_MAX)
-        self._retry_at = now + self._backoff
-
-    def _succeeded(self) -> None:
-        if self._down_since is not None:
-            log.info("redis is back; L2 cache in use again after %.1fs", time.monotonic() - self._down_since)
-            self._down_since = None
-
-    async def get_many(self, keys: Sequence[str]) -> list[np.ndarray | None]:
-        """One MGET. Unavailable Redis reads as all misses."""
-        if not keys or not self.available:
-            return [None] * len(keys)
-        started = time.monotonic()
-        try:
-            raw = await self._client.mget([self.prefix + k for k in keys])
-        except Exception as exc:  # noqa: BLE001 - any Redis failure means 'no L2 now'
-            self._failed("MGET", exc, started)
-            return [None] * len(keys)
-        self._succeeded()
-        width = self.dimension * 4
-        return [np.frombuffer(v, dtype=np.float32) if v is not None and len(v) == width else None for v in raw]
-
-    async def put_many(self, items: Sequence[tuple[str, np.ndarray]]) -> None:
-        """One pipelined round trip of SET key value EX ttl."""
-        if not items or not self.available:
-            return
-        started = time.monotonic()
-        try:
-            async with self._client.pipeline(transaction=False) as pipe:
-                for key, vector in items:
-                    pipe.set(self.prefix + key, np.asarray(vector, dtype=np.float32).tobytes(), ex=self.ttl_seconds)
-                await pipe.execute()
-        except Exception as exc:  # noqa: BLE001
-            self._failed("SET", exc, started)
-            return
-        self._succeeded()
+    def _decode(self, raw: bytes) -> np.ndarray | None:
+        """A value of the wrong size (another model's, or corrupt) is a miss, never a vector."""
+        return np.frombuffer(raw, dtype=np.float32) if len(raw) == self.dimension * 4 else None
 
     async def close(self) -> None:
         try:
