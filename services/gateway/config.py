@@ -28,7 +28,6 @@
 | RAGFLEET_GATEWAY_SEMANTIC_CACHE | false | also serve answers to questions whose embedding is close enough |
 | RAGFLEET_GATEWAY_SEMANTIC_THRESHOLD | 0.95 | cosine similarity needed for a semantic hit |
 | RAGFLEET_GATEWAY_REDIS_PREFIX | ragfleet:gw: | prefix of every gateway Redis key (cache entries, conversations) |
-| RAGFLEET_GATEWAY_CORPUS_VERSION_KEY | ragfleet:retrieval:version:{tenant} | Redis key of a tenant's corpus version: the one retrieval INCRs on every write; the gateway bumps it too after each Ingest/Delete |
 | RAGFLEET_GATEWAY_CONVERSATION_TTL_S | 86400 | conversation lifetime after its last turn |
 | RAGFLEET_GATEWAY_CONVERSATION_MAX_TURNS | 20 | turns kept per conversation (oldest dropped) |
 | RAGFLEET_GATEWAY_CHUNK_TOKENS | 200 | default chunk size in tokens (at most MAX_CHUNK_TOKENS) |
@@ -51,6 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
+from services.runtime import corpus_version
 from services.runtime.config import Env, ServerConfig, redis_url
 from services.runtime.errors import ConfigError
 from services.runtime.limits import DEFAULT_MAX_TOKENS_LIMIT, MAX_DOC_IDS_PER_DELETE
@@ -58,8 +58,8 @@ from services.runtime.limits import DEFAULT_MAX_TOKENS_LIMIT, MAX_DOC_IDS_PER_DE
 DEFAULT_EMBEDDING_ADDRESS = "127.0.0.1:50051"
 DEFAULT_RETRIEVAL_ADDRESS = "127.0.0.1:50052"
 DEFAULT_GENERATION_ADDRESS = "127.0.0.1:50053"
-# Shared with the retrieval service (services/retrieval/cache.py), so writes that bypass the gateway invalidate too.
-DEFAULT_CORPUS_VERSION_KEY = "ragfleet:retrieval:version:{tenant}"
+# The key retrieval advances on every write (runtime/corpus_version.py); not configurable, so the two cannot differ.
+DEFAULT_CORPUS_VERSION_KEY = corpus_version.KEY_FORMAT
 DEFAULT_COALESCE_WINDOW_MS = 20.0  # deltas back to back leave as one message per window (issue 12)
 
 
@@ -86,7 +86,7 @@ class CacheConfig:
     semantic: bool = False
     semantic_threshold: float = 0.95
     redis_prefix: str = "ragfleet:gw:"
-    corpus_version_key: str = DEFAULT_CORPUS_VERSION_KEY
+    corpus_version_key: str = DEFAULT_CORPUS_VERSION_KEY  # tests isolate theirs; services keep the default
 
 
 @dataclass(frozen=True)
@@ -156,9 +156,6 @@ class GatewayConfig:
                 raise ConfigError(f"RAGFLEET_GATEWAY_API_KEYS_FILE={keys_file!r} holds no keys; add 'key=tenant' "
                                   f"lines, or unset the variable to run without authentication")
             keys = {**keys, **file_keys}
-        version_key = env.str("CORPUS_VERSION_KEY", DEFAULT_CORPUS_VERSION_KEY)
-        if "{tenant}" not in version_key:
-            raise ConfigError("RAGFLEET_GATEWAY_CORPUS_VERSION_KEY must contain {tenant}")
         ingest = IngestConfig(
             chunk_tokens=env.int("CHUNK_TOKENS", 200, minimum=16),
             chunk_overlap=env.int("CHUNK_OVERLAP", 40, minimum=0),
@@ -208,7 +205,6 @@ class GatewayConfig:
                 semantic=env.bool("SEMANTIC_CACHE", False),
                 semantic_threshold=env.float("SEMANTIC_THRESHOLD", 0.95, minimum=0.0),
                 redis_prefix=env.str("REDIS_PREFIX", "ragfleet:gw:"),
-                corpus_version_key=version_key,
             ),
             conversations=ConversationConfig(
                 ttl_seconds=env.int("CONVERSATION_TTL_S", 86400, minimum=1),

@@ -2,10 +2,11 @@
 
 Idempotent per doc_id: chunk ids are deterministic (`<doc_id>#<index>`) and every Upsert carries whole documents
 with ``replace_documents``, so re-ingesting a shorter version removes the chunks it no longer has. (A document is
-never split across two Upserts: the second would delete the first one's chunks.) After any write the tenant's
-corpus version is bumped, which invalidates its cached answers on every replica; the response carries that bumped
-version. If the bump fails the write's own outcome still decides the status: a failed write raises its error, a
-successful one UNAVAILABLE (the data is in, but cached answers may be stale until a retry bumps the version).
+never split across two Upserts: the second would delete the first one's chunks.) Retrieval advances the tenant's
+corpus version after every write (``runtime.corpus_version``: the gateway only reads it), which invalidates its
+cached answers on every replica; the response carries the version retrieval reported. A write reply with version 0
+means retrieval could not advance it: the data is in, but cached answers may be stale until a retry advances it, so
+the request fails UNAVAILABLE saying so. A failed write raises its own error.
 """
 
 from __future__ import annotations
@@ -93,11 +94,12 @@ class Ingestor:
         semaphore = asyncio.Semaphore(self.config.concurrency)
         results = await self._then_invalidate(tenant, gather_or_cancel(
             self._write_group(tenant, group, semaphore, deadline) for group in self._groups(chunked)))
-        written = sum(results)
+        written = sum(upserted for upserted, _ in results)
         CHUNKS_WRITTEN.inc(written)
         DOCUMENTS_INGESTED.inc(len(chunked))
         log.info("ingested", extra={"fields": {"tenant": tenant, "documents": len(chunked), "chunks": written}})
-        version = await self._invalidate(tenant, f"{len(chunked)} document(s) ({written} chunks) were written")
+        version = self._invalidated(tenant, [v for _, v in results],
+                                    f"{len(chunked)} document(s) ({written} chunks) were written")
         return gateway_pb2.IngestResponse(documents=len(chunked), chunks_written=written, corpus_version=version)
 
     async def delete(self, tenant: str, request: gateway_pb2.DeleteDocumentsRequest,
@@ -111,33 +113,29 @@ class Ingestor:
         response = await self._then_invalidate(tenant, self.retrieval.delete(
             retrieval_pb2.DeleteRequest(tenant=tenant, doc_ids=request.doc_ids),
             timeout=deadline.budget(self.budgets.ingest, "delete")))
-        version = await self._invalidate(tenant, f"{response.deleted_chunks} chunks were deleted")
+        version = self._invalidated(tenant, [response.corpus_version], f"{response.deleted_chunks} chunks were deleted")
         return gateway_pb2.DeleteDocumentsResponse(deleted_chunks=response.deleted_chunks, corpus_version=version)
 
     # -- cache invalidation -----------------------------------------------------------------------------------------
 
     async def _then_invalidate(self, tenant: str, write: Awaitable[T]) -> T:
-        """Await the write; if it fails (even part way, which may still have changed the corpus), bump the
-        version anyway and raise the write's own error, never the bump's."""
+        """Await the write, telling the cache about it even if it fails (part way, it may still have changed the
+        corpus; retrieval advances the version in that case too)."""
         try:
             return await write
-        except BaseException as exc:
-            try:
-                await self.cache.bump_version(tenant)
-            except Exception as bump_exc:  # noqa: BLE001 - the write's error is the one to report
-                log.error("corpus version bump failed after a failed write (tenant %s; write error: %r): %s",
-                          tenant, exc, bump_exc)
-            raise
+        finally:
+            self.cache.note_write(tenant)
 
-    async def _invalidate(self, tenant: str, done: str) -> int:
-        """Bump the tenant's corpus version after a successful write and return it. A failure is UNAVAILABLE
-        saying the data is in: the client may retry (writes are idempotent), and the retry's bump invalidates."""
-        try:
-            return await self.cache.bump_version(tenant)
-        except Exception as exc:  # noqa: BLE001 - any cache fault: report it the same way
-            log.error("corpus version bump failed after a successful write (tenant %s): %s", tenant, exc)
-            raise Unavailable(f"response cache: {done}, but cached answers could not be invalidated ({exc}); "
-                              f"they may be stale until the request is retried (it is idempotent)") from exc
+    def _invalidated(self, tenant: str, versions: list[int], done: str) -> int:
+        """The corpus version retrieval reported after a successful write (the highest of its replies). A 0 means a
+        write whose version retrieval could not advance (Redis failing): UNAVAILABLE saying the data is in, since
+        the client may retry (writes are idempotent) and the retry's write advances it."""
+        if 0 in versions:
+            log.error("retrieval could not advance the corpus version after a successful write (tenant %s)", tenant)
+            raise Unavailable(f"corpus version: {done}, but cached answers could not be invalidated (retrieval "
+                              f"could not advance the corpus version); they may be stale until the request is "
+                              f"retried (it is idempotent)")
+        return max(versions)
 
     # -- internals --------------------------------------------------------------------------------------------------
 
@@ -176,8 +174,8 @@ class Ingestor:
         return groups
 
     async def _write_group(self, tenant: str, group: list[_ChunkedDocument], semaphore: asyncio.Semaphore,
-                           deadline: Deadline) -> int:
-        """Embed one group's chunks in batches, then upsert the group; returns the chunks written."""
+                           deadline: Deadline) -> tuple[int, int]:
+        """Embed one group's chunks in batches, then upsert the group; returns (chunks written, corpus version)."""
         pieces = [(doc, chunk) for doc in group for chunk in doc.chunks]
         texts = [embed_text(doc.document.title, chunk.text) for doc, chunk in pieces]
         batch = self.config.embed_batch
@@ -201,4 +199,4 @@ class Ingestor:
         if response.failed_chunk_ids:
             raise Unavailable(f"retrieval service: {len(response.failed_chunk_ids)} of {len(chunks)} chunks were not "
                               f"written (e.g. {response.failed_chunk_ids[0]!r}); ingest is idempotent, retry it")
-        return response.upserted
+        return response.upserted, response.corpus_version

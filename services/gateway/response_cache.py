@@ -6,9 +6,9 @@ Invariants:
   only the question may differ, never what else shapes the answer.
 - Every entry expires ``ttl_seconds`` after it was stored, in Redis and in this process (L1 and semantic) alike.
 - Every entry records the tenant's corpus version it was computed at; a lookup first reads the CURRENT version and
-  serves an entry only if the two are equal. The current version lives in Redis (``corpus_version_key``), so an
-  ingest through any gateway replica invalidates every replica at once. It is bumped after every write with a value
-  that never repeats (max(old + 1, now in microseconds)), so even a Redis flush cannot resurrect an old entry.
+  serves an entry only if the two are equal. The current version lives in Redis (``runtime.corpus_version``), where
+  retrieval, its only writer, advances it after every write, so an ingest through any replica invalidates every
+  replica at once. The gateway only reads it. Without Redis this process counts the writes it sends instead.
 - Exact lookups cost one Redis round trip: the version and the entry (with its remaining TTL, so an L1 copy expires
   with the Redis one) come back in one pipeline (the L1 copy saves only the payload; the version is always read).
 - If Redis fails, the cache steps aside (miss, no store) rather than risk a stale answer.
@@ -19,9 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
 import unicodedata
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -29,19 +27,14 @@ import numpy as np
 from prometheus_client import Counter, Gauge
 
 from services.gateway.config import CacheConfig
+from services.runtime import corpus_version
+from services.runtime.l2 import RedisL2
+from services.runtime.lru import LruCache
 
 log = logging.getLogger("ragfleet.gateway.cache")
 
 CACHE_LOOKUPS = Counter("ragfleet_gateway_cache_lookups_total", "Response-cache lookups by result", ["result"])
 CACHE_HIT_RATIO = Gauge("ragfleet_gateway_cache_hit_ratio", "Response-cache hits / lookups since start")
-
-# Bump to max(current + 1, now_us): monotonic, and never equal to a value used before a flush.
-_BUMP_SCRIPT = """
-local current = tonumber(redis.call('GET', KEYS[1]) or '0')
-local nxt = math.max(current + 1, tonumber(ARGV[1]))
-redis.call('SET', KEYS[1], nxt)
-return nxt
-"""
 
 
 def normalise_question(question: str) -> str:
@@ -54,7 +47,12 @@ def cache_key(prefix: str, tenant: str, question: str, fingerprint: bytes) -> st
     """`<prefix>ans:<tenant>:<sha256(question, fingerprint)>`; the fingerprint covers everything else that shapes
     the answer (generation params, top_k, filters, search mode)."""
     digest = hashlib.sha256(normalise_question(question).encode() + b"\x00" + fingerprint).hexdigest()
-    return f"{prefix}ans:{tenant}:{digest}"
+    return _tenant_keys(prefix, tenant) + digest
+
+
+def _tenant_keys(prefix: str, tenant: str) -> str:
+    """What every key of the tenant starts with."""
+    return f"{prefix}ans:{tenant}:"
 
 
 @dataclass(frozen=True)
@@ -83,27 +81,22 @@ def fingerprint_digest(fingerprint: bytes) -> str:
 
 
 @dataclass(frozen=True)
-class _LocalEntry:
-    answer: CachedAnswer
-    expires: float  # time.monotonic() after which the entry counts as absent
-
-
-@dataclass(frozen=True)
 class _SemanticEntry:
+    tenant: str
     vector: np.ndarray
     answer: CachedAnswer
     fingerprint: str  # fingerprint_digest of the request that produced the answer
-    expires: float
 
 
 class ResponseCache:
     def __init__(self, config: CacheConfig, redis: Any | None) -> None:
         self.config = config
         self._redis = redis
-        self._l1: OrderedDict[str, _LocalEntry] = OrderedDict()
-        self._local_versions: dict[str, int] = {}
-        self._semantic: dict[str, list[_SemanticEntry]] = {}
-        self._bump = redis.register_script(_BUMP_SCRIPT) if redis is not None else None
+        self._l1 = LruCache[CachedAnswer](max_entries=config.l1_entries, ttl=config.ttl_seconds)
+        # Keyed like L1 (one entry per exact key); a lookup scans the unexpired entries of its tenant.
+        self._semantic = LruCache[_SemanticEntry](max_entries=max(config.l1_entries, 1), ttl=config.ttl_seconds)
+        self._l2 = RedisL2[bytes](redis, ttl_seconds=config.ttl_seconds, log=log) if redis is not None else None
+        self._local_versions: dict[str, int] = {}  # only without Redis
         self._lookups = 0
         self._hits = 0
 
@@ -115,54 +108,40 @@ class ResponseCache:
         return cache_key(self.config.redis_prefix, tenant, question, fingerprint)
 
     def _version_key(self, tenant: str) -> str:
-        return self.config.corpus_version_key.format(tenant=tenant)
+        return corpus_version.version_key(tenant, self.config.corpus_version_key)
 
     # -- corpus version ---------------------------------------------------------------------------------------------
 
     async def current_version(self, tenant: str) -> int:
         if self._redis is None:
             return self._local_versions.get(tenant, 0)
-        raw = await self._redis.get(self._version_key(tenant))
-        return int(raw or 0)
+        return await corpus_version.read(self._redis, tenant, template=self.config.corpus_version_key)
 
-    async def bump_version(self, tenant: str) -> int:
-        """Invalidate every entry of the tenant on every replica; call after each acknowledged write."""
-        self._drop_tenant_l1(tenant)
+    def note_write(self, tenant: str) -> None:
+        """Call after each write this process sent for the tenant, acknowledged or not: drops the tenant's entries
+        in this process (exact and semantic). With Redis that only frees their memory early, since retrieval has
+        advanced the shared version every lookup checks; without it, the count of writes is this process's version
+        of the tenant, advanced here."""
+        ours = _tenant_keys(self.config.redis_prefix, tenant)
+        self._l1.drop_where(lambda key, _: key.startswith(ours))  # may drop a tenant named "<tenant>:x" too: harmless
+        self._semantic.drop_where(lambda _, entry: entry.tenant == tenant)
         if self._redis is None:
             self._local_versions[tenant] = self._local_versions.get(tenant, 0) + 1
-            return self._local_versions[tenant]
-        return int(await self._bump(keys=[self._version_key(tenant)], args=[time.time_ns() // 1000]))
-
-    def _drop_tenant_l1(self, tenant: str) -> None:
-        self._semantic.pop(tenant, None)
 
     # -- lookups ----------------------------------------------------------------------------------------------------
 
     def has_local(self, key: str | None) -> bool:
         """Whether L1 holds an unexpired entry for the key (valid or not: only a lookup checks the corpus version)."""
-        return key is not None and self._local(key) is not None
-
-    def _local(self, key: str) -> CachedAnswer | None:
-        """The L1 entry for the key, dropping it if its TTL has run out."""
-        local = self._l1.get(key)
-        if local is None:
-            return None
-        if local.expires <= time.monotonic():
-            del self._l1[key]
-            return None
-        return local.answer
+        return key is not None and self._l1.get(key) is not None
 
     async def lookup(self, tenant: str, key: str) -> tuple[int | None, CachedAnswer | None]:
         """Return (current corpus version, entry if one is valid at that version). The version is None when the
         cache cannot be trusted right now (Redis error): the caller must then neither serve nor store."""
-        local = self._local(key)
+        local = self._l1.get(key)
         remaining = 0.0
         try:
-            if self._redis is None:
-                version = self._local_versions.get(tenant, 0)
-                entry = local
-            elif local is not None:
-                version = int(await self._redis.get(self._version_key(tenant)) or 0)
+            if self._redis is None or local is not None:
+                version = await self.current_version(tenant)
                 entry = local
             else:
                 version, entry, remaining = await self._fetch(tenant, key)
@@ -170,13 +149,10 @@ class ResponseCache:
             log.warning("response cache unavailable, skipping it: %s", exc)
             return None, None
         if entry is not None and entry.version != version:
-            self._l1.pop(key, None)
+            self._l1.pop(key)
             entry = None
         if entry is not None and local is None:
-            # L1 keeps it only as long as Redis does.
-            self._remember(key, entry, time.monotonic() + remaining)
-        elif entry is not None and key in self._l1:
-            self._l1.move_to_end(key)
+            self._l1.put(key, entry, ttl=remaining)  # L1 keeps it only as long as Redis does
         return version, entry
 
     async def _fetch(self, tenant: str, key: str) -> tuple[int, CachedAnswer | None, float]:
@@ -188,7 +164,7 @@ class ResponseCache:
         ttl = float(self.config.ttl_seconds)
         remaining = ttl if pttl is None or pttl < 0 else min(pttl / 1000.0, ttl)
         entry = CachedAnswer.from_bytes(raw_entry) if raw_entry and remaining > 0 else None
-        return int(raw_version or 0), entry, remaining
+        return corpus_version.parse(raw_version), entry, remaining
 
     def lookup_semantic(self, tenant: str, version: int, vector: Sequence[float], *,
                         fingerprint: bytes) -> CachedAnswer | None:
@@ -196,9 +172,8 @@ class ResponseCache:
         clears the threshold. The fingerprint keeps e.g. an answer filtered to one document from answering the
         same question filtered to another."""
         digest = fingerprint_digest(fingerprint)
-        now = time.monotonic()
-        entries = [e for e in self._semantic.get(tenant, ())
-                   if e.answer.version == version and e.fingerprint == digest and e.expires > now]
+        entries = [e for e in self._semantic.values()
+                   if e.tenant == tenant and e.answer.version == version and e.fingerprint == digest]
         if not entries or not vector:
             return None
         query = np.asarray(vector, dtype=np.float32)
@@ -223,30 +198,10 @@ class ResponseCache:
                     fingerprint: bytes) -> None:
         """Keep the answer in L1 (and the semantic index, under its request fingerprint) and in Redis, each for
         ``ttl_seconds``. The local copies are kept first, so a Redis write cut short still leaves them."""
-        expires = time.monotonic() + self.config.ttl_seconds
-        self._remember(key, entry, expires)
+        self._l1.put(key, entry)
         if self.config.semantic and vector:
-            self._remember_semantic(tenant, entry, vector, fingerprint_digest(fingerprint), expires)
-        if self._redis is not None:
-            try:
-                await self._redis.set(key, entry.to_bytes(), ex=self.config.ttl_seconds)
-            except Exception as exc:  # noqa: BLE001
-                log.warning("response cache store failed: %s", exc)
-
-    def _remember(self, key: str, entry: CachedAnswer, expires: float) -> None:
-        if self.config.l1_entries <= 0:
-            return
-        self._l1[key] = _LocalEntry(entry, expires)
-        self._l1.move_to_end(key)
-        while len(self._l1) > self.config.l1_entries:
-            self._l1.popitem(last=False)
-
-    def _remember_semantic(self, tenant: str, entry: CachedAnswer, vector: Sequence[float], fingerprint: str,
-                           expires: float) -> None:
-        """Add to the tenant's semantic index, dropping entries of older versions or past their TTL."""
-        vec = np.asarray(vector, dtype=np.float32)
-        vec /= max(float(np.linalg.norm(vec)), 1e-12)
-        now = time.monotonic()
-        bucket = [e for e in self._semantic.get(tenant, ()) if e.answer.version == entry.version and e.expires > now]
-        bucket.append(_SemanticEntry(vec, entry, fingerprint, expires))
-        self._semantic[tenant] = bucket[-max(self.config.l1_entries, 1):]
+            vec = np.asarray(vector, dtype=np.float32)
+            vec /= max(float(np.linalg.norm(vec)), 1e-12)
+            self._semantic.put(key, _SemanticEntry(tenant, vec, entry, fingerprint_digest(fingerprint)))
+        if self._l2 is not None:
+            await self._l2.put(key, entry.to_bytes())

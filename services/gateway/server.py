@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from services.gateway.admission import ask_limiter
 from services.gateway.ask import AskPipeline
@@ -15,6 +14,7 @@ from services.gateway.ingest import Ingestor
 from services.gateway.response_cache import ResponseCache
 from services.gateway.servicer import GatewayServiceServicer
 from services.gateway.upstreams import GenerationClient, RetrievalClient
+from services.runtime import redis_client
 from services.runtime.channels import ChannelPool
 from services.runtime.embed_client import EmbedClient
 from services.runtime.guard import KiB, MiB, utf8_bytes
@@ -23,14 +23,6 @@ from services.runtime.serve import Binding, Service, Started
 
 SERVICE = Service(gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"], GatewayConfig)
 log = logging.getLogger("ragfleet.gateway")
-
-
-def _redis_client(url: str | None) -> Any | None:
-    if not url:
-        return None
-    import redis.asyncio as aioredis
-
-    return aioredis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0, health_check_interval=30)
 
 
 # A larger corpus goes in several requests: `ragfleet ingest` sends batches of at most 2 MiB.
@@ -49,7 +41,7 @@ async def build(config: GatewayConfig) -> Started:
     clients, the response cache, the conversation store and the pipelines."""
     tokenizer = load_tokenizer(config.ingest.tokenizer_path)
     pool = ChannelPool()
-    redis = _redis_client(config.redis_url)
+    redis = redis_client.connect(config.redis_url) if config.redis_url else None
     embedding = EmbedClient(pool, config.embedding_address)
     retrieval = RetrievalClient(pool, config.retrieval_address)
     cache = ResponseCache(config.cache, redis)

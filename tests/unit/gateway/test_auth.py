@@ -61,8 +61,6 @@ def test_config_defaults_and_validation():
     assert config.ask.max_in_flight == 512
     with pytest.raises(ConfigError, match="CHUNK_OVERLAP"):
         GatewayConfig.from_env({"RAGFLEET_GATEWAY_CHUNK_TOKENS": "32", "RAGFLEET_GATEWAY_CHUNK_OVERLAP": "32"})
-    with pytest.raises(ConfigError, match="CORPUS_VERSION_KEY"):
-        GatewayConfig.from_env({"RAGFLEET_GATEWAY_CORPUS_VERSION_KEY": "no-placeholder"})
 
 
 @pytest.mark.parametrize("content", ["", "\n  \n", "# mounted secret, every key removed\n  # another comment\n"])

@@ -1,6 +1,6 @@
-"""Ingestor: embedding batches, bounded concurrency and whole-document replacing Upserts; the corpus-version bump
-after a write (real Redis) — its result is the reported version, and its failure never hides the write's own
-outcome."""
+"""Ingestor: embedding batches, bounded concurrency and whole-document replacing Upserts; the corpus version after a
+write (real Redis), advanced by retrieval alone — it is the reported version, and its failure never hides the
+write's own outcome."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ from services.gateway.config import CacheConfig, IngestConfig, StageBudgets
 from services.gateway.deadlines import Deadline
 from services.gateway.ingest import Ingestor
 from services.gateway.response_cache import CachedAnswer, ResponseCache
+from services.runtime.corpus_version import CorpusVersions
 from services.runtime.errors import Unavailable
 from services.runtime.pb.ragfleet.v1 import embedding_pb2, gateway_pb2, retrieval_pb2
 
-RETRIEVAL_VERSION = 7  # what retrieval's own INCR answers; the gateway then bumps the key past it
 DOCUMENT = gateway_pb2.Document(doc_id="d1", title="T", text="Hello world. This is a document.")
 
 
@@ -29,24 +29,42 @@ class FakeEmbedding:
 
 
 class FakeRetrieval:
-    def __init__(self, *, fail: bool = False) -> None:
+    """Writes nothing, but owns the corpus version as retrieval does: bumped after every write, failed or not, and
+    reported as 0 when the bump fails."""
+
+    def __init__(self, versions: CorpusVersions, *, fail: bool = False) -> None:
+        self.versions = versions
         self.fail = fail
         self.upserts = 0
 
     async def upsert(self, request, *, timeout):
-        if self.fail:
-            raise Unavailable("retrieval service: store is down")
-        self.upserts += 1
-        return retrieval_pb2.UpsertResponse(upserted=len(request.chunks), corpus_version=RETRIEVAL_VERSION)
+        try:
+            if self.fail:
+                raise Unavailable("retrieval service: store is down")
+            self.upserts += 1
+        finally:
+            version = await self.versions.bump(request.tenant)
+        return retrieval_pb2.UpsertResponse(upserted=len(request.chunks), corpus_version=version or 0)
 
     async def delete(self, request, *, timeout):
-        if self.fail:
-            raise Unavailable("retrieval service: store is down")
-        return retrieval_pb2.DeleteResponse(deleted_chunks=2, corpus_version=RETRIEVAL_VERSION)
+        try:
+            if self.fail:
+                raise Unavailable("retrieval service: store is down")
+        finally:
+            version = await self.versions.bump(request.tenant)
+        return retrieval_pb2.DeleteResponse(deleted_chunks=2, corpus_version=version or 0)
+
+
+def _template(prefix: str) -> str:
+    return prefix + "version:{tenant}"
 
 
 def _cache(prefix: str, client) -> ResponseCache:
-    return ResponseCache(CacheConfig(redis_prefix=prefix, corpus_version_key=prefix + "version:{tenant}"), client)
+    return ResponseCache(CacheConfig(redis_prefix=prefix, corpus_version_key=_template(prefix)), client)
+
+
+def _retrieval(prefix: str, client, *, fail: bool = False) -> FakeRetrieval:
+    return FakeRetrieval(CorpusVersions(client, template=_template(prefix)), fail=fail)
 
 
 def _ingestor(cache: ResponseCache, retrieval: FakeRetrieval, config: IngestConfig = IngestConfig()) -> Ingestor:
@@ -64,16 +82,16 @@ async def dead_redis():
 
 async def test_ingest_and_delete_report_the_version_the_cache_is_keyed_on(redis_client, redis_prefix):
     cache = _cache(redis_prefix, redis_client)
-    ingestor = _ingestor(cache, FakeRetrieval())
+    ingestor = _ingestor(cache, _retrieval(redis_prefix, redis_client))
     ingested = await ingestor.ingest("t", gateway_pb2.IngestRequest(documents=[DOCUMENT]), Deadline(None))
-    assert ingested.corpus_version == await cache.current_version("t") > RETRIEVAL_VERSION
+    assert ingested.corpus_version == await cache.current_version("t") > 0
     deleted = await ingestor.delete("t", gateway_pb2.DeleteDocumentsRequest(doc_ids=["d1"]), Deadline(None))
     assert deleted.corpus_version == await cache.current_version("t") > ingested.corpus_version
     assert deleted.deleted_chunks == 2
 
 
 async def test_bump_failure_after_a_successful_write_is_unavailable_saying_the_data_is_in(dead_redis):
-    retrieval = FakeRetrieval()
+    retrieval = _retrieval("x:", dead_redis)
     ingestor = _ingestor(_cache("x:", dead_redis), retrieval)
     with pytest.raises(Unavailable) as info:
         await ingestor.ingest("t", gateway_pb2.IngestRequest(documents=[DOCUMENT]), Deadline(None))
@@ -85,7 +103,7 @@ async def test_bump_failure_after_a_successful_write_is_unavailable_saying_the_d
 
 
 async def test_a_failed_write_raises_its_own_error_even_if_the_bump_fails_too(dead_redis):
-    ingestor = _ingestor(_cache("x:", dead_redis), FakeRetrieval(fail=True))
+    ingestor = _ingestor(_cache("x:", dead_redis), _retrieval("x:", dead_redis, fail=True))
     with pytest.raises(Unavailable, match="retrieval service: store is down"):
         await ingestor.ingest("t", gateway_pb2.IngestRequest(documents=[DOCUMENT]), Deadline(None))
     with pytest.raises(Unavailable, match="retrieval service: store is down"):
@@ -98,7 +116,7 @@ async def test_a_failed_write_still_invalidates_cached_answers(redis_client, red
     version, _ = await cache.lookup("t", key)
     await cache.store("t", key, CachedAnswer(version, "old answer", b"", 1, (0, 0, 0), "m"), None, fingerprint=b"")
     with pytest.raises(Unavailable):
-        await _ingestor(cache, FakeRetrieval(fail=True)).ingest(
+        await _ingestor(cache, _retrieval(redis_prefix, redis_client, fail=True)).ingest(
             "t", gateway_pb2.IngestRequest(documents=[DOCUMENT]), Deadline(None))
     assert (await cache.lookup("t", key))[1] is None, "a partly failed write may have changed the corpus"
 
@@ -143,7 +161,7 @@ class RecordingRetrieval:
     async def upsert(self, request, *, timeout):
         self.upserts.append(request)
         await self.in_flight.call()
-        return retrieval_pb2.UpsertResponse(upserted=len(request.chunks))
+        return retrieval_pb2.UpsertResponse(upserted=len(request.chunks), corpus_version=len(self.upserts))
 
 
 async def test_ingest_embeds_in_batches_bounded_in_flight_and_upserts_whole_documents_replacing_them():

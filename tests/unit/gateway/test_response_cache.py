@@ -1,5 +1,6 @@
 """Response cache: key normalisation and isolation, corpus-version invalidation across replicas, semantic match
-(per request fingerprint), and the TTL in Redis, L1 and the semantic index alike."""
+(per request fingerprint), and the TTL in Redis, L1 and the semantic index alike. The version is advanced by its
+owner (retrieval, through runtime.corpus_version); the cache only reads it."""
 
 import asyncio
 
@@ -7,6 +8,7 @@ import redis.asyncio as aioredis
 
 from services.gateway.config import CacheConfig
 from services.gateway.response_cache import CachedAnswer, ResponseCache, cache_key, normalise_question
+from services.runtime.corpus_version import CorpusVersions
 
 
 def _entry(version: int, answer: str = "answer [1]") -> CachedAnswer:
@@ -37,7 +39,7 @@ async def test_in_process_hit_and_invalidation():
     assert hit is None
     await cache.store("a", key, _entry(version), None, fingerprint=b"")
     assert (await cache.lookup("a", key))[1] == _entry(version)
-    await cache.bump_version("a")
+    cache.note_write("a")  # without Redis, the writes this process sent are the version
     assert (await cache.lookup("a", key))[1] is None, "a corpus change invalidates"
     assert (await cache.lookup("b", cache.key("b", "q", b"")))[1] is None
 
@@ -51,8 +53,8 @@ async def test_redis_shared_between_replicas_and_bump_invalidates_everywhere(red
     await replica_a.store("acme", key, _entry(version), None, fingerprint=b"p")
     # replica B has nothing in L1 but finds it in Redis; then has it in L1 too
     assert (await replica_b.lookup("acme", key))[1] == _entry(version)
-    # an ingest through replica A bumps the shared version: replica B's L1 copy must not be served
-    new_version = await replica_a.bump_version("acme")
+    # an ingest (through any replica) makes retrieval bump the shared version: replica B's L1 copy must not be served
+    new_version = await CorpusVersions(redis_client, template=redis_prefix + "version:{tenant}").bump("acme")
     assert new_version > version
     v_b, hit_b = await replica_b.lookup("acme", key)
     assert hit_b is None and v_b == new_version
@@ -62,10 +64,10 @@ async def test_redis_shared_between_replicas_and_bump_invalidates_everywhere(red
 
 
 async def test_bump_never_reuses_a_version_after_a_flush(redis_client, redis_prefix):
-    cache = ResponseCache(_config(redis_prefix), redis_client)
-    first = await cache.bump_version("t")
+    versions = CorpusVersions(redis_client, template=redis_prefix + "version:{tenant}")
+    first = await versions.bump("t")
     await redis_client.delete(redis_prefix + "version:t")
-    assert await cache.bump_version("t") > first
+    assert await versions.bump("t") > first
 
 
 async def test_redis_failure_steps_aside():
@@ -83,7 +85,7 @@ async def test_semantic_match_same_tenant_and_version_only():
     assert cache.lookup_semantic("a", 0, [0.0, 1.0, 0.0], fingerprint=b"") is None, "below threshold"
     assert cache.lookup_semantic("b", 0, [1.0, 0.0, 0.0], fingerprint=b"") is None, "other tenant"
     assert cache.lookup_semantic("a", 1, [1.0, 0.0, 0.0], fingerprint=b"") is None, "other corpus version"
-    await cache.bump_version("a")
+    cache.note_write("a")
     assert cache.lookup_semantic("a", 0, [1.0, 0.0, 0.0], fingerprint=b"") is None
 
 
