@@ -363,13 +363,43 @@ async def rare_text_among_a_steady_stream(config: BatcherConfig) -> tuple[float,
 
 async def test_a_rare_length_among_a_steady_stream_is_served_within_the_reorder_window():
     window_ms = 40.0
+    # A fixed window (share 0) states the bound plainly; the share's own bound is tested below.
     wait, overtook, backend = await rare_text_among_a_steady_stream(
-        BatcherConfig(max_batch_size=32, max_wait_ms=0, reorder_window_ms=window_ms))
+        BatcherConfig(max_batch_size=32, max_wait_ms=0, reorder_window_ms=window_ms, reorder_window_share=0.0))
     # The bound: no text that arrived more than the window after it went ahead of it...
     assert overtook == 0, f"{overtook} texts that arrived over {window_ms:.0f} ms later went first"
     # ...so it waited for the eight older texts and what arrived within the window only (~20 texts of 20-160 tokens
     # at 0.2 ms per padded token: ~0.35 s; with pure length grouping, ~2 s behind 55-60 newer texts).
     assert wait < 1.0, f"the rare text waited {wait * 1000:.0f} ms"
+
+
+async def test_the_window_grows_with_the_oldest_wait_but_only_by_its_share():
+    # Share 0.2: the rare text may be passed over only by texts that arrived within 20 % of its wait (the oldest
+    # text's age when its batch was cut is at most the rare text's own wait plus the older texts' few ms).
+    config = BatcherConfig(max_batch_size=32, max_wait_ms=0, reorder_window_ms=1.0, reorder_window_share=0.2)
+    wait, _, backend = await rare_text_among_a_steady_stream(config)
+    assert wait < 1.0, f"the rare text waited {wait * 1000:.0f} ms"
+    rare_text = words(230, "rare")
+    rare_started = next(t for t, texts in backend.started if rare_text in texts)
+    # Stream text i arrived at least 2*i ms after the rare one (one every 2 ms or slower).
+    passed = [int(text[1:text.index("-")]) for t, texts in backend.started if t < rare_started for text in texts
+              if text.startswith("s")]
+    assert passed, "the stream never joined a batch: the window did not grow"
+    assert 0.002 * max(passed) <= 0.2 * wait + 0.01, (max(passed), wait)
+
+
+async def test_a_window_share_grows_batches_under_load(scripted):
+    # 64 queued texts of one length that arrived over 1 s: a fixed 100 ms window groups the first 7 only; a share
+    # of 0.2 of the oldest text's 1 s wait lets 200 ms of arrivals (13 texts) group.
+    def cut(share: float) -> int:
+        batcher = Batcher(scripted, BatcherConfig(max_batch_size=32, reorder_window_share=share))
+        now = time.perf_counter()
+        for i in range(64):
+            (future,) = batcher.append(scripted.prepare([words(20, f"t{i}-")]))
+            batcher._queue[-1].enqueued = now - 1.0 + i / 64
+        return len(batcher.next_batch())
+
+    assert cut(0.0) <= 7 < 12 <= cut(0.2)
 
 
 async def test_pure_length_grouping_lets_a_stream_pass_a_rare_length():
@@ -402,6 +432,8 @@ def test_batch_policy_and_reorder_window_are_configured():
 
     default = EmbeddingConfig.from_env({}).batcher
     assert (default.policy, default.reorder_window_ms) == ("bounded", 100.0)
+    assert default.reorder_window_share == 0.2
+    assert EmbeddingConfig.from_env({"RAGFLEET_EMBEDDING_REORDER_WINDOW_SHARE": "0"}).batcher.reorder_window_share == 0
     chosen = EmbeddingConfig.from_env({"RAGFLEET_EMBEDDING_BATCH_POLICY": "Length",
                                        "RAGFLEET_EMBEDDING_REORDER_WINDOW_MS": "25"}).batcher
     assert (chosen.policy, chosen.reorder_window_ms) == ("length", 25.0)
