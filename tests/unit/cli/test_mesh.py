@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import queue
 import re
 import signal
 import socket
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import grpc
@@ -21,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.cli import demo, up
 from services.cli.mesh import SERVICES, MeshError
+from tests.unit.cli._up_output import Lines, banner_pids
 
 pytestmark = pytest.mark.slow
 
@@ -49,42 +47,17 @@ def test_demo_success_needs_an_answer_and_numbered_sources() -> None:
     assert not demo.answered_with_sources(0, "Bees dance.\n\n(no sources: the corpus is empty ...)\n")
 
 
-class _Lines:
-    """Reads a process's stdout on a thread so the test can wait for a line with a timeout."""
-
-    def __init__(self, process: subprocess.Popen) -> None:
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.seen: list[str] = []
-        threading.Thread(target=self._pump, args=(process,), daemon=True).start()
-
-    def _pump(self, process: subprocess.Popen) -> None:
-        for line in process.stdout:
-            self.lines.put(line)
-
-    def wait_for(self, needle: str, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            self.seen.append(line)
-            if needle in line:
-                return "".join(self.seen)
-        raise AssertionError(f"{needle!r} not printed within {timeout}s; got:\n{''.join(self.seen)}")
-
-
-def _start_up(data_dir: Path, log_level: str = "WARNING") -> tuple[subprocess.Popen, _Lines, dict[str, int], str]:
+def _start_up(data_dir: Path, log_level: str = "WARNING") -> tuple[subprocess.Popen, Lines, dict[str, int], str]:
     env = {**os.environ, "RAGFLEET_LOG_LEVEL": log_level, "RAGFLEET_REDIS_URL": "", "RAGFLEET_LLM_BASE_URL": ""}
     process = subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--port-base", "0", "--data-dir",
                                 str(data_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    lines = _Lines(process)
+    lines = Lines(process.stdout)
     try:
         banner = lines.wait_for("Ctrl-C stops everything.", timeout=120)
     except AssertionError:
         process.kill()
         raise
-    pids = {name: int(pid) for name, pid in re.findall(r"^  (\w+)\s+127\.0\.0\.1:\d+.*pid (\d+)$", banner, re.M)}
+    pids = banner_pids(banner)
     gateway = re.search(r"^  gateway\s+(127\.0\.0\.1:\d+)", banner, re.M).group(1)
     assert sorted(pids) == sorted(SERVICES)
     return process, lines, pids, gateway

@@ -10,27 +10,24 @@ from __future__ import annotations
 
 import os
 import pty
-import queue
-import re
 import select
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
-from typing import IO, Iterator
+from typing import Iterator
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.cli.mesh import SERVICES, port_in_use
+from tests.unit.cli._up_output import START_TIMEOUT, Lines, banner_pids
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")]
 
-START_TIMEOUT = 120.0
 GONE_WITHIN = 10.0  # seconds: an idle service drains and exits well inside this
 
 
@@ -75,38 +72,6 @@ def _kill(process: subprocess.Popen | None, data_dir: Path) -> None:
             pass
 
 
-class _Lines:
-    """Reads a stream on a thread so the test can wait for a line with a timeout (or until the stream ends)."""
-
-    def __init__(self, stream: IO[str]) -> None:
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        self.seen: list[str] = []
-        threading.Thread(target=self._pump, args=(stream,), daemon=True).start()
-
-    def _pump(self, stream: IO[str]) -> None:
-        for line in stream:
-            self.lines.put(line)
-        self.lines.put(None)
-
-    def wait_for(self, needle: str, timeout: float = START_TIMEOUT) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            if line is None:
-                break
-            self.seen.append(line)
-            if needle in line:
-                return "".join(self.seen)
-        raise AssertionError(f"{needle!r} not printed within {timeout}s; got:\n{''.join(self.seen)}")
-
-
-def _banner_pids(banner: str) -> dict[str, int]:
-    return {name: int(pid) for name, pid in re.findall(r"^  (\w+)\s+127\.0\.0\.1:\d+.*pid (\d+)$", banner, re.M)}
-
-
 @pytest.fixture
 def up(tmp_path: Path) -> Iterator[tuple[subprocess.Popen, Path, dict[str, int]]]:
     """A running `ragfleet up` on free ports, its data dir and its services' pids; everything killed afterwards."""
@@ -114,7 +79,7 @@ def up(tmp_path: Path) -> Iterator[tuple[subprocess.Popen, Path, dict[str, int]]
     process = subprocess.Popen(_up_command(data_dir), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                                env=_env())
     try:
-        pids = _banner_pids(_Lines(process.stdout).wait_for("Ctrl-C stops everything."))
+        pids = banner_pids(Lines(process.stdout).wait_for("Ctrl-C stops everything."))
         assert sorted(pids) == sorted(SERVICES)
         assert set(pids.values()) <= _mesh_pids(data_dir)
         yield process, data_dir, pids
@@ -143,7 +108,7 @@ def test_closing_up_s_terminal_stops_every_service(tmp_path: Path) -> None:
         while b"Ctrl-C stops everything." not in shown and time.monotonic() < deadline:
             if select.select([terminal], [], [], 0.5)[0]:
                 shown += os.read(terminal, 65536)
-        assert set(_banner_pids(shown.decode().replace("\r\n", "\n")).values()) <= _mesh_pids(data_dir), shown
+        assert set(banner_pids(shown.decode().replace("\r\n", "\n")).values()) <= _mesh_pids(data_dir), shown
         os.close(terminal)
         terminal = -1
         deadline = time.monotonic() + 30
@@ -225,7 +190,7 @@ def test_up_restarts_at_once_on_the_same_ports_after_serving_clients(tmp_path: P
     try:
         process = subprocess.Popen(_up_command(data_dir, base), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                    text=True, env=_env())
-        _Lines(process.stdout).wait_for("Ctrl-C stops everything.")
+        Lines(process.stdout).wait_for("Ctrl-C stops everything.")
         assert all(port_in_use("127.0.0.1", port) for port in ports)  # gRPC's (IPv6, v4-mapped) listeners count
         channels = [grpc.insecure_channel(f"127.0.0.1:{port}") for port in sorted(ports)]
         try:
@@ -245,7 +210,7 @@ def test_up_restarts_at_once_on_the_same_ports_after_serving_clients(tmp_path: P
 
         process = subprocess.Popen(_up_command(data_dir, base), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                    text=True, env=_env())
-        lines = _Lines(process.stdout)
+        lines = Lines(process.stdout)
         try:
             lines.wait_for("Ctrl-C stops everything.")
         except AssertionError:
