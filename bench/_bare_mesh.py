@@ -415,7 +415,8 @@ def report(floor: dict[str, Any]) -> str:
     if "hops_ms" in floor:
         rows += ["", "## Latency of each hop, called directly from the client (ms)", "",
                  "| hop | p50 | p95 | p99 |", "|---|---|---|---|"]
-        rows += [f"| {name} | {s['p50']:.3f} | {s['p95']:.3f} | {s['p99']:.3f} |" for name, s in floor["hops_ms"].items()]
+        rows += [f"| {name} | {s['p50']:.3f} | {s['p95']:.3f} | {s['p99']:.3f} |"
+                 for name, s in floor["hops_ms"].items()]
         stages = floor["fixed"]["gateway_stage_ms"]
         rows += ["", "Inside the bare gateway (p50 ms): " + ", ".join(f"{k} {v['p50']:.3f}" for k, v in stages.items())]
     if "relay" in floor:
