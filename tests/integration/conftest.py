@@ -148,7 +148,6 @@ def llm_mesh(tmp_path_factory: pytest.TempPathFactory, sim_llm: SimLLM) -> Itera
         "RAGFLEET_LLM_MODEL": "sim-llm",
         "RAGFLEET_REDIS_URL": REDIS_URL,
         "RAGFLEET_GATEWAY_REDIS_PREFIX": prefix,
-        "RAGFLEET_GATEWAY_CORPUS_VERSION_KEY": prefix + "version:{tenant}",
         "RAGFLEET_GATEWAY_API_KEYS": f"{tenants.key_a}={tenants.tenant_a},{tenants.key_b}={tenants.tenant_b}",
         "RAGFLEET_GATEWAY_MAX_IN_FLIGHT": str(LLM_MESH_MAX_IN_FLIGHT),
         "RAGFLEET_GENERATION_FALLBACK": "false",

@@ -121,7 +121,7 @@ def sim(sim_llm: SimLLM) -> SimLLM:
 def mesh(tmp_path_factory: pytest.TempPathFactory, sim: SimLLM) -> Iterator[LocalMesh]:
     prefix = f"ragfleet-test:{uuid.uuid4().hex[:8]}:gw:"
     env = {"RAGFLEET_LLM_BASE_URL": sim.base_url, "RAGFLEET_LLM_MODEL": "sim-llm", "RAGFLEET_REDIS_URL": REDIS_URL,
-           "RAGFLEET_GATEWAY_REDIS_PREFIX": prefix, "RAGFLEET_GATEWAY_CORPUS_VERSION_KEY": prefix + "version:{tenant}",
+           "RAGFLEET_GATEWAY_REDIS_PREFIX": prefix,
            "RAGFLEET_GATEWAY_API_KEYS": "", "RAGFLEET_LOG_LEVEL": "WARNING"}
     local = LocalMesh(data_dir=tmp_path_factory.mktemp("prometheus-mesh"), env=env)
     try:
