@@ -49,6 +49,7 @@ from services.gateway.deadlines import Deadline
 from services.gateway.ingest import Ingestor
 from services.gateway.response_cache import ResponseCache
 from services.runtime.pb.ragfleet.v1 import gateway_pb2, gateway_pb2_grpc
+from tests._redis import delete_keys
 
 FAST_SIM = {"ttft_ms": 0.0, "tokens_per_second": 5000.0, "max_tokens": 8}
 
@@ -485,7 +486,7 @@ async def run(args: argparse.Namespace) -> int:
     finally:
         mesh.stop()
         sim.stop()
-        _cleanup_redis(prefix)
+        delete_keys(prefix + "*", url=REDIS_URL)
     targets, markdown = report(figures, levels)
     notes = [f"All processes share this machine's {os.cpu_count()} cores: the load generator (this process, which "
              "also hosts the in-process stack of phase 2), the sim LLM (its own process) and the four mesh services.",
@@ -500,18 +501,6 @@ async def run(args: argparse.Namespace) -> int:
     for t in targets:
         print(f"  {t['name']}: {t['value']:.4g} (goal {t['goal']}) {'met' if t['met'] else 'NOT met'}")
     return 0
-
-
-def _cleanup_redis(prefix: str) -> None:
-    import redis
-
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        keys = list(client.scan_iter(match=prefix + "*", count=1000))
-        if keys:
-            client.delete(*keys)
-    finally:
-        client.close()
 
 
 def main(argv: list[str] | None = None) -> int:

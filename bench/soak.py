@@ -26,11 +26,9 @@ import argparse
 import asyncio
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
@@ -39,11 +37,12 @@ from typing import Any
 
 
 import grpc
-import redis
 
 from bench._common import SAMPLE_CORPUS, percentiles, target, write_results
-from services.cli.mesh import SERVICES, LocalMesh, free_port
+from services.cli.mesh import SERVICES, LocalMesh
+from services.cli.sim_llm import SimLLMProcess
 from services.runtime.pb.ragfleet.v1 import gateway_pb2, gateway_pb2_grpc
+from tests._redis import delete_keys
 
 
 REDIS_URL = os.environ.get("RAGFLEET_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -225,11 +224,8 @@ def main() -> int:
     run_id = uuid.uuid4().hex[:8]
     prefix = f"ragfleet-soak:{run_id}:"
     tenant, key = f"soak-{run_id}", f"soak-key-{run_id}"
-    sim_port = free_port()
-    sim = subprocess.Popen([sys.executable, "-m", "services.cli", "sim-llm", "--port", str(sim_port),
-                            "--ttft-ms", "30", "--tokens-per-second", "400", "--max-tokens", "24"],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    env = {"RAGFLEET_LLM_BASE_URL": f"http://127.0.0.1:{sim_port}/v1", "RAGFLEET_LLM_MODEL": "sim-llm",
+    sim = SimLLMProcess(ttft_ms=30, tokens_per_second=400, max_tokens=24)
+    env = {"RAGFLEET_LLM_BASE_URL": sim.base_url, "RAGFLEET_LLM_MODEL": "sim-llm",
            "RAGFLEET_REDIS_URL": REDIS_URL, "RAGFLEET_GATEWAY_REDIS_PREFIX": prefix + "gw:",
            "RAGFLEET_EMBEDDING_L2_PREFIX": prefix + "emb:", "RAGFLEET_GATEWAY_API_KEYS": f"{key}={tenant}",
            "RAGFLEET_GATEWAY_SEMANTIC_CACHE": "true", "RAGFLEET_LOG_LEVEL": "WARNING",
@@ -237,15 +233,6 @@ def main() -> int:
     tmp = tempfile.TemporaryDirectory(prefix="ragfleet-soak-")
     mesh = LocalMesh(data_dir=tmp.name, env=env)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{sim_port}/_sim/stats", timeout=2).close()
-                break
-            except OSError:
-                if sim.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("sim-llm did not start")
-                time.sleep(0.1)
         mesh.start()
         docs = [gateway_pb2.Document(doc_id=p.stem, title=p.stem, text=p.read_text())
                 for p in sorted(SAMPLE_CORPUS.iterdir())]
@@ -258,20 +245,9 @@ def main() -> int:
         exited = mesh.exited()
     finally:
         mesh.stop()
-        sim.terminate()
-        try:
-            sim.wait(10)
-        except subprocess.TimeoutExpired:
-            sim.kill()
+        sim.stop()
         tmp.cleanup()
-        client = redis.Redis.from_url(REDIS_URL)
-        try:
-            for pattern in (prefix + "*", f"ragfleet:retrieval:*{tenant}*"):
-                keys = list(client.scan_iter(match=pattern, count=1000))
-                if keys:
-                    client.delete(*keys)
-        finally:
-            client.close()
+        delete_keys(prefix + "*", f"ragfleet:retrieval:*{tenant}*", url=REDIS_URL)
 
     per_service = {}
     for name in SERVICES:

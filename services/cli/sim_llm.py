@@ -13,6 +13,8 @@ Control endpoints for tests: `GET /_sim/stats` (requests, active and completed s
 mid-stream, the last chat request), `POST /_sim/config` (change settings live), `POST /_sim/reset`.
 
     ragfleet sim-llm --port 8081 --ttft-ms 200 --tokens-per-second 20
+
+Tests and benchmarks run it as its own process with `SimLLMProcess` (below).
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ import math
 import random
 import socket
 import struct
+import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from aiohttp import web
@@ -324,6 +328,65 @@ async def start(config: SimConfig, host: str = "127.0.0.1", port: int = 0) -> tu
     await site.start()
     bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     return runner, bound
+
+
+class SimLLMProcess:
+    """`ragfleet sim-llm` as its own process on a free loopback port, driven through its control endpoints.
+
+        sim = SimLLMProcess(ttft_ms=30, tokens_per_second=400)   # SimConfig fields; returns once it answers
+        env = {"RAGFLEET_LLM_BASE_URL": sim.base_url}
+        sim.configure(hang_rate=1.0); sim.stats(); sim.reset(); sim.stop()
+    """
+
+    def __init__(self, *, flags: Sequence[str] = (), start_timeout: float = 30.0, **settings: Any) -> None:
+        """`settings` become `--name value` flags; `flags` are passed as they are."""
+        from services.cli.mesh import free_port  # here: serving the sim needs no gRPC
+
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"  # what RAGFLEET_LLM_BASE_URL wants
+        args = [sys.executable, "-m", "services.cli", "sim-llm", "--port", str(self.port), *flags]
+        for name, value in settings.items():
+            args += ["--" + name.replace("_", "-"), str(value)]
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        start_new_session=True)
+        deadline = time.monotonic() + start_timeout
+        while True:
+            try:
+                self.stats()
+                return
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError("sim-llm did not start") from None
+                time.sleep(0.1)
+
+    def control(self, path: str, payload: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """GET (no payload) or POST one of the /_sim endpoints; returns its JSON."""
+        data = None if payload is None else json.dumps(payload).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data,
+                                         method="GET" if data is None else "POST",
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
+
+    def stats(self) -> dict[str, Any]:
+        return self.control("/_sim/stats")
+
+    def configure(self, settings: Mapping[str, Any] | None = None, /, **more: Any) -> None:
+        """Change settings live, given as a mapping, as keywords, or both (like dict.update)."""
+        self.control("/_sim/config", {**(settings or {}), **more})
+
+    def reset(self) -> None:
+        self.control("/_sim/reset", {})
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 import redis
 
 from services.cli.mesh import SERVICES, LocalMesh, free_port
+from tests._redis import delete_keys
 from tests.conftest import REDIS_URL
 from tests.faults._proxy import TcpProxy
 from tests.integration.conftest import SimLLM, start_sim_llm, stop_process
@@ -79,14 +80,7 @@ class FaultMesh:
 
 
 def _cleanup_redis(patterns: list[str]) -> None:
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        for pattern in patterns:
-            keys = list(client.scan_iter(match=pattern if "*" in pattern else pattern + "*", count=1000))
-            if keys:
-                client.delete(*keys)
-    finally:
-        client.close()
+    delete_keys(*(pattern if "*" in pattern else pattern + "*" for pattern in patterns))
 
 
 def start_fault_mesh(data_dir: Path) -> FaultMesh:

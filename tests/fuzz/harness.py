@@ -16,8 +16,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 import time
 import urllib.request
 import uuid
@@ -30,9 +28,11 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import strategies as st
 
-from services.cli.mesh import LocalMesh, free_port
+from services.cli.mesh import LocalMesh
+from services.cli.sim_llm import SimLLMProcess
 from services.runtime.pb.ragfleet.v1 import (common_pb2, embedding_pb2, gateway_pb2, generation_pb2,
                                               retrieval_pb2)
+from tests._redis import delete_keys
 from tests.fuzz.strategies import DEFAULT_HUGE_CHARS, messages, texts
 
 REDIS_URL = os.environ.get("RAGFLEET_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -163,7 +163,7 @@ class FuzzMesh:
     small corpus for the fuzz tenant so Asks reach retrieval and generation with passages."""
 
     mesh: LocalMesh
-    sim: subprocess.Popen
+    sim: SimLLMProcess
     api_key: str
     tenant: str
     redis_prefix: str
@@ -174,13 +174,10 @@ class FuzzMesh:
     @classmethod
     def start(cls, data_dir: Path, *, timeout: float = 20.0, log_level: str = "WARNING") -> "FuzzMesh":
         run = uuid.uuid4().hex[:8]
-        sim_port = free_port()
-        sim = subprocess.Popen([sys.executable, "-m", "services.cli", "sim-llm", "--port", str(sim_port),
-                                "--ttft-ms", "5", "--tokens-per-second", "2000", "--max-tokens", "16"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        sim = SimLLMProcess(ttft_ms=5, tokens_per_second=2000, max_tokens=16)
         tenant, key, prefix = f"fuzz-{run}", f"fuzz-key-{run}", f"ragfleet-fuzz:{run}:"
         env = {
-            "RAGFLEET_LLM_BASE_URL": f"http://127.0.0.1:{sim_port}/v1",
+            "RAGFLEET_LLM_BASE_URL": sim.base_url,
             "RAGFLEET_LLM_MODEL": "sim-llm",
             "RAGFLEET_REDIS_URL": REDIS_URL,
             "RAGFLEET_GATEWAY_REDIS_PREFIX": prefix + "gw:",
@@ -193,11 +190,10 @@ class FuzzMesh:
         }
         mesh = LocalMesh(data_dir=data_dir, env=env)
         try:
-            _wait_http(f"http://127.0.0.1:{sim_port}/_sim/stats", sim)
             mesh.start()
         except BaseException:
             mesh.stop()
-            _stop(sim)
+            sim.stop()
             raise
         doc_ids = ["bees", "honey", "wax"]
         tenants = (tenant, f"other-{run}")
@@ -296,7 +292,7 @@ class FuzzMesh:
         try:
             self.mesh.stop()
         finally:
-            _stop(self.sim)
+            self.sim.stop()
             _cleanup_redis(self.redis_prefix, self.tenants)
 
     def __enter__(self) -> "FuzzMesh":
@@ -306,42 +302,14 @@ class FuzzMesh:
         self.stop()
 
 
-def _wait_http(url: str, process: subprocess.Popen, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{url} did not come up")
-            time.sleep(0.1)
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 def _cleanup_redis(prefix: str, tenants: Sequence[str]) -> None:
     """Delete this run's keys: its own prefix, and retrieval's per-tenant keys (their prefix is fixed)."""
     import redis
 
-    client = redis.Redis.from_url(REDIS_URL)
     try:
-        for pattern in [prefix + "*"] + [f"ragfleet:retrieval:*{t}*" for t in tenants]:
-            keys = list(client.scan_iter(match=pattern, count=1000))
-            if keys:
-                client.delete(*keys)
+        delete_keys(prefix + "*", *(f"ragfleet:retrieval:*{t}*" for t in tenants), url=REDIS_URL)
     except redis.RedisError:
         pass
-    finally:
-        client.close()
 
 
 def summary(counts: Mapping[str, Counter[str]]) -> str:

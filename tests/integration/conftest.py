@@ -11,11 +11,8 @@ Each mesh starts once per session, on first use. Tests that change the sim's set
 
 from __future__ import annotations
 
-import json
 import subprocess
-import sys
 import time
-import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,35 +22,15 @@ import pytest
 import redis
 
 from services.cli.mesh import LocalMesh, free_port
+from services.cli.sim_llm import SimLLMProcess
 from tests.conftest import REDIS_URL
 
 LLM_MESH_MAX_IN_FLIGHT = 6
 SIM_DEFAULTS = {"ttft_ms": 30.0, "tokens_per_second": 400.0, "max_tokens": 24, "failure_rate": 0.0, "hang_rate": 0.0}
 
 
-@dataclass
-class SimLLM:
-    """Control handle of a sim-llm process."""
-
-    base_url: str  # ".../v1", what RAGFLEET_LLM_BASE_URL wants
-    process: subprocess.Popen
-
-    def _call(self, path: str, payload: dict[str, Any] | None = None) -> dict[str, Any]:
-        root = self.base_url.removesuffix("/v1")
-        data = None if payload is None else json.dumps(payload).encode()
-        request = urllib.request.Request(root + path, data=data, method="GET" if data is None else "POST",
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return json.loads(response.read())
-
-    def stats(self) -> dict[str, Any]:
-        return self._call("/_sim/stats")
-
-    def configure(self, **settings: Any) -> None:
-        self._call("/_sim/config", settings)
-
-    def reset(self) -> None:
-        self._call("/_sim/reset", {})
+class SimLLM(SimLLMProcess):
+    """Control handle of a sim-llm process, with a poll the tests assert on."""
 
     def wait_for(self, predicate, timeout: float = 5.0) -> dict[str, Any]:
         """Poll stats until predicate(stats) holds; returns the last stats (the caller asserts)."""
@@ -66,22 +43,7 @@ class SimLLM:
 
 
 def start_sim_llm(**settings: Any) -> SimLLM:
-    port = free_port()
-    args = [sys.executable, "-m", "services.cli", "sim-llm", "--port", str(port)]
-    for name, value in settings.items():
-        args += ["--" + name.replace("_", "-"), str(value)]
-    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    sim = SimLLM(f"http://127.0.0.1:{port}/v1", process)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            sim.stats()
-            return sim
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                raise RuntimeError("sim-llm did not start")
-            time.sleep(0.1)
+    return SimLLM(**settings)
 
 
 def stop_process(process: subprocess.Popen) -> None:

@@ -24,13 +24,13 @@ from typing import Any, Iterator
 
 import grpc
 import pytest
-import redis
 import yaml
 
 from services.cli.ask import ask as cli_ask
 from services.cli.ingest import ingest_path
 from services.cli.mesh import LocalMesh, free_port
 from services.runtime.pb.ragfleet.v1 import gateway_pb2, gateway_pb2_grpc
+from tests._redis import delete_keys
 from tests.conftest import REDIS_URL
 from tests.contract._metrics import (KUBE_STATE_METRICS, PROMETHEUS, ROOT, SERVICES, adapter_rules, alert_signal,
                                      alerts, dashboard_queries, hpa_pod_metrics, manifests, recordings,
@@ -130,13 +130,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory, sim: SimLLM) -> Iterator[Loca
         yield local
     finally:
         local.stop()
-        client = redis.Redis.from_url(REDIS_URL)
-        try:
-            keys = list(client.scan_iter(match=prefix + "*", count=1000))
-            if keys:
-                client.delete(*keys)
-        finally:
-            client.close()
+        delete_keys(prefix + "*")
 
 
 @pytest.fixture(scope="module")
