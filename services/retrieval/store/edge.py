@@ -30,6 +30,11 @@ from services.runtime.errors import InvalidArgument
 log = logging.getLogger("ragfleet.retrieval.edge")
 T = TypeVar("T")
 
+# Up to this many points a search, sparse search or fetch costs the engine less than the thread-pool hop around it
+# (~0.1 ms of CPU: 40-65 us inline vs 120-170 us through the pool at 60 points; 290-350 vs 390-510 at 3000), so
+# it runs inline on the event loop; bigger shards keep the pool, where the engine runs without the GIL.
+INLINE_READ_MAX_POINTS = 2000
+
 
 class _Gate:
     """Lets engine calls run concurrently, but lets a swap wait for them to finish and hold new ones back."""
@@ -40,6 +45,10 @@ class _Gate:
         self._open.set()
         self._idle = asyncio.Event()
         self._idle.set()
+
+    def is_open(self) -> bool:
+        """No swap is waiting or running: a synchronous engine call made now cannot overlap one."""
+        return self._open.is_set()
 
     @asynccontextmanager
     async def shared(self) -> AsyncIterator[None]:
@@ -118,6 +127,7 @@ class EdgeStore(VectorStore):
         # Update operations applied since the build copy was taken; replayed on the indexed copy at swap time.
         self._journal: list[qe.UpdateOperation] | None = None
         self._lock_fd: int | None = None
+        self._inline_reads = False  # the shard holds at most INLINE_READ_MAX_POINTS points (updated on each write)
 
     def _config(self) -> qe.EdgeConfig:
         quantization = None
@@ -134,6 +144,7 @@ class EdgeStore(VectorStore):
 
     async def start(self) -> None:
         self._shard = await asyncio.get_running_loop().run_in_executor(self._writer, self.open_shard)
+        self._inline_reads = self._small(self._shard)
         self._gate = _Gate()
         self._optimize_lock = asyncio.Lock()
         self._wake = asyncio.Event()
@@ -204,6 +215,22 @@ class EdgeStore(VectorStore):
         except Exception as exc:
             raise StoreError(f"embedded engine failed to {what}: {exc}") from exc
 
+    async def _read(self, fn: Callable[[], T], what: str) -> T:
+        """A search-path read: inline while the shard is small and no swap holds the gate, else on the pool."""
+        gate = self._gate
+        if self._inline_reads and gate is not None and gate.is_open():
+            try:
+                return fn()
+            except StoreError:
+                raise
+            except Exception as exc:
+                raise StoreError(f"embedded engine failed to {what}: {exc}") from exc
+        return await self._run(self._readers, fn, what)
+
+    @staticmethod
+    def _small(shard: qe.EdgeShard) -> bool:
+        return shard.info().points_count <= INLINE_READ_MAX_POINTS
+
     def _touch(self) -> None:
         self._last_write = time.monotonic()
         self._dirty = True
@@ -221,7 +248,11 @@ class EdgeStore(VectorStore):
 
     async def _apply(self, operation: qe.UpdateOperation, what: str) -> None:
         try:
-            await self._run(self._writer, lambda: self.shard.update(operation), what)
+            def update() -> bool:
+                self.shard.update(operation)
+                return self._small(self.shard)
+
+            self._inline_reads = await self._run(self._writer, update, what)
         finally:
             self._touch()
         if self._journal is not None:
@@ -243,7 +274,7 @@ class EdgeStore(VectorStore):
         request = qe.QueryRequest(limit=limit, query=qe.Query.Nearest(list(vector), using=DENSE),
                                   filter=_filter(tenant, conditions), with_payload=False,
                                   params=search_params(self.index, hnsw_ef, exact))
-        points = await self._run(self._readers, lambda: self.shard.query(request), "search")
+        points = await self._read(lambda: self.shard.query(request), "search")
         return [Candidate(str(p.id), float(p.score), {}) for p in points]
 
     async def sparse(self, tenant: str, query: SparseVec, limit: int,
@@ -256,7 +287,7 @@ class EdgeStore(VectorStore):
         request = qe.QueryRequest(limit=limit, query=qe.Query.Nearest(qe.SparseVector(query.indices, query.values),
                                                                       using=SPARSE),
                                   filter=flt, with_payload=False, params=qe.SearchParams(idf=idf))
-        points = await self._run(self._readers, lambda: self.shard.query(request), "search")
+        points = await self._read(lambda: self.shard.query(request), "search")
         return [Candidate(str(p.id), float(p.score), {}) for p in points]
 
     async def fetch(self, tenant: str, point_ids: Sequence[str], *, with_vectors: bool) -> dict[str, Candidate]:
@@ -264,7 +295,7 @@ class EdgeStore(VectorStore):
             return {}
         request = qe.ScrollRequest(limit=len(point_ids), with_payload=True, with_vector=[DENSE] if with_vectors
                                    else False, filter=_filter(tenant, (), must=[qe.HasIdCondition(set(point_ids))]))
-        records, _ = await self._run(self._readers, lambda: self.shard.scroll(request), "fetch")
+        records, _ = await self._read(lambda: self.shard.scroll(request), "fetch")
         return {c.point_id: c for c in map(_detail, records)}
 
     async def count(self, tenant: str) -> int:
