@@ -7,10 +7,11 @@ its wall time lands in SearchResponse.timings_ms.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -26,6 +27,17 @@ from services.runtime.errors import InvalidArgument
 from services.runtime.telemetry import tracer
 
 _tracer = tracer(__name__)
+
+
+@functools.cache
+def _stage_metrics(name: str) -> tuple[Any, Any]:
+    """A stage's histogram children, looked up once: labels() twice per stage was ~60 us of every Search."""
+    return metrics.STAGE_SECONDS.labels(name), metrics.STAGE_CANDIDATES.labels(name)
+
+
+@functools.cache
+def _searches(mode: str) -> Any:
+    return metrics.SEARCHES.labels(mode)
 
 
 @dataclass(frozen=True)
@@ -69,8 +81,9 @@ class SearchPipeline:
             count = out.get("candidates", 0)
             span.set_attribute("ragfleet.candidates_out", count)
         timings[name] = round(elapsed * 1000.0, 3)
-        metrics.STAGE_SECONDS.labels(name).observe(elapsed)
-        metrics.STAGE_CANDIDATES.labels(name).observe(count)
+        seconds, candidates = _stage_metrics(name)
+        seconds.observe(elapsed)
+        candidates.observe(count)
 
     async def _query_vector(self, query: SearchQuery, timings: dict[str, float]) -> np.ndarray | None:
         if query.vector is not None:
@@ -124,7 +137,7 @@ class SearchPipeline:
         use_dense = vector is not None and query.mode in ("dense", "hybrid")
         use_sparse = bool(query.text) and query.mode in ("sparse", "hybrid")
         mode = "hybrid" if use_dense and use_sparse else ("dense" if use_dense else "sparse")
-        metrics.SEARCHES.labels(mode).inc()
+        _searches(mode).inc()
         limit = max(self.settings.candidates, query.top_k)
 
         dense_hits: list[Candidate] = []
