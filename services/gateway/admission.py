@@ -6,7 +6,8 @@ from prometheus_client import Counter, Gauge
 
 from services.runtime.admission import AdmissionLimiter
 
-ASKS_IN_FLIGHT = Gauge("ragfleet_gateway_asks_in_flight", "Ask streams in progress on this replica")
+ASKS_IN_FLIGHT = Gauge("ragfleet_gateway_asks_in_flight", "Ask streams in progress on this replica",
+                       multiprocess_mode="livesum")  # a replica's workers together (the HPA's per-pod value)
 ASKS_REJECTED = Counter("ragfleet_gateway_asks_rejected_total", "Asks refused with RESOURCE_EXHAUSTED")
 
 

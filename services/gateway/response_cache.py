@@ -34,7 +34,9 @@ from services.runtime.lru import LruCache
 log = logging.getLogger("ragfleet.gateway.cache")
 
 CACHE_LOOKUPS = Counter("ragfleet_gateway_cache_lookups_total", "Response-cache lookups by result", ["result"])
-CACHE_HIT_RATIO = Gauge("ragfleet_gateway_cache_hit_ratio", "Response-cache hits / lookups since start")
+# With several workers, the last one to update it: the pod's exact ratio is cache_lookups_total's (the dashboards').
+CACHE_HIT_RATIO = Gauge("ragfleet_gateway_cache_hit_ratio", "Response-cache hits / lookups since start",
+                        multiprocess_mode="livemostrecent")
 
 
 def normalise_question(question: str) -> str:

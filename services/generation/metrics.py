@@ -18,7 +18,9 @@ DELTAS_COALESCED = Counter("ragfleet_generation_deltas_coalesced_total",
 HISTORY_TURNS_DROPPED = Counter("ragfleet_generation_history_turns_dropped_total",
                                 "Turns dropped (or summarised) to fit the history budget", ["how"])
 PASSAGES_DROPPED = Counter("ragfleet_generation_passages_dropped_total", "Passages left out by the token budget")
-ACTIVE = Gauge("ragfleet_generation_active_streams", "Generate calls in progress")
+# Summed over a pod's workers (runtime/workers.py), each admitting MAX_CONCURRENT: the HPA's ratio stays right.
+ACTIVE = Gauge("ragfleet_generation_active_streams", "Generate calls in progress", multiprocess_mode="livesum")
 # RAGFLEET_GENERATION_MAX_CONCURRENT: the HPA scales on active_streams / admission_limit per pod.
-ADMISSION_LIMIT = Gauge("ragfleet_generation_admission_limit", "Most Generate calls admitted at once (MAX_CONCURRENT)")
+ADMISSION_LIMIT = Gauge("ragfleet_generation_admission_limit", "Most Generate calls admitted at once (MAX_CONCURRENT)",
+                        multiprocess_mode="livesum")
 REJECTED = Counter("ragfleet_generation_rejected_total", "Generate calls refused at admission (overload)")

@@ -24,15 +24,18 @@ CACHE = Counter("ragfleet_retrieval_cache_total", "Result cache lookups", ["resu
 UPSERTED = Counter("ragfleet_retrieval_upserted_chunks_total", "Chunks written")
 UPSERT_FAILED = Counter("ragfleet_retrieval_upsert_failed_chunks_total", "Chunks a failed batch did not write")
 DELETED = Counter("ragfleet_retrieval_deleted_chunks_total", "Chunks deleted")
-INDEX_POINTS = Gauge("ragfleet_retrieval_index_points", "Points in the store")
-INDEX_INDEXED = Gauge("ragfleet_retrieval_index_indexed_vectors", "Dense vectors covered by HNSW")
-INDEX_STATE = Gauge("ragfleet_retrieval_index_state", "1 for the store's current index state", ["state"])
+# Modes for prometheus_client's multiprocess mode (several workers, runtime/workers.py): one store, seen by each.
+INDEX_POINTS = Gauge("ragfleet_retrieval_index_points", "Points in the store", multiprocess_mode="livemax")
+INDEX_INDEXED = Gauge("ragfleet_retrieval_index_indexed_vectors", "Dense vectors covered by HNSW",
+                      multiprocess_mode="livemax")
+INDEX_STATE = Gauge("ragfleet_retrieval_index_state", "1 for the store's current index state", ["state"],
+                    multiprocess_mode="livemax")
 INDEX_STATES = ("empty", "exact", "optimizing", "indexed")
 # Reachability of what retrieval depends on, probed every few seconds (alerts: RagfleetQdrantUnreachable,
 # RagfleetRedisUnreachable). `store` is the vector store (a Qdrant server, or the embedded engine); `redis` appears
 # only when RAGFLEET_REDIS_URL is set.
 DEPENDENCY_UP = Gauge("ragfleet_retrieval_dependency_up", "1 if the last probe of a dependency succeeded, else 0",
-                      ["dependency"])
+                      ["dependency"], multiprocess_mode="livemin")  # up only if every process reaches it
 
 
 async def index_status_task(store: "VectorStore", interval_seconds: float = 5.0,

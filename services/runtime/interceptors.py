@@ -25,7 +25,8 @@ log = logging.getLogger("ragfleet.rpc")
 RPC_REQUESTS = Counter("ragfleet_rpc_requests_total", "RPCs handled", ["method", "code"])
 RPC_LATENCY = Histogram("ragfleet_rpc_duration_seconds", "RPC handling time", ["method"],
                         buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
-RPC_IN_FLIGHT = Gauge("ragfleet_rpc_in_flight", "RPCs being handled", ["method"])
+RPC_IN_FLIGHT = Gauge("ragfleet_rpc_in_flight", "RPCs being handled", ["method"],
+                      multiprocess_mode="livesum")  # several workers (runtime/workers.py): the process's total
 
 
 class InFlight:
