@@ -74,6 +74,8 @@ BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 WINDOW = 64
 SIM_CALL_MS = 10.0
 SIM_PER_TEXT_MS = 0.2
+# The unbatched baseline: every text its own model batch, with no wait for company.
+UNBATCHED = {"RAGFLEET_EMBEDDING_MAX_BATCH_SIZE": "1", "RAGFLEET_EMBEDDING_MAX_WAIT_MS": "0"}
 RPC_TIMEOUT = 300.0
 QUERY = common_pb2.INPUT_TYPE_QUERY
 _SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
@@ -936,7 +938,7 @@ async def run(args: argparse.Namespace) -> int:
 
         print("phase 2: local sweep (batched vs unbatched)", flush=True)
         local = {"batched": start_service(workdir, "local-batched", {}),
-                 "unbatched": start_service(workdir, "local-unbatched", {"RAGFLEET_EMBEDDING_BATCHING": "false"})}
+                 "unbatched": start_service(workdir, "local-unbatched", UNBATCHED)}
         meshes += local.values()
         figures["local"] = await sweep(local, local_texts, warm, callers)
         for mesh in local.values():
@@ -971,7 +973,7 @@ async def run(args: argparse.Namespace) -> int:
                       "RAGFLEET_EMBEDDING_OPENAI_MODEL": "sim-embed"}
         remote = {"batched": start_service(workdir, "remote-batched", remote_env),
                   "unbatched": start_service(workdir, "remote-unbatched",
-                                             {**remote_env, "RAGFLEET_EMBEDDING_BATCHING": "false"})}
+                                             {**remote_env, **UNBATCHED})}
         meshes += remote.values()
         figures["remote"] = await sweep(remote, remote_texts, warm, callers, sim)
         figures["remote_sim"] = {"call_ms": SIM_CALL_MS, "per_text_ms": SIM_PER_TEXT_MS}

@@ -8,25 +8,24 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import textwrap
 from typing import TextIO
 
 import grpc
 
+from services.runtime.config import CLI_API_KEY, CLI_GATEWAY_ADDRESS, Env
 from services.runtime.pb.ragfleet.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
-DEFAULT_GATEWAY = "127.0.0.1:50050"
 DEFAULT_TIMEOUT_SECONDS = 120.0
 SNIPPET_CHARS = 160
 
 
 def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     """--gateway and --api-key, shared by `ask` and `ingest`."""
-    parser.add_argument("--gateway", default=os.environ.get("RAGFLEET_GATEWAY_ADDRESS", DEFAULT_GATEWAY),
+    parser.add_argument("--gateway", default=Env().read(CLI_GATEWAY_ADDRESS),
                         help="gateway host:port (env RAGFLEET_GATEWAY_ADDRESS; default %(default)s)")
-    parser.add_argument("--api-key", default=os.environ.get("RAGFLEET_API_KEY"),
+    parser.add_argument("--api-key", default=Env().read(CLI_API_KEY),
                         help="API key sent as 'authorization: Bearer <key>' (env RAGFLEET_API_KEY)")
 
 

@@ -25,7 +25,7 @@ async def build(config: EmbeddingConfig) -> Started:
     """Load the backend, start the batcher, connect the caches, prewarm."""
     backend = build_backend(config)
     await backend.start()
-    batcher = Batcher(backend, config.effective_batcher)
+    batcher = Batcher(backend, config.batcher)
     batcher.start()
     l1 = L1Cache(config.cache.l1_max_bytes, config.cache.l1_ttl_seconds) if config.cache.l1_max_bytes else None
     embedder = Embedder(backend, batcher, l1, build_l2(config.cache, backend.dimension), truncate=config.truncate)

