@@ -244,6 +244,3 @@ def _model_settings(raw: str | None, name: str, defaults: ModelConfig) -> dict[s
             values["stop"] = _stop_sequences(spec["stop"], f"{name}[{model!r}].stop")
         models[model] = replace(defaults, **values)  # type: ignore[arg-type]
     return models
-
-
-ModelSettings = ModelConfig  # its name before every config class became *Config; kept while its users move

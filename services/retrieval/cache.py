@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 
-from services.retrieval.config import CacheSettings
+from services.retrieval.config import CacheConfig
 from services.runtime import corpus_version, redis_client
 from services.runtime.corpus_version import CorpusVersions
 from services.runtime.l2 import RedisL2
@@ -30,7 +30,7 @@ KEY_PREFIX = corpus_version.KEY_PREFIX
 
 
 class ResultCache:
-    def __init__(self, settings: CacheSettings, *, prefix: str = KEY_PREFIX) -> None:
+    def __init__(self, settings: CacheConfig, *, prefix: str = KEY_PREFIX) -> None:
         self.enabled = settings.size > 0
         self.prefix = prefix
         self._l1 = LruCache[bytes](max_entries=settings.size, ttl=settings.ttl_seconds)

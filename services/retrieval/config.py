@@ -219,7 +219,3 @@ class RetrievalConfig:
             cache=CacheConfig(size=env.read(CACHE_SIZE), ttl_seconds=env.read(CACHE_TTL_SECONDS),
                               redis_url=env.read(REDIS_URL)),
         )
-
-
-# The names these had before every config class became *Config; kept while their users move.
-Bm25Settings, SearchSettings, RerankSettings, CacheSettings = Bm25Config, SearchConfig, RerankConfig, CacheConfig

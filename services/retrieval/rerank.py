@@ -21,7 +21,7 @@ from typing import Mapping, Sequence
 import httpx
 import numpy as np
 
-from services.retrieval.config import RerankSettings
+from services.retrieval.config import RerankConfig
 from services.retrieval.models import Candidate
 from services.runtime.errors import ConfigError, Unavailable
 
@@ -155,7 +155,7 @@ class OnnxCrossEncoder(Reranker):
         self._executor.shutdown(wait=False)
 
 
-def build_reranker(settings: RerankSettings) -> Reranker | None:
+def build_reranker(settings: RerankConfig) -> Reranker | None:
     if settings.kind == "none":
         return None
     if settings.kind == "tei":

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from services.retrieval import metrics
-from services.retrieval.config import SearchSettings
+from services.retrieval.config import SearchConfig
 from services.retrieval.hybrid import mmr, rrf, token_budget
 from services.retrieval.models import Candidate, Condition
 from services.retrieval.rerank import Reranker, RerankQuery
@@ -62,7 +62,7 @@ class SearchOutcome:
 
 
 class SearchPipeline:
-    def __init__(self, *, store: VectorStore, encoder: Bm25Encoder, settings: SearchSettings,
+    def __init__(self, *, store: VectorStore, encoder: Bm25Encoder, settings: SearchConfig,
                  embedder: EmbedClient | None = None, reranker: Reranker | None = None) -> None:
         self.store = store
         self.encoder = encoder

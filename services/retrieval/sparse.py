@@ -7,15 +7,16 @@ The same encoder feeds both stores, so the embedded engine and a Qdrant server s
 
 from __future__ import annotations
 
-from qdrant_edge import Bm25, Bm25Config
+import qdrant_edge
 
-from services.retrieval.config import Bm25Settings
+from services.retrieval.config import Bm25Config
 from services.retrieval.models import SparseVec
 
 
 class Bm25Encoder:
-    def __init__(self, settings: Bm25Settings) -> None:
-        self._model = Bm25(Bm25Config(k=settings.k1, b=settings.b, avg_len=settings.avg_len, language="english"))
+    def __init__(self, settings: Bm25Config) -> None:
+        self._model = qdrant_edge.Bm25(qdrant_edge.Bm25Config(k=settings.k1, b=settings.b, avg_len=settings.avg_len,
+                                                              language="english"))
 
     def document(self, text: str) -> SparseVec:
         vec = self._model.embed_document(text)

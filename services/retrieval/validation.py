@@ -9,7 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
-from services.retrieval.config import SearchSettings
+from services.retrieval.config import SearchConfig
 from services.retrieval.models import BUILTIN_FILTER_FIELDS, META, META_NUM, ChunkRecord, Condition
 from services.retrieval.search import SearchQuery
 from services.retrieval.sparse import Bm25Encoder
@@ -31,7 +31,7 @@ _MODES = {common_pb2.SEARCH_MODE_DENSE: "dense", common_pb2.SEARCH_MODE_SPARSE: 
 @dataclass(frozen=True)
 class Limits:
     dimension: int
-    search: SearchSettings
+    search: SearchConfig
 
 
 def tenant_of(tenant: str) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.generation.config import GenerationConfig, ModelSettings, PromptBudget
+from services.generation.config import GenerationConfig, ModelConfig, PromptBudget
 from services.generation.prompt import SUMMARY_PREFIX, PromptBuilder, TokenCounter, render_passage
 from services.runtime.config import ServerConfig
 from services.runtime.errors import InvalidArgument
@@ -47,7 +47,7 @@ async def test_packs_by_relevance_within_budget_and_keeps_numbers():
 
 async def test_context_window_limits_passages_too():
     ps = [passage(i, 200, 1.0 - i / 10) for i in range(1, 6)]
-    small = config(defaults=ModelSettings(context_tokens=1000, max_tokens=200))
+    small = config(defaults=ModelConfig(context_tokens=1000, max_tokens=200))
     prompt = await PromptBuilder(small, COUNTER).build(request(ps))
     assert 1 <= len(prompt.passages) < 5
     assert prompt.prompt_tokens + 200 <= 1000
@@ -64,14 +64,14 @@ async def test_a_truncated_best_passage_counts_its_title_against_the_window():
     # A long title on the one passage in a tight window: the cut must leave room for "[n] title" too.
     long_title = common_pb2.Passage(number=1, score=1.0, text="evidence " * 2000,
                                     title="A very long descriptive title about randomized controlled trials " * 2)
-    small = config(defaults=ModelSettings(context_tokens=1000, max_tokens=500))
+    small = config(defaults=ModelConfig(context_tokens=1000, max_tokens=500))
     prompt = await PromptBuilder(small, COUNTER).build(request([long_title]))
     assert prompt.passages_used == [1]
     assert prompt.prompt_tokens + 500 <= 1000
 
 
 async def test_question_that_cannot_fit_is_invalid():
-    small = config(defaults=ModelSettings(context_tokens=300, max_tokens=280))
+    small = config(defaults=ModelConfig(context_tokens=300, max_tokens=280))
     with pytest.raises(InvalidArgument, match="context window of 300 tokens"):
         await PromptBuilder(small, COUNTER).build(request())
 
@@ -123,7 +123,7 @@ async def test_no_summary_when_its_slot_does_not_fit_the_window():
     async def summariser(old, max_tokens):
         return "A summary " * 100
 
-    small = config(defaults=ModelSettings(context_tokens=600, max_tokens=450))
+    small = config(defaults=ModelConfig(context_tokens=600, max_tokens=450))
     prompt = await PromptBuilder(small, COUNTER, summariser=summariser).build(request(history=turns(10)))
     assert not prompt.history_summarised and prompt.history_dropped > 0
     assert prompt.prompt_tokens + 450 <= 600
@@ -141,8 +141,8 @@ async def test_failed_summary_falls_back_to_dropping():
 
 
 async def test_sampling_resolution_request_over_model_over_defaults():
-    cfg = config(defaults=ModelSettings(temperature=0.2, max_tokens=512),
-                 models={"small": ModelSettings(temperature=0.0, max_tokens=64, stop=("END",))})
+    cfg = config(defaults=ModelConfig(temperature=0.2, max_tokens=512),
+                 models={"small": ModelConfig(temperature=0.0, max_tokens=64, stop=("END",))})
     builder = PromptBuilder(cfg, COUNTER)
     assert (await builder.build(request(model="small"))).sampling.max_tokens == 64
     s = (await builder.build(request(model="small", max_tokens=10, temperature=1.0))).sampling

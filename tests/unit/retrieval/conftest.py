@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.retrieval.config import Bm25Settings, IndexConfig
+from services.retrieval.config import Bm25Config, IndexConfig
 from services.retrieval.models import ChunkRecord
 from services.retrieval.sparse import Bm25Encoder
 from services.retrieval.store.edge import EdgeStore
@@ -16,7 +16,7 @@ DIM = 16
 
 @pytest.fixture(scope="session")
 def encoder() -> Bm25Encoder:
-    return Bm25Encoder(Bm25Settings())
+    return Bm25Encoder(Bm25Config())
 
 
 def unit(rng: np.random.Generator, dim: int = DIM) -> list[float]:

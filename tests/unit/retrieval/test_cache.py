@@ -6,7 +6,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from services.retrieval.cache import ResultCache
-from services.retrieval.config import CacheSettings
+from services.retrieval.config import CacheConfig
 
 from tests.conftest import REDIS_URL  # noqa: F401  (shared test Redis)
 
@@ -23,8 +23,8 @@ async def redis_cleanup(redis_prefix):
 
 async def test_replicas_share_versions_and_l2(redis_cleanup):
     prefix = redis_cleanup
-    a = ResultCache(CacheSettings(size=16, redis_url=REDIS_URL), prefix=prefix)
-    b = ResultCache(CacheSettings(size=16, redis_url=REDIS_URL), prefix=prefix)
+    a = ResultCache(CacheConfig(size=16, redis_url=REDIS_URL), prefix=prefix)
+    b = ResultCache(CacheConfig(size=16, redis_url=REDIS_URL), prefix=prefix)
     try:
         assert await a.version("t") == 0
         key = a.key("t", 0, b"query")
@@ -42,7 +42,7 @@ async def test_replicas_share_versions_and_l2(redis_cleanup):
 
 
 async def test_without_redis_versions_are_local():
-    cache = ResultCache(CacheSettings(size=2))
+    cache = ResultCache(CacheConfig(size=2))
     assert await cache.version("t") == 0
     assert await cache.bump("t") == 1 and await cache.bump("t") == 2
     for i in range(3):
@@ -52,7 +52,7 @@ async def test_without_redis_versions_are_local():
 
 
 async def test_redis_down_means_no_cache_not_errors():
-    cache = ResultCache(CacheSettings(size=4, redis_url="redis://127.0.0.1:1/0"))
+    cache = ResultCache(CacheConfig(size=4, redis_url="redis://127.0.0.1:1/0"))
     assert await cache.version("t") is None  # caller must not cache
     assert await cache.bump("t") is None  # the write still succeeds, but no made-up local version is reported
     assert await cache.version("t") is None  # the bump is pending: still no cache
@@ -61,7 +61,7 @@ async def test_redis_down_means_no_cache_not_errors():
 
 
 def test_keys_differ_by_tenant_version_and_query():
-    cache = ResultCache(CacheSettings())
+    cache = ResultCache(CacheConfig())
     keys = {cache.key("t", 0, b"q"), cache.key("u", 0, b"q"), cache.key("t", 1, b"q"), cache.key("t", 0, b"r")}
     assert len(keys) == 4
 
@@ -70,8 +70,8 @@ async def test_a_failed_bump_lands_before_the_next_read(redis_cleanup):
     """A write's bump that hit a Redis blip must not let results computed before the write come back once Redis
     recovers: the bump is retried before the next read, and no version is served until it lands."""
     prefix = redis_cleanup
-    cache = ResultCache(CacheSettings(size=16, redis_url=REDIS_URL), prefix=prefix)
-    other = ResultCache(CacheSettings(size=16, redis_url=REDIS_URL), prefix=prefix)  # another replica
+    cache = ResultCache(CacheConfig(size=16, redis_url=REDIS_URL), prefix=prefix)
+    other = ResultCache(CacheConfig(size=16, redis_url=REDIS_URL), prefix=prefix)  # another replica
     try:
         for _ in range(3):
             await cache.bump("t")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.retrieval.config import SearchSettings
+from services.retrieval.config import SearchConfig
 from services.runtime.errors import InvalidArgument
 from services.runtime.pb.ragfleet.v1 import common_pb2, retrieval_pb2 as pb
 
@@ -17,7 +17,7 @@ from .test_servicer import make_servicer
 
 @pytest.fixture
 async def servicer(tmp_path):
-    svc = await make_servicer(str(tmp_path / "shard"), SearchSettings(max_top_k=20))
+    svc = await make_servicer(str(tmp_path / "shard"), SearchConfig(max_top_k=20))
     yield svc
     await svc.store.close()
 

@@ -10,7 +10,7 @@ from aiohttp import web
 
 from services.retrieval.models import Candidate
 from services.retrieval.rerank import FusionRescorer, OnnxCrossEncoder, RerankQuery, TeiReranker, build_reranker
-from services.retrieval.config import RerankSettings
+from services.retrieval.config import RerankConfig
 from services.runtime.errors import ConfigError, Unavailable
 
 
@@ -119,7 +119,7 @@ def build_tiny_cross_encoder(directory) -> None:
 
 async def test_onnx_cross_encoder_from_operator_directory(tmp_path):
     build_tiny_cross_encoder(tmp_path)
-    reranker = build_reranker(RerankSettings(kind="onnx", model_dir=str(tmp_path)))
+    reranker = build_reranker(RerankConfig(kind="onnx", model_dir=str(tmp_path)))
     assert isinstance(reranker, OnnxCrossEncoder)
     cands = [cand("car", "fast red car"), cand("pie", "apple pie apple"), cand("apple", "red apple")]
     out = await reranker.rerank(RerankQuery("apple", None), cands)

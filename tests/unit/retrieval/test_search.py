@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.retrieval.config import IndexConfig, SearchSettings
+from services.retrieval.config import IndexConfig, SearchConfig
 from services.retrieval.rerank import FusionRescorer, Reranker, RerankQuery
 from services.retrieval.search import SearchPipeline, SearchQuery
 from services.retrieval.store.edge import EdgeStore
@@ -40,7 +40,7 @@ async def store(tmp_path, encoder):
 async def test_rerank_depth_reorders_only_the_top_and_keeps_the_tail(store, encoder):
     reranker = Reverse()
     pipeline = SearchPipeline(store=store, encoder=encoder, reranker=reranker,
-                              settings=SearchSettings(rerank_candidates=3))
+                              settings=SearchConfig(rerank_candidates=3))
     out = await pipeline.run(SearchQuery("acme", "bee", None, top_k=5, mode="sparse"))
     assert [h.payload["doc_id"] for h in out.hits] == ["doc2", "doc1", "doc0", "doc3", "doc4"]
     assert reranker.seen == [3]
@@ -50,7 +50,7 @@ async def test_rerank_depth_reorders_only_the_top_and_keeps_the_tail(store, enco
 
 
 async def test_top_k_cuts_after_every_stage(store, encoder):
-    pipeline = SearchPipeline(store=store, encoder=encoder, settings=SearchSettings(), reranker=None)
+    pipeline = SearchPipeline(store=store, encoder=encoder, settings=SearchConfig(), reranker=None)
     out = await pipeline.run(SearchQuery("acme", "bee", np.asarray(unit(np.random.default_rng(0))), top_k=2,
                                          mmr_lambda=0.5))
     assert len(out.hits) == 2 and out.mode == "hybrid"
@@ -70,7 +70,7 @@ async def test_fusion_rerank_fetches_vectors_only_for_candidates_the_dense_leg_m
     query_vector = np.asarray(unit(np.random.default_rng(3)))
     # Each leg keeps 2 candidates, so the fused pool holds points only the sparse leg found.
     pipeline = SearchPipeline(store=store, encoder=encoder, reranker=FusionRescorer(0.5),
-                              settings=SearchSettings(candidates=2, rerank_candidates=5))
+                              settings=SearchConfig(candidates=2, rerank_candidates=5))
     out = await pipeline.run(SearchQuery("acme", "bee", query_vector, top_k=2))
     assert len(out.hits) == 2 and "rerank" in out.timings_ms
     dense_ids = {c.point_id for c in await store.dense("acme", query_vector, 2, ())}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from services.retrieval.cache import ResultCache
-from services.retrieval.config import Bm25Settings, CacheSettings, IndexConfig, SearchSettings
+from services.retrieval.config import Bm25Config, CacheConfig, IndexConfig, SearchConfig
 from services.retrieval.rerank import FusionRescorer
 from services.retrieval.search import SearchPipeline
 from services.retrieval.servicer import RetrievalServiceServicer
@@ -21,15 +21,15 @@ from services.runtime.pb.ragfleet.v1 import common_pb2, retrieval_pb2 as pb
 
 from .conftest import DIM, unit
 
-SETTINGS = SearchSettings(max_top_k=20, filter_fields=("lang", "year"))
+SETTINGS = SearchConfig(max_top_k=20, filter_fields=("lang", "year"))
 
 
-async def make_servicer(path: str, settings: SearchSettings) -> RetrievalServiceServicer:
+async def make_servicer(path: str, settings: SearchConfig) -> RetrievalServiceServicer:
     store = EdgeStore(path=path, index=IndexConfig(dimension=DIM, optimize_idle_seconds=0))
     await store.start()
-    encoder = Bm25Encoder(Bm25Settings())
+    encoder = Bm25Encoder(Bm25Config())
     pipeline = SearchPipeline(store=store, encoder=encoder, settings=settings, reranker=FusionRescorer(0.7))
-    return RetrievalServiceServicer(store=store, pipeline=pipeline, cache=ResultCache(CacheSettings(size=64)),
+    return RetrievalServiceServicer(store=store, pipeline=pipeline, cache=ResultCache(CacheConfig(size=64)),
                                     encoder=encoder, limits=Limits(DIM, settings), rerank_default=True)
 
 
@@ -43,7 +43,7 @@ async def servicer(tmp_path):
 @pytest.fixture
 async def any_field_servicer(tmp_path):
     """Filters may name any metadata key (RAGFLEET_RETRIEVAL_FILTER_FIELDS=*, the default)."""
-    svc = await make_servicer(str(tmp_path / "shard"), SearchSettings(max_top_k=20))
+    svc = await make_servicer(str(tmp_path / "shard"), SearchConfig(max_top_k=20))
     yield svc
     await svc.store.close()
 
