@@ -13,7 +13,7 @@ An Ask with bypass_cache=False is answered like a response-cache hit (Sources, o
 with bypass_cache=True it runs the four hops. AskRequest.params.max_tokens sets the answer's tokens (canned, or
 asked of the sim). Standalone report (sim LLM as its own process; add --write for bench/results/bare_mesh.*):
 
-    flock /tmp/ragfleet-bench.lock .venv/bin/python -m bench._bare_mesh
+    flock /tmp/ragfleet-bench.lock .venv/bin/python -m bench._bare_mesh [--write]
 
 From another benchmark:
 
@@ -29,22 +29,17 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any, AsyncIterator
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import aiohttp
+import grpc
+import uvloop
 
-import grpc  # noqa: E402
-import aiohttp  # noqa: E402
-import uvloop  # noqa: E402
-
-from bench._common import percentiles, write_results  # noqa: E402
-from bench._sim import SimProcess, cpu_seconds  # noqa: E402
-from services.cli.mesh import free_port  # noqa: E402
-from services.generation.sse import SSEDecoder, decode_data, is_done  # noqa: E402
-from services.runtime.pb.ragfleet.v1 import (common_pb2, embedding_pb2, embedding_pb2_grpc, gateway_pb2,  # noqa: E402
+from bench._common import LOAD_SIM, ROOT, percentiles, write_results
+from bench._sim import SimProcess, cpu_seconds
+from services.cli.mesh import free_port
+from services.generation.sse import SSEDecoder, decode_data, is_done
+from services.runtime.pb.ragfleet.v1 import (common_pb2, embedding_pb2, embedding_pb2_grpc, gateway_pb2,
                                              gateway_pb2_grpc, generation_pb2, generation_pb2_grpc, retrieval_pb2,
                                              retrieval_pb2_grpc)
 
@@ -57,7 +52,6 @@ CANNED_TOKEN = " word"
 QUESTION = "How do honey bees tell each other where flowers are?"
 # As bench/ask_cost.py: one-token answers for the fixed cost, the load sim for the cost per token.
 ONE_TOKEN_SIM = {"ttft_ms": 0.0, "tokens_per_second": 5000.0, "max_tokens": 1}
-LOAD_SIM = {"ttft_ms": 200.0, "tokens_per_second": 20.0, "max_tokens": 100}
 RAMP_SECONDS = 5.0
 
 _VECTOR = [1.0 / DIMENSION ** 0.5] * DIMENSION

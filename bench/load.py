@@ -21,8 +21,8 @@ step far past that a tree skips the higher rates, except the 100/s target step (
 it, on this venv), interleaved rate by rate with this tree (ABBA order). The bare mesh (bench/_bare_mesh.py) is
 measured first, in the same run, as the floor.
 
-    flock /tmp/ragfleet-bench.lock .venv/bin/python bench/load.py --baseline-tree /tmp/base     # full run (<= 15 min)
-    .venv/bin/python bench/load.py --rates 5,10 --seconds 5 --corpus-docs 20 --no-floor --name load_smoke  # smoke
+    flock /tmp/ragfleet-bench.lock .venv/bin/python -m bench.load --baseline-tree /tmp/base   # full run (<= 15 min)
+    .venv/bin/python -m bench.load --rates 5,10 --seconds 5 --corpus-docs 20 --no-floor --name load_smoke  # smoke
 
 Writes bench/results/<name>.{json,md,png} (default name: load).
 """
@@ -46,26 +46,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import grpc
+import numpy as np
+import uvloop
+from prometheus_client.parser import text_string_to_metric_families
 
-import grpc  # noqa: E402
-import numpy as np  # noqa: E402
-import uvloop  # noqa: E402
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
-
-from bench._bare_mesh import measure_floor  # noqa: E402
-from bench._common import percentiles, target, write_results  # noqa: E402
-from bench._sim import cpu_seconds  # noqa: E402
-from services.cli.ingest import read_documents  # noqa: E402
-from services.cli.mesh import SERVICES, LocalMesh  # noqa: E402
-from services.runtime.pb.ragfleet.v1 import gateway_pb2, gateway_pb2_grpc  # noqa: E402
+from bench._bare_mesh import measure_floor
+from bench._common import REDIS_URL, ROOT, SAMPLE_CORPUS, percentiles, target, write_results
+from bench._sim import cpu_seconds
+from services.cli.ingest import read_documents
+from services.cli.mesh import SERVICES, LocalMesh
+from services.runtime.pb.ragfleet.v1 import gateway_pb2, gateway_pb2_grpc
 
 SCIFACT = Path(os.environ.get("RAGFLEET_BENCH_SCIFACT", ROOT.parent / "shared" / "data" / "scifact"))
-SAMPLE_CORPUS = ROOT / "services" / "cli" / "sample_corpus"
-REDIS_URL = os.environ.get("RAGFLEET_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
-TENANT, INGEST_TENANT = "load", "load-ingest"
 HOT_QUESTIONS = 40
 CONVERSATIONS = 8
 FOLLOW_UPS = ["Can you say more about that?", "What evidence supports this?", "Why does that happen?",
@@ -169,8 +162,10 @@ def start_tree(label: str, path: Path, work: Workload, data_dir: Path) -> Tree:
     run = uuid.uuid4().hex[:8]
     prefix = f"ragfleet-bench:{run}:load-{label}:"
     ask_key, ingest_key = f"load-{run}", f"ingest-{run}"
+    # Tenants unique to the run: no Redis key (corpus version included) is shared with the other tree or another run.
+    # CORPUS_VERSION_KEY is for the baseline's gateway (today's reads the key retrieval writes, and ignores it).
     env = {"RAGFLEET_LOG_LEVEL": "WARNING", "RAGFLEET_REDIS_URL": "",
-           "RAGFLEET_GATEWAY_API_KEYS": f"{ask_key}={TENANT},{ingest_key}={INGEST_TENANT}",
+           "RAGFLEET_GATEWAY_API_KEYS": f"{ask_key}=load-{run},{ingest_key}=load-ingest-{run}",
            "RAGFLEET_GATEWAY_REDIS_PREFIX": prefix, "RAGFLEET_GATEWAY_CORPUS_VERSION_KEY": prefix + "version:{tenant}"}
     if path != ROOT:
         env["PYTHONPATH"] = str(path)
@@ -565,7 +560,7 @@ async def run(args: argparse.Namespace) -> int:
              "load generator actually sent (its own saturation shows there, and counts against the mesh).",
              f"Mix: {args.repeat:.1%} repeated (40 hot questions, cached before the sweep), {args.followup:.1%} "
              f"conversation follow-ups ({CONVERSATIONS} conversations), the rest novel scifact queries; one Ingest "
-             f"per second of a scifact abstract into a second tenant ({INGEST_TENANT}).",
+             "per second of a scifact abstract into a second tenant.",
              "CPU per Ask: each service's /proc user+system seconds over the step (arrivals + drain), background "
              "ingest included, divided by the Asks answered.",
              "Floor per Ask (model): the bare mesh's cached-shape CPU for the step's cache hits, its 4-hop CPU plus "
