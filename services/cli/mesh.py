@@ -9,7 +9,6 @@ Used by `ragfleet up`, by the integration tests and by the benchmarks, so all th
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import socket
@@ -17,16 +16,16 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Callable, Iterable, Mapping
+from typing import IO, Iterable, Mapping
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.runtime.internal_auth import TOKEN_FILE_VAR, write_local_credentials
+from services.runtime.workers import die_with_parent
 
 SERVICES = ("embedding", "retrieval", "generation", "gateway")
 
@@ -48,33 +47,6 @@ def port_in_use(host: str, port: int) -> bool:
         except OSError:
             return True
     return False
-
-
-_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-
-
-def die_with_parent() -> Callable[[], None] | None:
-    """A `preexec_fn` that has Linux SIGTERM the child (a graceful drain) when this process dies, even by SIGKILL,
-    so a killed `ragfleet up` or test run never leaves services holding ports and the data-dir lock.
-
-    None elsewhere, and off the main thread: the kernel signals when the spawning *thread* exits, and a worker
-    thread (asyncio.to_thread) may end long before the mesh should.
-    """
-    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here: the child should only make the call
-    except (OSError, AttributeError):
-        return None
-    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-    parent = os.getpid()
-
-    def set_death_signal() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before prctl took effect: no signal will ever come
-            os._exit(1)
-
-    return set_death_signal
 
 
 @dataclass

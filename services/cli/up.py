@@ -6,6 +6,7 @@ OTEL_* variable in the environment is passed to every service.
 
     ragfleet up                        # gateway 127.0.0.1:50050, embedding :50051, retrieval :50052, generation :50053
     ragfleet up --port-base 0          # free ports instead (several meshes side by side)
+    RAGFLEET_GENERATION_WORKERS=auto ragfleet up   # generation on every core, one port (services/runtime/workers.py)
 """
 
 from __future__ import annotations

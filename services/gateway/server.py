@@ -17,6 +17,7 @@ from services.gateway.upstreams import GenerationClient, RetrievalClient
 from services.runtime import redis_client
 from services.runtime.channels import ChannelPool
 from services.runtime.embed_client import EmbedClient
+from services.runtime.errors import ConfigError
 from services.runtime.guard import KiB, MiB, utf8_bytes
 from services.runtime.pb.ragfleet.v1 import gateway_pb2, gateway_pb2_grpc
 from services.runtime.serve import Binding, Service, Started
@@ -39,6 +40,10 @@ def request_limits(config: GatewayConfig) -> dict[str, int]:
 async def build(config: GatewayConfig) -> Started:
     """Load the tokenizer (a RAGFLEET_GATEWAY_TOKENIZER_PATH that does not load is a ConfigError), wire the upstream
     clients, the response cache, the conversation store and the pipelines."""
+    if config.server.workers > 1 and not config.redis_url:
+        # Workers are replicas on one port: without Redis each would keep its own conversations and corpus version.
+        raise ConfigError("RAGFLEET_GATEWAY_WORKERS > 1 needs RAGFLEET_REDIS_URL: the workers share conversations, "
+                          "the corpus version and cached answers only through Redis")
     tokenizer = load_tokenizer(config.ingest.tokenizer_path)
     pool = ChannelPool()
     redis = redis_client.connect(config.redis_url) if config.redis_url else None

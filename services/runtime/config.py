@@ -255,6 +255,31 @@ OTEL_TRACES_SAMPLER_ARG = declare("OTEL_TRACES_SAMPLER_ARG", str, None, "the sam
 MAX_TOKENS_LIMIT = declare("RAGFLEET_GENERATION_MAX_TOKENS_LIMIT", int, DEFAULT_MAX_TOKENS_LIMIT,
                            "largest max_tokens a request may ask for (the gateway refuses more before its first "
                            "event)", minimum=1)
+# Several processes on one port (services/runtime/workers.py), for the services with no per-process state that
+# matters. Default 1, so nothing changes unasked: each worker has its own in-process caches, and on a machine the
+# other services share (`ragfleet up`) extra workers compete for the same cores; Kubernetes sets it per Deployment.
+_WORKERS_HELP = ("worker processes sharing the gRPC port (SO_REUSEPORT; one `/metrics` for all), or `auto`: the CPUs "
+                 "this process may use (affinity, capped by a cgroup quota). Each worker has its own in-process "
+                 "caches and {limit}")
+GATEWAY_WORKERS = declare("RAGFLEET_GATEWAY_WORKERS", str, "1", _WORKERS_HELP.format(
+    limit="RAGFLEET_GATEWAY_MAX_IN_FLIGHT; more than 1 needs RAGFLEET_REDIS_URL (the workers share conversations, "
+          "the corpus version and cached answers through it)"))
+GENERATION_WORKERS = declare("RAGFLEET_GENERATION_WORKERS", str, "1", _WORKERS_HELP.format(
+    limit="admits its own RAGFLEET_GENERATION_MAX_CONCURRENT streams"))
+WORKERS = {"gateway": GATEWAY_WORKERS, "generation": GENERATION_WORKERS}
+
+
+def _workers(env: Env, var: Var[str]) -> int:
+    raw = env.read(var)
+    if raw.lower() == "auto":
+        from services.runtime.workers import available_cpus  # it imports this module
+
+        return available_cpus()
+    if not raw.isdigit() or int(raw) < 1:
+        raise ConfigError(f"{var.name}={raw!r} must be a whole number >= 1 or auto")
+    return int(raw)
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """What every gRPC server needs: the RAGFLEET_<SERVICE>_* variables above plus the shared log and loop ones."""
@@ -272,6 +297,7 @@ class ServerConfig:
     log_level: str = LOG_LEVEL.default
     log_format: str = LOG_FORMAT.default
     event_loop: str = EVENT_LOOP.default
+    workers: int = 1  # > 1: serve.main supervises that many worker processes
 
     @property
     def address(self) -> str:
@@ -298,6 +324,7 @@ class ServerConfig:
             log_level=env.read(LOG_LEVEL).upper(),
             log_format=env.read(LOG_FORMAT),
             event_loop=env.read(EVENT_LOOP),
+            workers=_workers(env, WORKERS[component]) if component in WORKERS else 1,
         )
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 import time
@@ -38,6 +39,7 @@ from services.runtime.errors import ConfigError
 from services.runtime.guard import Authenticator, GuardPolicy
 from services.runtime.interceptors import InFlight, RpcInterceptor
 from services.runtime.logs import setup_logging
+from services.runtime.workers import WorkerLink, supervise
 
 log = logging.getLogger("ragfleet.serve")
 
@@ -131,7 +133,9 @@ def server_options(config: ServerConfig, receive_limit: int | None = None) -> li
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
         ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.so_reuseport", 0),
+        # Off unless this is one of several workers (services.runtime.workers): on by default in gRPC on Linux, it
+        # would let a second server on the same port silently take half of the connections.
+        ("grpc.so_reuseport", 1 if config.workers > 1 else 0),
     ]
 
 
@@ -179,7 +183,7 @@ class GrpcServer:
         await self._set_all(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving", extra={"fields": {"address": f"{self.config.host}:{self.port}",
                                               "services": [b.service_name for b in self.bindings],
-                                              "metrics_port": self.config.metrics_port}})
+                                              "metrics_port": self.config.metrics_port, "pid": os.getpid()}})
         return self.port
 
     async def _set_all(self, status: int) -> None:
@@ -238,45 +242,61 @@ def bootstrap(config: ServerConfig) -> None:
 
 
 async def run_server(config: ServerConfig, start: Callable[[], Awaitable[Started]],
-                     auth: internal_auth.InternalAuth | None = None) -> None:
+                     auth: internal_auth.InternalAuth | None = None, worker: WorkerLink | None = None) -> None:
     """Build the service's servicers (async, e.g. to load a model), serve, and stop on a signal. ``auth`` guards the
-    internal port (its token is what this process's channels present: see ``serve``)."""
+    internal port (its token is what this process's channels present: see ``serve``); a ``worker`` tells its
+    supervisor once it serves."""
     started = await start()
     server = GrpcServer(config, bindings=started.bindings, on_stop=started.on_stop,
                         authenticator=auth.authenticator if auth is not None else None)
     await server.start()
+    if worker is not None:
+        worker.ready()
     await server.wait()
 
 
-def main(service: Service[ConfigT], build: Build[ConfigT]) -> int:
+def main(service: Service[ConfigT], build: Build[ConfigT], *, worker: WorkerLink | None = None) -> int:
     """A service process (``python -m services.<name>``, ``ragfleet serve <name>``): parse the config, bootstrap
     logging and tracing, build and serve until SIGTERM or SIGINT; returns the exit status.
 
     A failure before serving logs one structured line with the details, then ends the process with one line on
     stderr: ``<name>: configuration error: <message naming the variable>`` (exit 2: a ConfigError, from parsing or
-    from build, e.g. a tokenizer file that does not load) or ``<name>: start-up failed: <reason>`` (exit 3)."""
+    from build, e.g. a tokenizer file that does not load) or ``<name>: start-up failed: <reason>`` (exit 3).
+
+    With RAGFLEET_<SERVICE>_WORKERS > 1 this process supervises that many workers on the same port
+    (services.runtime.workers), each of which runs this function with ``worker`` and reports to it."""
     try:
         config = service.config.from_env()
     except ConfigError as exc:
         setup_logging(service.name)
-        return _failed(service.name, exc)
+        return _failed(service.name, exc, worker)
+    if worker is None and config.server.workers > 1:
+        setup_logging(config.server.component, level=config.server.log_level, fmt=config.server.log_format)
+        try:
+            return supervise(service.name, build.__module__, config.server)
+        except OSError as exc:  # the port: the workers never started
+            return _failed(service.name, exc)
     bootstrap(config.server)
     try:
-        serve(config.server, lambda: build(config))
+        serve(config.server, lambda: build(config), worker)
     except Exception as exc:  # noqa: BLE001 - once serving, stop() finishes whatever fails: this is start-up
-        return _failed(service.name, exc)
+        return _failed(service.name, exc, worker)
     return 0
 
 
-def _failed(name: str, exc: Exception) -> int:
+def _failed(name: str, exc: Exception, worker: WorkerLink | None = None) -> int:
     is_config = isinstance(exc, ConfigError)
     what, status = ("configuration error", CONFIG_ERROR) if is_config else ("start-up failed", STARTUP_FAILED)
     log.error(what, exc_info=None if is_config else exc, extra={"fields": {"error": str(exc), "exit_status": status}})
-    print(f"{name}: {what}: {exc}", file=sys.stderr, flush=True)  # last, so it is the output's last line
+    line = f"{name}: {what}: {exc}"
+    if worker is not None:  # the supervisor prints it, after stopping the other workers
+        worker.failed(status, line)
+    else:
+        print(line, file=sys.stderr, flush=True)  # last, so it is the output's last line
     return status
 
 
-def serve(config: ServerConfig, start: Callable[[], Awaitable[Started]]) -> None:
+def serve(config: ServerConfig, start: Callable[[], Awaitable[Started]], worker: WorkerLink | None = None) -> None:
     """A service process's main loop: run_server on uvloop unless RAGFLEET_EVENT_LOOP=asyncio. Measured on the
     embedding service's remote path, uvloop cut the CPU per Embed RPC by ~17 % (1090 -> 900 us) for the same gRPC
     stack: every hop and every streamed token passes through the event loop.
@@ -294,6 +314,6 @@ def serve(config: ServerConfig, start: Callable[[], Awaitable[Started]]) -> None
         except ImportError:  # not built for this platform (Windows): asyncio's loop works, only slower
             log.warning("uvloop is not installed; serving on asyncio's event loop")
         else:
-            uvloop.run(run_server(config, start, auth))
+            uvloop.run(run_server(config, start, auth, worker))
             return
-    asyncio.run(run_server(config, start, auth))
+    asyncio.run(run_server(config, start, auth, worker))

@@ -1,0 +1,155 @@
+"""Several worker processes on one port (services/runtime/workers.py) as real processes: generation with 2 workers
+serves from both (per-worker counters in the multiprocess directory), one scrape shows both, SIGTERM drains both
+and exits 0 with no orphan; a worker that dies takes the service down; a worker's start-up error is the service's."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import grpc
+import httpx
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.parser import text_string_to_metric_families
+
+from services.cli.mesh import die_with_parent, free_port
+from services.runtime.pb.ragfleet.v1 import common_pb2, generation_pb2, generation_pb2_grpc
+
+pytestmark = pytest.mark.slow
+
+REQUEST = generation_pb2.GenerateRequest(question="Which language is Qdrant written in?", passages=[
+    common_pb2.Passage(number=1, title="Qdrant", text="Qdrant is a vector database written in Rust.", score=0.9)])
+MAX_CONCURRENT = 64
+CONNECTIONS = 40  # each on its own channel: the kernel hashes connections, so both workers get some
+
+
+class Service:
+    def __init__(self, name: str, log: Path, **env: str) -> None:
+        self.port, self.metrics_port, self.log = free_port(), free_port(), log
+        prefix = f"RAGFLEET_{name.upper()}_"
+        environ = {**os.environ, "RAGFLEET_INTERNAL_AUTH": "off", "RAGFLEET_LOG_FORMAT": "text",
+                   prefix + "PORT": str(self.port), prefix + "METRICS_PORT": str(self.metrics_port),
+                   prefix + "HOST": "127.0.0.1", **env}
+        with open(log, "wb") as out:
+            self.process = subprocess.Popen([sys.executable, "-m", f"services.{name}"], env=environ, stdout=out,
+                                            stderr=subprocess.STDOUT, start_new_session=True,
+                                            preexec_fn=die_with_parent())
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def workers(self) -> list[int]:
+        path = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+        return [int(pid) for pid in path.read_text().split()] if path.exists() else []
+
+    def wait_serving(self, timeout: float = 40.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.log.read_text()
+            if "workers serving" in self.log.read_text():  # the supervisor's line, once every worker serves
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"not serving after {timeout}s:\n{self.log.read_text()}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+
+@pytest.fixture
+def generation(tmp_path: Path) -> Iterator[Service]:
+    service = Service("generation", tmp_path / "generation.log", RAGFLEET_GENERATION_WORKERS="2",
+                      RAGFLEET_GENERATION_MAX_CONCURRENT=str(MAX_CONCURRENT),
+                      RAGFLEET_GENERATION_DRAIN_NOTICE_SECONDS="0.5")
+    try:
+        service.wait_serving()
+        yield service
+    finally:
+        service.stop()
+
+
+async def _generate_on_new_connections(address: str, count: int) -> None:
+    async def one() -> None:
+        # Its own subchannel pool: otherwise gRPC shares one connection between same-target channels.
+        async with grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+            replies = [r async for r in generation_pb2_grpc.GenerationServiceStub(channel).Generate(REQUEST, timeout=10)]
+            assert replies[-1].HasField("finished")
+
+    await asyncio.gather(*(one() for _ in range(count)))
+
+
+def _generates_by_worker(pids: list[int]) -> dict[int, float]:
+    """Each worker's own Generate count, from its file in the multiprocess directory the supervisor gave it."""
+    environ = Path(f"/proc/{pids[0]}/environ").read_bytes().split(b"\0")
+    directory = next(v.split(b"=", 1)[1].decode() for v in environ if v.startswith(b"PROMETHEUS_MULTIPROC_DIR="))
+    counts = {}
+    for pid in pids:
+        metrics = MultiProcessCollector.merge([f"{directory}/counter_{pid}.db"], accumulate=True)
+        counts[pid] = sum(s.value for m in metrics for s in m.samples if s.name == "ragfleet_rpc_requests_total"
+                          and s.labels.get("method", "").endswith("/Generate"))
+    return counts
+
+
+def _scrape(service: Service) -> dict[str, float]:
+    text = httpx.get(f"http://127.0.0.1:{service.metrics_port}/metrics", timeout=5).text
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "ragfleet_rpc_requests_total" and not sample.labels["method"].endswith("/Generate"):
+                continue
+            values[sample.name] = values.get(sample.name, 0.0) + sample.value
+    return values
+
+
+async def test_two_workers_share_the_port_one_scrape_and_drain_on_sigterm(generation: Service) -> None:
+    pids = generation.workers()
+    assert len(pids) == 2
+    await _generate_on_new_connections(generation.address, CONNECTIONS)
+
+    by_worker = _generates_by_worker(pids)
+    assert sum(by_worker.values()) == CONNECTIONS and all(by_worker.values()), by_worker
+    scraped = _scrape(generation)
+    assert scraped["ragfleet_rpc_requests_total"] == CONNECTIONS  # both workers' counters, summed
+    assert scraped["ragfleet_generation_admission_limit"] == 2 * MAX_CONCURRENT  # livesum over live workers
+    assert scraped["process_cpu_seconds_total"] > 0
+
+    async with grpc.aio.insecure_channel(generation.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        assert (await health.Check(health_pb2.HealthCheckRequest(), timeout=2)).status == \
+            health_pb2.HealthCheckResponse.SERVING
+    directory = Path(f"/proc/{pids[0]}/environ").read_bytes().split(b"PROMETHEUS_MULTIPROC_DIR=")[1].split(b"\0")[0]
+
+    generation.process.send_signal(signal.SIGTERM)
+    assert generation.process.wait(30) == 0
+    log = generation.log.read_text()
+    assert log.count(" draining") == 2 and log.count(" stopped") == 2, log
+    assert not any(Path(f"/proc/{pid}").exists() for pid in pids), "a worker outlived the supervisor"
+    assert not Path(directory.decode()).exists(), "the run's metrics directory is removed"
+
+
+async def test_a_worker_that_dies_stops_the_service(generation: Service) -> None:
+    dead, survivor = generation.workers()
+    os.kill(dead, signal.SIGKILL)
+    assert generation.process.wait(30) == 128 + signal.SIGKILL  # the dead worker's status, as a shell shows it
+    assert " draining" in generation.log.read_text()  # the other one drained
+    assert not Path(f"/proc/{survivor}").exists()
+
+
+def test_a_worker_start_up_error_is_the_services(tmp_path: Path) -> None:
+    service = Service("gateway", tmp_path / "gateway.log", RAGFLEET_GATEWAY_WORKERS="2", RAGFLEET_REDIS_URL="")
+    try:
+        assert service.process.wait(60) == 2
+    finally:
+        service.stop()
+    last = service.log.read_text().strip().splitlines()[-1]
+    assert last.startswith("gateway: configuration error: RAGFLEET_GATEWAY_WORKERS > 1 needs RAGFLEET_REDIS_URL")

@@ -1,0 +1,76 @@
+"""The worker-process parts that need no process: the worker count, the CPU budget, the port reservation, exit
+statuses (the processes themselves: tests/integration/test_workers.py)."""
+
+from __future__ import annotations
+
+import signal
+import socket
+from pathlib import Path
+
+import grpc
+import pytest
+
+from services.runtime.config import ServerConfig
+from services.runtime.errors import ConfigError
+from services.runtime.serve import server_options
+from services.runtime.workers import _cgroup_quota, available_cpus, exit_status, reserve_port
+
+
+@pytest.mark.parametrize("raw, workers", [("1", 1), ("4", 4), (" 2 ", 2), ("", 1)])
+def test_the_worker_count_is_read_for_gateway_and_generation(raw: str, workers: int) -> None:
+    for name in ("gateway", "generation"):
+        assert ServerConfig.from_env(name, {f"RAGFLEET_{name.upper()}_WORKERS": raw}).workers == workers
+    assert ServerConfig.from_env("embedding", {"RAGFLEET_EMBEDDING_WORKERS": "4"}).workers == 1  # not its variable
+
+
+def test_auto_is_the_cpus_available() -> None:
+    assert ServerConfig.from_env("gateway", {"RAGFLEET_GATEWAY_WORKERS": "AUTO"}).workers == available_cpus() >= 1
+
+
+@pytest.mark.parametrize("raw", ["0", "-1", "two", "1.5"])
+def test_a_bad_worker_count_names_the_variable(raw: str) -> None:
+    with pytest.raises(ConfigError, match="RAGFLEET_GENERATION_WORKERS"):
+        ServerConfig.from_env("generation", {"RAGFLEET_GENERATION_WORKERS": raw})
+
+
+def test_so_reuseport_only_for_workers() -> None:
+    assert ("grpc.so_reuseport", 0) in server_options(ServerConfig("gateway"))
+    assert ("grpc.so_reuseport", 1) in server_options(ServerConfig("gateway", workers=2))
+
+
+@pytest.mark.parametrize("v2, v1, quota", [
+    ("max 100000", None, None), ("150000 100000", None, 1.5), ("200000 100000\n", None, 2.0),
+    (None, ("-1", "100000"), None), (None, ("300000", "100000"), 3.0), (None, None, None)])
+def test_cgroup_quota(tmp_path: Path, v2: str | None, v1: tuple[str, str] | None, quota: float | None) -> None:
+    if v2 is not None:
+        (tmp_path / "cpu.max").write_text(v2)
+    if v1 is not None:
+        (tmp_path / "cpu").mkdir()
+        (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text(v1[0])
+        (tmp_path / "cpu" / "cpu.cfs_period_us").write_text(v1[1])
+    assert _cgroup_quota(tmp_path) == quota
+
+
+def test_exit_status_is_what_a_shell_shows() -> None:
+    assert exit_status(0) == 0 and exit_status(3) == 3 and exit_status(-signal.SIGKILL) == 137
+
+
+def test_a_reserved_port_admits_so_reuseport_servers_only() -> None:
+    reserved = reserve_port("127.0.0.1", 0)
+    port = reserved.getsockname()[1]
+    try:
+        worker = grpc.server(None, options=[("grpc.so_reuseport", 1)])  # type: ignore[arg-type]
+        assert worker.add_insecure_port(f"127.0.0.1:{port}") == port
+        with socket.socket() as other, pytest.raises(OSError):
+            other.bind(("127.0.0.1", port))  # any other program, or a server without SO_REUSEPORT
+        worker.stop(0)
+    finally:
+        reserved.close()
+
+
+def test_a_port_something_listens_on_is_refused() -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        with pytest.raises(OSError, match="is the port in use"):
+            reserve_port("127.0.0.1", listener.getsockname()[1])
