@@ -103,27 +103,3 @@ def test_the_readme_documents_no_variable_that_nothing_reads() -> None:
 def test_each_service_has_its_own_variable_table(service: str) -> None:
     assert f"\n**{service}**\n\n| variable | default | meaning |" in README
 
-
-_TABLE_ROW = re.compile(r"^\|\s*`?(RAGFLEET_[A-Z0-9_]+)`?\s*\|\s*([^|]+?)\s*\|", re.M)
-_NO_VALUE = {"(none)", "unset", "(unset)", "none"}
-
-
-def _defaults(text: str) -> dict[str, str]:
-    """Variable -> default column of every `| RAGFLEET_X | default | meaning |` row."""
-    values = {}
-    for match in _TABLE_ROW.finditer(text):
-        value = match.group(2).strip("` ")
-        values[match.group(1)] = "(none)" if value.lower() in _NO_VALUE else value
-    return values
-
-
-def test_readme_defaults_agree_with_each_service_config_table() -> None:
-    # Each services/<name>/config.py documents its variables in a table next to the code that reads them; the
-    # README's copy drifted once (rerank alpha and depth), so the two must agree wherever both name a variable.
-    readme = _defaults(README)
-    drift = []
-    for config in sorted((ROOT / "services").glob("*/config.py")):
-        for variable, default in _defaults(config.read_text()).items():
-            if variable in readme and readme[variable] != default:
-                drift.append(f"{variable}: README says {readme[variable]!r}, {config.relative_to(ROOT)} says {default!r}")
-    assert not drift, "\n".join(drift)
