@@ -6,19 +6,8 @@ from __future__ import annotations
 import pytest
 import redis.asyncio as aioredis
 
-from services.runtime import corpus_version, redis_client
+from services.runtime import corpus_version
 from services.runtime.corpus_version import CorpusVersions
-from tests.conftest import REDIS_URL
-
-
-@pytest.fixture
-async def client(redis_prefix):
-    client = redis_client.connect(REDIS_URL)
-    yield client
-    keys = [k async for k in client.scan_iter(match=redis_prefix + "*")]
-    if keys:
-        await client.delete(*keys)
-    await client.aclose()
 
 
 def test_one_key_format():
@@ -28,35 +17,36 @@ def test_one_key_format():
     assert corpus_version.parse(None) == 0 and corpus_version.parse(b"12") == 12
 
 
-async def test_bumps_count_up_and_every_reader_sees_them(client, redis_prefix):
+async def test_bumps_count_up_and_every_reader_sees_them(redis_client, redis_prefix):
     template = corpus_version.key_format(redis_prefix)
-    writer, other_writer = CorpusVersions(client, template=template), CorpusVersions(client, template=template)
+    writer, other_writer = (CorpusVersions(redis_client, template=template),
+                            CorpusVersions(redis_client, template=template))
     assert await writer.read("t") == 0
     assert await writer.bump("t") == 1 and await other_writer.bump("t") == 2
-    assert await writer.read("t") == 2 == await corpus_version.read(client, "t", template=template)
+    assert await writer.read("t") == 2 == await corpus_version.read(redis_client, "t", template=template)
     assert await writer.read("u") == 0, "versions are per tenant"
 
 
-async def test_a_flushed_key_never_brings_back_a_version(client, redis_prefix):
-    versions = CorpusVersions(client, template=corpus_version.key_format(redis_prefix))
+async def test_a_flushed_key_never_brings_back_a_version(redis_client, redis_prefix):
+    versions = CorpusVersions(redis_client, template=corpus_version.key_format(redis_prefix))
     for _ in range(3):
         await versions.bump("t")
-    await client.delete(redis_prefix + "version:t")  # a flush, or an eviction
+    await redis_client.delete(redis_prefix + "version:t")  # a flush, or an eviction
     assert await versions.bump("t") == 4
 
 
-async def test_a_failed_bump_blocks_reads_until_it_lands(client, redis_prefix):
-    versions = CorpusVersions(client, template=corpus_version.key_format(redis_prefix))
+async def test_a_failed_bump_blocks_reads_until_it_lands(redis_client, redis_prefix):
+    versions = CorpusVersions(redis_client, template=corpus_version.key_format(redis_prefix))
     assert await versions.bump("t") == 1
-    real = client.evalsha
+    real = redis_client.evalsha
 
     async def blip(*args, **kwargs):
         raise ConnectionError("redis blip")
 
-    client.evalsha = blip
+    redis_client.evalsha = blip
     assert await versions.bump("t") is None
     assert await versions.read("t") is None, "the stored version still admits entries from before the write"
-    client.evalsha = real
+    redis_client.evalsha = real
     assert await versions.read("t") == 2
     assert await versions.bump("t") == 3
 

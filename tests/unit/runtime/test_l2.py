@@ -5,34 +5,22 @@ from __future__ import annotations
 
 import logging
 
-import pytest
 from prometheus_client import CollectorRegistry, Counter
 
 from services.cli.mesh import free_port
-from services.runtime import redis_client
 from services.runtime.l2 import RedisL2
-from tests.conftest import REDIS_URL
+from services.runtime.redis_client import connect
 
 log = logging.getLogger("ragfleet.test.l2")
 
 
-@pytest.fixture
-async def client(redis_prefix):
-    client = redis_client.connect(REDIS_URL)
-    yield client
-    keys = [k async for k in client.scan_iter(match=redis_prefix + "*")]
-    if keys:
-        await client.delete(*keys)
-    await client.aclose()
-
-
-async def test_round_trip_under_the_prefix_with_the_ttl(client, redis_prefix):
-    l2 = RedisL2[bytes](client, ttl_seconds=30, log=log, prefix=redis_prefix)
+async def test_round_trip_under_the_prefix_with_the_ttl(redis_client, redis_prefix):
+    l2 = RedisL2[bytes](redis_client, ttl_seconds=30, log=log, prefix=redis_prefix)
     await l2.put_many([("a", b"1"), ("b", b"2")])
     assert await l2.get_many(["a", "missing", "b"]) == [b"1", None, b"2"]
     await l2.put("c", b"3")
     assert await l2.get("c") == b"3"
-    assert 0 < await client.ttl(redis_prefix + "a") <= 30
+    assert 0 < await redis_client.ttl(redis_prefix + "a") <= 30
 
 
 class Text(RedisL2[str]):
@@ -43,15 +31,15 @@ class Text(RedisL2[str]):
         return None if raw == b"bad" else raw.decode()
 
 
-async def test_subclasses_choose_the_encoding_and_what_reads_as_a_miss(client, redis_prefix):
-    l2 = Text(client, ttl_seconds=30, log=log, prefix=redis_prefix)
+async def test_subclasses_choose_the_encoding_and_what_reads_as_a_miss(redis_client, redis_prefix):
+    l2 = Text(redis_client, ttl_seconds=30, log=log, prefix=redis_prefix)
     await l2.put("k", "héllo")
-    await client.set(redis_prefix + "bad", b"bad")
+    await redis_client.set(redis_prefix + "bad", b"bad")
     assert await l2.get_many(["k", "bad"]) == ["héllo", None]
 
 
 async def test_an_outage_is_misses_logged_once_counted_and_backed_off(caplog):
-    dead = redis_client.connect(f"redis://127.0.0.1:{free_port()}/0", timeout=0.2)
+    dead = connect(f"redis://127.0.0.1:{free_port()}/0", timeout=0.2)
     errors = Counter("test_l2_errors", "failed commands", registry=CollectorRegistry())
     l2 = RedisL2[bytes](dead, ttl_seconds=30, log=log, errors=errors)
     with caplog.at_level(logging.WARNING, logger=log.name):
