@@ -83,8 +83,9 @@ async def run(args: argparse.Namespace) -> int:
     sim = SimProcess()
     prefix = f"ragfleet-bench:{uuid.uuid4().hex[:8]}:cost:"
     env = {"RAGFLEET_LLM_BASE_URL": sim.base_url, "RAGFLEET_LLM_MODEL": "sim-llm", "RAGFLEET_LOG_LEVEL": "WARNING",
-           "RAGFLEET_GATEWAY_API_KEYS": "", "RAGFLEET_GATEWAY_REDIS_PREFIX": prefix,
-           "RAGFLEET_GATEWAY_CORPUS_VERSION_KEY": prefix + "version:{tenant}", "RAGFLEET_REDIS_URL": ""}
+           "RAGFLEET_GATEWAY_API_KEYS": "", "RAGFLEET_GATEWAY_REDIS_PREFIX": prefix, "RAGFLEET_REDIS_URL": ""}
+    # Every Ask bypasses the cache, so the corpus version the gateway reads (the runtime's shared key for tenant
+    # "default", not per run; nothing here writes it: retrieval has no Redis) never decides anything.
     mesh = LocalMesh(data_dir=Path(tempfile.mkdtemp(prefix="ask-cost-")), env=env,
                      service_env={"gateway": {"RAGFLEET_REDIS_URL": REDIS_URL}})
     try:

@@ -451,10 +451,11 @@ async def run(args: argparse.Namespace) -> int:
     prefix = f"ragfleet-bench:{run_id}:gw:"
     workdir = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
     env = {"RAGFLEET_LLM_BASE_URL": sim.base_url, "RAGFLEET_LLM_MODEL": "sim-llm", "RAGFLEET_LOG_LEVEL": "WARNING",
-           "RAGFLEET_GATEWAY_API_KEYS": "", "RAGFLEET_GATEWAY_REDIS_PREFIX": prefix,
-           "RAGFLEET_GATEWAY_CORPUS_VERSION_KEY": prefix + "version:{tenant}", "RAGFLEET_REDIS_URL": ""}
-    # Redis only for the gateway (response cache, versions): embedding/retrieval keep L1 caches only, exactly like
-    # the in-process stack, so phase 2 compares the same work.
+           "RAGFLEET_GATEWAY_API_KEYS": "", "RAGFLEET_GATEWAY_REDIS_PREFIX": prefix, "RAGFLEET_REDIS_URL": ""}
+    # Redis only for the gateway (response cache): embedding/retrieval keep L1 caches only, exactly like the
+    # in-process stack, so phase 2 compares the same work. The gateway's answers are under this run's prefix; the
+    # corpus version it reads is the runtime's shared key for tenant "default" (not per run), which this run never
+    # writes (retrieval has no Redis here), so only another process writing that tenant's version could cost hits.
     mesh = LocalMesh(data_dir=workdir / "mesh", env=env, service_env={"gateway": {"RAGFLEET_REDIS_URL": REDIS_URL}})
     stack = InProcessStack()
     figures: dict[str, Any] = {}
