@@ -9,25 +9,29 @@ open long enough for generation's saturation and the gateway's in-flight gauge t
 import json, subprocess, tempfile, threading, time, urllib.request, urllib.parse, uuid, random
 from pathlib import Path
 import grpc, yaml
-from services.cli.mesh import LocalMesh, free_port
+from bench._common import QUESTIONS, REDIS_URL, SAMPLE_CORPUS
+from services.cli.ask import auth_metadata
 from services.cli.ingest import ingest_path
+from services.cli.mesh import LocalMesh, free_port
+from services.cli.sim_llm import SimLLMProcess
 from services.runtime.pb.ragfleet.v1 import gateway_pb2, gateway_pb2_grpc
-from tests.integration.conftest import start_sim_llm, stop_process
-from tests.integration import test_prometheus as tp
-from tests.contract._metrics import adapter_rules, hpa_pod_metrics, render_adapter_query, rule_metric_name, SERVICES
+from tests.contract._metrics import adapter_rules, hpa_pod_metrics, render_adapter_query, rule_metric_name, scrape_config
 
-sim = start_sim_llm(ttft_ms=300, tokens_per_second=50, max_tokens=50, failure_rate=0, hang_rate=0)
+sim = SimLLMProcess(ttft_ms=300, tokens_per_second=50, max_tokens=50, failure_rate=0, hang_rate=0)
 tmp = Path(tempfile.mkdtemp())
-prefix = f"ragfleet-note:{uuid.uuid4().hex[:8]}:gw:"
+run = uuid.uuid4().hex[:8]
+prefix, key, tenant = f"ragfleet-note:{run}:gw:", f"key-{run}", f"hpa-{run}"
+# A tenant of this run's own: the corpus version retrieval advances on ingest (runtime.corpus_version's key, which has
+# no per-run prefix) is then this run's alone.
 mesh = LocalMesh(data_dir=tmp / "mesh", env={"RAGFLEET_LLM_BASE_URL": sim.base_url, "RAGFLEET_LLM_MODEL": "sim-llm",
-    "RAGFLEET_REDIS_URL": "redis://127.0.0.1:6379/0", "RAGFLEET_GATEWAY_REDIS_PREFIX": prefix,
-    "RAGFLEET_GATEWAY_CORPUS_VERSION_KEY": prefix + "version:{tenant}", "RAGFLEET_GATEWAY_API_KEYS": "",
+    "RAGFLEET_REDIS_URL": REDIS_URL, "RAGFLEET_GATEWAY_REDIS_PREFIX": prefix,
+    "RAGFLEET_GATEWAY_API_KEYS": f"{key}={tenant}",
     "RAGFLEET_LOG_LEVEL": "WARNING", "RAGFLEET_GENERATION_MAX_CONCURRENT": "256"})
 prom = None
 try:
     mesh.start()
-    ingest_path(mesh.address("gateway"), str(tp.CORPUS), show_progress=False)
-    (tmp / "prometheus.yml").write_text(yaml.safe_dump(tp._render_config(mesh), sort_keys=False))
+    ingest_path(mesh.address("gateway"), str(SAMPLE_CORPUS), api_key=key, show_progress=False)
+    (tmp / "prometheus.yml").write_text(yaml.safe_dump(scrape_config(mesh, "ragfleet"), sort_keys=False))
     port = free_port()
     prom = subprocess.Popen(["prometheus", f"--config.file={tmp/'prometheus.yml'}", f"--storage.tsdb.path={tmp/'data'}",
         f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -42,7 +46,8 @@ try:
             while not stop.is_set():
                 n += 1
                 try:
-                    for _ in stub.Ask(gateway_pb2.AskRequest(question=f"{rng.choice(tp.QUESTIONS)} {i}-{n}", top_k=3, bypass_cache=True), timeout=30):
+                    for _ in stub.Ask(gateway_pb2.AskRequest(question=f"{rng.choice(QUESTIONS)} {i}-{n}", top_k=3, bypass_cache=True),
+                                       metadata=auth_metadata(key), timeout=30):
                         pass
                     counts["ok"] += 1
                 except grpc.RpcError:
@@ -62,5 +67,8 @@ try:
     stop.set()
     for t in threads: t.join(35)
 finally:
-    if prom: stop_process(prom)
-    mesh.stop(); stop_process(sim.process)
+    if prom:
+        prom.terminate()
+        try: prom.wait(10)
+        except subprocess.TimeoutExpired: prom.kill(); prom.wait()
+    mesh.stop(); sim.stop()

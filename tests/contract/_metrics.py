@@ -1,5 +1,5 @@
-"""What each service really exports, and the queries the operator's files run: shared by the contract tests and the
-live Prometheus test (tests/integration/test_prometheus.py)."""
+"""What each service really exports, and the queries the operator's files run: shared by the contract tests, the
+live Prometheus test (tests/integration/test_prometheus.py) and bench/hpa_metrics.py."""
 
 from __future__ import annotations
 
@@ -10,9 +10,12 @@ import sys
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+if TYPE_CHECKING:
+    from services.cli.mesh import LocalMesh
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
@@ -104,6 +107,42 @@ def hpa_pod_metrics() -> list[tuple[str, str]]:
     """(service, custom metric name) for every Pods metric an HPA names."""
     return [(name, m["pods"]["metric"]["name"]) for name, hpa in sorted(hpas().items())
             for m in hpa["spec"]["metrics"] if m["type"] == "Pods"]
+
+
+def pod_targets(mesh: LocalMesh, namespace: str) -> list[dict[str, Any]]:
+    """What Kubernetes pod discovery yields for one pod per service of a local mesh: a target per declared
+    container port, with the Deployment's pod labels and annotations, except that the ports are the local
+    processes'."""
+    targets = []
+    for doc in manifests():
+        name = doc["metadata"]["name"]
+        if doc["kind"] != "Deployment" or name not in SERVICES:
+            continue
+        template = doc["spec"]["template"]
+        meta = {"__meta_kubernetes_namespace": namespace, "__meta_kubernetes_pod_name": f"{name}-0"}
+        for key, value in template["metadata"]["labels"].items():
+            meta["__meta_kubernetes_pod_label_" + re.sub(r"[^a-zA-Z0-9_]", "_", key)] = value
+        for key, value in template["metadata"]["annotations"].items():
+            meta["__meta_kubernetes_pod_annotation_" + re.sub(r"[^a-zA-Z0-9_]", "_", key)] = value
+        meta["__meta_kubernetes_pod_annotation_prometheus_io_port"] = str(mesh.metrics_ports[name])
+        local = {"grpc": mesh.ports[name], "metrics": mesh.metrics_ports[name]}
+        for port in template["spec"]["containers"][0]["ports"]:
+            targets.append({"targets": [f"127.0.0.1:{local[port['name']]}"],
+                            "labels": {**meta, "__meta_kubernetes_pod_container_port_name": port["name"]}})
+    return targets
+
+
+def scrape_config(mesh: LocalMesh, namespace: str) -> dict[str, Any]:
+    """The shipped prometheus.yml scraping a local mesh: the pod discovery swapped for static targets carrying the
+    labels a pod would have (so the shipped relabelling runs unchanged), 1 s intervals, rule files by full path."""
+    config = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
+    config["global"].update(scrape_interval="1s", evaluation_interval="1s")
+    config["rule_files"] = [str(PROMETHEUS / pattern) for pattern in config["rule_files"]]
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "ragfleet-pods"]
+    assert "kubernetes_sd_configs" in job
+    del job["kubernetes_sd_configs"]
+    job["static_configs"] = pod_targets(mesh, namespace)
+    return config
 
 
 def rule_groups() -> list[dict[str, Any]]:

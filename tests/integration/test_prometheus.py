@@ -32,9 +32,9 @@ from services.cli.mesh import LocalMesh, free_port
 from services.runtime.pb.ragfleet.v1 import gateway_pb2, gateway_pb2_grpc
 from tests._redis import delete_keys
 from tests.conftest import REDIS_URL
-from tests.contract._metrics import (KUBE_STATE_METRICS, PROMETHEUS, ROOT, SERVICES, adapter_rules, alert_signal,
-                                     alerts, dashboard_queries, hpa_pod_metrics, manifests, recordings,
-                                     render_adapter_query, rule_metric_name)
+from tests.contract._metrics import (KUBE_STATE_METRICS, ROOT, SERVICES, adapter_rules, alert_signal, alerts,
+                                     dashboard_queries, hpa_pod_metrics, recordings, render_adapter_query,
+                                     rule_metric_name, scrape_config)
 from tests.integration.conftest import SimLLM, stop_process
 
 NAMESPACE = "ragfleet"
@@ -79,39 +79,6 @@ class Prometheus:
         return self.get("/api/v1/query", query=expr)["result"]
 
 
-def _pod_targets(mesh: LocalMesh) -> list[dict[str, Any]]:
-    """What Kubernetes pod discovery yields for one pod per service: a target per declared container port, with the
-    Deployment's pod labels and annotations, except that the metrics port is the local process's."""
-    targets = []
-    for doc in manifests():
-        name = doc["metadata"]["name"]
-        if doc["kind"] != "Deployment" or name not in SERVICES:
-            continue
-        template = doc["spec"]["template"]
-        meta = {"__meta_kubernetes_namespace": NAMESPACE, "__meta_kubernetes_pod_name": f"{name}-0"}
-        for key, value in template["metadata"]["labels"].items():
-            meta["__meta_kubernetes_pod_label_" + re.sub(r"[^a-zA-Z0-9_]", "_", key)] = value
-        for key, value in template["metadata"]["annotations"].items():
-            meta["__meta_kubernetes_pod_annotation_" + re.sub(r"[^a-zA-Z0-9_]", "_", key)] = value
-        meta["__meta_kubernetes_pod_annotation_prometheus_io_port"] = str(mesh.metrics_ports[name])
-        local = {"grpc": mesh.ports[name], "metrics": mesh.metrics_ports[name]}
-        for port in template["spec"]["containers"][0]["ports"]:
-            targets.append({"targets": [f"127.0.0.1:{local[port['name']]}"],
-                            "labels": {**meta, "__meta_kubernetes_pod_container_port_name": port["name"]}})
-    return targets
-
-
-def _render_config(mesh: LocalMesh) -> dict[str, Any]:
-    config = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
-    config["global"].update(scrape_interval="1s", evaluation_interval="1s")
-    config["rule_files"] = [str(PROMETHEUS / pattern) for pattern in config["rule_files"]]
-    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "ragfleet-pods"]
-    assert "kubernetes_sd_configs" in job
-    del job["kubernetes_sd_configs"]
-    job["static_configs"] = _pod_targets(mesh)
-    return config
-
-
 @pytest.fixture(scope="module")
 def sim(sim_llm: SimLLM) -> SimLLM:
     return sim_llm
@@ -137,7 +104,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory, sim: SimLLM) -> Iterator[Loca
 def prometheus(mesh: LocalMesh, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
     binary = _prometheus_binary()
     root = tmp_path_factory.mktemp("prometheus")
-    (root / "prometheus.yml").write_text(yaml.safe_dump(_render_config(mesh), sort_keys=False))
+    (root / "prometheus.yml").write_text(yaml.safe_dump(scrape_config(mesh, NAMESPACE), sort_keys=False))
     port = free_port()
     log = open(root / "prometheus.log", "wb")
     process = subprocess.Popen(
