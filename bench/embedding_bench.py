@@ -5,8 +5,8 @@ The services run as real processes (LocalMesh, `python -m services.embedding`), 
 endpoint as its own process (`python -m services.cli sim-llm`), and this process is the load generator: every
 process shares the machine's cores, which the result records.
 
-    flock /tmp/ragfleet-bench.lock .venv/bin/python bench/embedding_bench.py     # full run (~8 min on 2 cores)
-    flock /tmp/ragfleet-bench.lock .venv/bin/python bench/embedding_bench.py --quick   # smoke run (~1-2 min)
+    flock /tmp/ragfleet-bench.lock .venv/bin/python -m bench.embedding_bench            # full run (~8 min on 2 cores)
+    flock /tmp/ragfleet-bench.lock .venv/bin/python -m bench.embedding_bench --quick    # smoke run (~1-2 min)
 
 The full run first waits (up to --quiet-timeout s) until other work leaves the cores alone, and records how much
 other work ran during each phase.
@@ -53,20 +53,15 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-import grpc  # noqa: E402
-from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
-
-from bench._common import percentiles, target, write_results  # noqa: E402
-from bench._sim import SimProcess  # noqa: E402
-from services.cli.mesh import LocalMesh  # noqa: E402
-from services.runtime.pb.ragfleet.v1 import common_pb2, embedding_pb2, embedding_pb2_grpc  # noqa: E402
+from bench._common import REDIS_URL, ROOT, percentiles, target, write_results
+from bench._sim import SimProcess
+from services.cli.mesh import LocalMesh
+from services.runtime.pb.ragfleet.v1 import common_pb2, embedding_pb2, embedding_pb2_grpc
 
 SCIFACT = ROOT.parent / "shared" / "data" / "scifact" / "corpus.jsonl"
-REDIS_URL = os.environ.get("RAGFLEET_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 SEED = 5
 SENTENCE_SHARE = 0.85
 CALLERS = (1, 8, 64, 256)
