@@ -215,6 +215,7 @@ def run(args: argparse.Namespace) -> int:
     prefix = f"ragfleet-bench:{uuid.uuid4().hex[:8]}:workers:"
     gateway = Gateway(Path(tempfile.mkdtemp(prefix="workers-bench-")), prefix)
     runs: dict[str, list[dict[str, Any]]] = {f"{kind}{n}": [] for kind, n in VARIANTS}
+    load_before = os.getloadavg()
     try:
         gateway.start()
         for round_ in range(args.rounds):
@@ -246,6 +247,10 @@ def run(args: argparse.Namespace) -> int:
                       "errors": sum(sum(r["errors"].values()) for r in rs)} for name, rs in runs.items()}
     gateway_ratio = summary["gateway2"]["asks_per_second"] / summary["gateway1"]["asks_per_second"]
     bare_ratio = summary["bare2"]["asks_per_second"] / summary["bare1"]["asks_per_second"]
+    # The same ratios within each round (its two runs adjacent in time), less exposed to the machine's drift.
+    paired = {kind: statistics.median(two["asks_per_second"] / one["asks_per_second"]
+                                      for one, two in zip(runs[f"{kind}1"], runs[f"{kind}2"]))
+              for kind in (GATEWAY, BARE)}
     targets = [target("gateway 2-over-1 workers cached-Ask throughput ratio / bare grpc.aio 2-over-1 ratio",
                       gateway_ratio / bare_ratio, ">= 0.9", gateway_ratio >= 0.9 * bare_ratio)]
     rows = ["| variant | Asks/s | p50 ms | p95 ms | p99 ms | server cores | server CPU us/Ask | client cores | errors |",
@@ -255,7 +260,9 @@ def run(args: argparse.Namespace) -> int:
                     f"{s['p99_ms']:.2f} | {s['server_cores']:.2f} | {s['server_cpu_us_per_ask']:.0f} | "
                     f"{s['client_cores']:.2f} | {s['errors']} |")
     markdown = "\n".join([*rows, "", f"Gateway 2/1 = {gateway_ratio:.3f}; bare 2/1 = {bare_ratio:.3f} "
-                          f"(medians over {args.rounds} interleaved rounds of {args.seconds:g} s)."])
+                          f"(medians over {args.rounds} interleaved rounds of {args.seconds:g} s). Paired within "
+                          f"rounds: gateway {paired[GATEWAY]:.3f}, bare {paired[BARE]:.3f}. Load average before "
+                          f"and after: {load_before[0]:.2f}, {os.getloadavg()[0]:.2f}."])
     notes = [f"All processes share this machine's {os.cpu_count()} cores: the clients ({args.clients} processes, "
              f"{args.concurrency} concurrent Asks over {args.connections} connections in all), the servers and, for "
              "the gateway, the idle rest of the mesh. A second worker can only use what the clients leave.",
@@ -264,7 +271,8 @@ def run(args: argparse.Namespace) -> int:
              "Server cores and CPU per Ask: /proc utime+stime of the server processes (supervisor and workers) "
              "during the measured window."]
     write_results("workers_quick" if args.quick else "workers", figures={"runs": runs, "summary": summary,
-                  "gateway_ratio": gateway_ratio, "bare_ratio": bare_ratio}, targets=targets, markdown=markdown,
+                  "gateway_ratio": gateway_ratio, "bare_ratio": bare_ratio, "paired_ratios": paired,
+                  "load_average_before_after": [load_before, os.getloadavg()]}, targets=targets, markdown=markdown,
                   notes=notes)
     print(markdown)
     return 0
