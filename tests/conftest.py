@@ -19,12 +19,22 @@ def redis_prefix() -> str:
 
 
 @pytest.fixture
-async def redis_client(redis_prefix: str):
-    """An async client of the test Redis, built as the services build theirs; the test's keys (under
-    ``redis_prefix``) are deleted afterwards."""
+async def redis_cleanup(redis_prefix: str):
+    """The test's key prefix, for a test that writes Redis: every key under it is deleted afterwards."""
+    yield redis_prefix
+    client = redis_factory.connect(REDIS_URL)
+    try:
+        keys = [k async for k in client.scan_iter(match=redis_prefix + "*")]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+async def redis_client(redis_cleanup: str):
+    """An async client of the test Redis, built as the services build theirs (keys under the test's prefix are
+    deleted afterwards)."""
     client = redis_factory.connect(REDIS_URL)
     yield client
-    keys = [k async for k in client.scan_iter(match=redis_prefix + "*")]
-    if keys:
-        await client.delete(*keys)
     await client.aclose()

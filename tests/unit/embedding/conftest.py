@@ -19,7 +19,6 @@ from services.embedding.config import OnnxConfig
 
 SCIFACT = Path("/work/shared/data/scifact/corpus.jsonl")
 REFERENCE = Path(__file__).resolve().parents[2] / "data" / "embedding" / "fp32_reference.json"
-REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
 def text_vector(text: str, dim: int = 8) -> np.ndarray:
@@ -96,16 +95,3 @@ def scifact_texts() -> list[str]:
             if len(texts) >= 300:
                 break
     return [t for t in texts if t.strip()]
-
-
-@pytest.fixture
-async def redis_cleanup(redis_prefix):
-    """Deletes every key under the test's prefix afterwards."""
-    import redis.asyncio as redis
-
-    yield redis_prefix
-    client = redis.Redis.from_url(REDIS_URL)
-    keys = [k async for k in client.scan_iter(match=redis_prefix + "*")]
-    if keys:
-        await client.delete(*keys)
-    await client.aclose()

@@ -11,8 +11,8 @@ from prometheus_client import REGISTRY
 
 from services.cli.mesh import free_port
 from services.embedding.cache import CachedVector, L1Cache, L2Cache, cache_key, normalise_text
+from tests.conftest import REDIS_URL
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
 DIM = 384
 
 

@@ -16,8 +16,8 @@ from services.embedding.cache import L1Cache, L2Cache
 from services.embedding.config import BatcherConfig
 from services.embedding.embedder import Embedder
 from services.runtime.errors import InvalidArgument, Unavailable
+from tests.conftest import REDIS_URL
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
 QUERY, DOCUMENT = 1, 2
 
 

@@ -19,7 +19,7 @@ from services.embedding.config import BatcherConfig
 from services.embedding.embedder import Embedder
 from services.embedding.servicer import EmbeddingServiceServicer
 from services.runtime.pb.ragfleet.v1 import embedding_pb2 as pb, embedding_pb2_grpc
-from tests.unit.embedding.conftest import REDIS_URL
+from tests.conftest import REDIS_URL
 
 LONG = "word " * 300  # 302 tokens: cut to the model's 256
 ATTRIBUTE = "ragfleet.embedding."

@@ -55,10 +55,10 @@ async def test_conversation_store(use_redis, redis_prefix):
 
 
 @pytest.mark.parametrize("use_redis", [False, True])
-async def test_conversation_ids_with_colons_never_reach_another_tenant(use_redis, redis_prefix):
+async def test_conversation_ids_with_colons_never_reach_another_tenant(use_redis, redis_cleanup):
     """Tenant "acme" with id "eu:1" must not read tenant "acme:eu"'s conversation "1" (nor the reverse)."""
     client = aioredis.from_url(REDIS_URL) if use_redis else None
-    store = ConversationStore(ConversationConfig(ttl_seconds=60, max_turns=4), client, prefix=redis_prefix)
+    store = ConversationStore(ConversationConfig(ttl_seconds=60, max_turns=4), client, prefix=redis_cleanup)
     try:
         await store.append("acme:eu", "1", "secret question", "secret answer")
         assert await store.history("acme", "eu:1") == []
@@ -68,9 +68,6 @@ async def test_conversation_ids_with_colons_never_reach_another_tenant(use_redis
         assert store.key("acme", "eu:1") != store.key("acme:eu", "1")
     finally:
         if client is not None:
-            keys = [k async for k in client.scan_iter(match=redis_prefix + "*")]
-            if keys:
-                await client.delete(*keys)
             await client.aclose()
 
 

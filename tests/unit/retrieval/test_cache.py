@@ -8,17 +8,7 @@ import redis.asyncio as aioredis
 from services.retrieval.cache import ResultCache
 from services.retrieval.config import CacheConfig
 
-from tests.conftest import REDIS_URL  # noqa: F401  (shared test Redis)
-
-
-@pytest.fixture
-async def redis_cleanup(redis_prefix):
-    yield redis_prefix
-    client = aioredis.from_url(REDIS_URL)
-    keys = [k async for k in client.scan_iter(match=redis_prefix + "*")]
-    if keys:
-        await client.delete(*keys)
-    await client.aclose()
+from tests.conftest import REDIS_URL
 
 
 async def test_replicas_share_versions_and_l2(redis_cleanup):
