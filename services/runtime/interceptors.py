@@ -1,6 +1,7 @@
-"""The server interceptor that maps domain errors to statuses and records per-RPC Prometheus metrics.
+"""The server interceptor that traces every RPC, maps domain errors to statuses and records per-RPC metrics.
 
-Runs inside the OpenTelemetry interceptor, so its aborts land on the RPC span. Anything unexpected is logged with
+One wrapper per method, built on its first call, opens the RPC's server span (services.runtime.rpc_tracing), so the
+guard's and the handler's aborts land on it, and closes it with the final status. Anything unexpected is logged with
 its traceback and becomes INTERNAL; the process never dies of a handler bug. Every application method receives its
 request as raw bytes and passes it through the guard (services.runtime.guard: authentication, size limit, parsing)
 before the handler runs, so hostile input is refused the same way on every service.
@@ -18,6 +19,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from services.runtime.errors import RagfleetError, from_rpc_error
 from services.runtime.guard import GuardPolicy, MethodGuard, Rejected, record_rejection
+from services.runtime.rpc_tracing import ServerSpan
 from services.runtime.telemetry import INFRA_METHOD_PREFIXES
 
 log = logging.getLogger("ragfleet.rpc")
@@ -65,15 +67,20 @@ async def _abort_for(error: BaseException, context: grpc.aio.ServicerContext, me
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(error).__name__}: {error}")
 
 
-def _code_of(context: grpc.aio.ServicerContext, error: BaseException | None) -> str:
+def _code_of(context: grpc.aio.ServicerContext, error: BaseException | None) -> grpc.StatusCode:
     if isinstance(error, asyncio.CancelledError):
-        return "CANCELLED"
+        return grpc.StatusCode.CANCELLED
     code = context.code()
     if isinstance(code, grpc.StatusCode):
-        return code.name
+        return code
     if error is not None and isinstance(error, RagfleetError):
-        return error.code.name
-    return "OK" if error is None else "UNKNOWN"
+        return error.code
+    return grpc.StatusCode.OK if error is None else grpc.StatusCode.UNKNOWN
+
+
+def _unexpected(error: BaseException) -> BaseException | None:
+    """The error worth a stack trace on the span: not a domain error, nor a downstream status passed on."""
+    return None if isinstance(error, (RagfleetError, grpc.aio.AioRpcError)) else error
 
 
 class _MethodMetrics:
@@ -85,12 +92,12 @@ class _MethodMetrics:
         self._method = method
         self.in_flight = RPC_IN_FLIGHT.labels(method)
         self.latency = RPC_LATENCY.labels(method)
-        self._requests: dict[str, Any] = {}
+        self._requests: dict[grpc.StatusCode, Any] = {}
 
-    def requests(self, code: str) -> Any:
+    def requests(self, code: grpc.StatusCode) -> Any:
         child = self._requests.get(code)
         if child is None:
-            child = self._requests[code] = RPC_REQUESTS.labels(self._method, code)
+            child = self._requests[code] = RPC_REQUESTS.labels(self._method, code.name)
         return child
 
 
@@ -116,24 +123,26 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
 
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         metrics = _MethodMetrics(method)
+        span = ServerSpan(method)
         # The request arrives as bytes (no deserializer): the guard authenticates, bounds and parses it.
         guard = self._policy.guard(method, handler.request_deserializer)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(handler.unary_unary, guard, metrics),
+                self._wrap_unary(handler.unary_unary, guard, metrics, span),
                 request_deserializer=None, response_serializer=handler.response_serializer)
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(handler.unary_stream, guard, metrics),
+                self._wrap_stream(handler.unary_stream, guard, metrics, span),
                 request_deserializer=None, response_serializer=handler.response_serializer)
         return handler
 
-    def _wrap_unary(self, behavior: Callable[..., Awaitable[Any]], guard: MethodGuard,
-                    metrics: _MethodMetrics) -> Callable[..., Awaitable[Any]]:
+    def _wrap_unary(self, behavior: Callable[..., Awaitable[Any]], guard: MethodGuard, metrics: _MethodMetrics,
+                    server_span: ServerSpan) -> Callable[..., Awaitable[Any]]:
         method = guard.method
 
         async def unary(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
             start = time.perf_counter()
+            span, token = server_span.begin(context)
             self._in_flight.enter()
             metrics.in_flight.inc()
             error: BaseException | None = None
@@ -152,16 +161,20 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                 metrics.in_flight.dec()
                 self._in_flight.exit()
                 metrics.latency.observe(time.perf_counter() - start)
-                metrics.requests(_code_of(context, error)).inc()
+                code = _code_of(context, error)
+                metrics.requests(code).inc()
+                server_span.finish(span, token, code, None if code is grpc.StatusCode.OK else context.details(),
+                                   None if error is None else _unexpected(error))
 
         return unary
 
-    def _wrap_stream(self, behavior: Callable[..., AsyncIterator[Any]], guard: MethodGuard,
-                     metrics: _MethodMetrics) -> Callable[..., AsyncIterator[Any]]:
+    def _wrap_stream(self, behavior: Callable[..., AsyncIterator[Any]], guard: MethodGuard, metrics: _MethodMetrics,
+                     server_span: ServerSpan) -> Callable[..., AsyncIterator[Any]]:
         method = guard.method
 
         async def stream(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             start = time.perf_counter()
+            span, token = server_span.begin(context)
             self._in_flight.enter()
             metrics.in_flight.inc()
             error: BaseException | None = None
@@ -181,6 +194,9 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                 metrics.in_flight.dec()
                 self._in_flight.exit()
                 metrics.latency.observe(time.perf_counter() - start)
-                metrics.requests(_code_of(context, error)).inc()
+                code = _code_of(context, error)
+                metrics.requests(code).inc()
+                server_span.finish(span, token, code, None if code is grpc.StatusCode.OK else context.details(),
+                                   None if error is None else _unexpected(error))
 
         return stream

@@ -155,7 +155,7 @@ class GrpcServer:
         self._stopped = False
         self.port = 0
         self.server = grpc.aio.server(
-            interceptors=[*telemetry.server_interceptors(), RpcInterceptor(self.in_flight, policy)],
+            interceptors=[RpcInterceptor(self.in_flight, policy)],  # it opens the RPC spans too
             options=server_options(config, self.receive_limit),
         )
         for binding in self.bindings:

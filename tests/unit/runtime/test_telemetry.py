@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 
 from services.runtime import interceptors, telemetry
@@ -17,7 +15,7 @@ from services.runtime import interceptors, telemetry
     ("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", False),
 ])
 def test_infrastructure_rpcs_are_not_traced(method: str | bytes, traced: bool) -> None:
-    assert telemetry._not_infra(SimpleNamespace(method=method)) is traced
+    assert telemetry.traced(method) is traced
 
 
 def test_the_metrics_interceptor_skips_the_same_methods() -> None:

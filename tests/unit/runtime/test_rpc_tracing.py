@@ -1,0 +1,99 @@
+"""The RPC spans (services.runtime.rpc_tracing): client span -> server span in one trace, the gRPC attributes, the
+final status, and the caller's token on the same metadata as the trace context."""
+
+from __future__ import annotations
+
+from typing import AsyncIterator
+
+import grpc
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from services.runtime import telemetry
+from services.runtime.errors import NotFound
+from services.runtime.guard import GuardPolicy
+from services.runtime.interceptors import InFlight, RpcInterceptor
+
+SERVICE = "ragfleet.v1.TestService"
+
+
+@pytest.fixture
+def exporter() -> InMemorySpanExporter:
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        trace.set_tracer_provider(TracerProvider())
+        provider = trace.get_tracer_provider()
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))  # type: ignore[attr-defined]
+    return exporter
+
+
+@pytest.fixture
+async def channel() -> AsyncIterator[grpc.aio.Channel]:
+    seen: list[str] = []
+
+    async def echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        seen.append(dict(context.invocation_metadata())["authorization"])
+        return request
+
+    async def missing(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        raise NotFound("no such thing")
+
+    async def count(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        for i in range(3):
+            yield bytes([i])
+
+    handler = grpc.method_handlers_generic_handler(SERVICE, {
+        "Echo": grpc.unary_unary_rpc_method_handler(echo),
+        "Missing": grpc.unary_unary_rpc_method_handler(missing),
+        "Count": grpc.unary_stream_rpc_method_handler(count)})
+    server = grpc.aio.server(interceptors=[RpcInterceptor(InFlight(), GuardPolicy())])
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(
+        f"127.0.0.1:{port}", interceptors=telemetry.client_interceptors(lambda: (("authorization", "Bearer t"),)))
+    channel.seen = seen  # type: ignore[attr-defined]
+    try:
+        yield channel
+    finally:
+        await channel.close()
+        await server.stop(None)
+
+
+async def test_a_call_is_a_client_span_parenting_the_server_span(channel, exporter) -> None:
+    assert await channel.unary_unary(f"/{SERVICE}/Echo")(b"hi", timeout=5) == b"hi"
+    assert channel.seen == ["Bearer t"]  # the token rides with the trace context
+    spans = {s.kind: s for s in exporter.get_finished_spans() if s.name == f"/{SERVICE}/Echo"}
+    client, server = spans[trace.SpanKind.CLIENT], spans[trace.SpanKind.SERVER]
+    assert server.parent is not None and server.parent.span_id == client.context.span_id
+    assert server.context.trace_id == client.context.trace_id
+    for span in (client, server):
+        assert span.attributes["rpc.system"] == "grpc"
+        assert span.attributes["rpc.service"] == SERVICE
+        assert span.attributes["rpc.method"] == "Echo"
+        assert span.attributes["rpc.grpc.status_code"] == 0
+    assert server.attributes["net.peer.ip"] == "127.0.0.1"
+
+
+async def test_a_failed_call_carries_its_status_on_both_spans(channel, exporter) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await channel.unary_unary(f"/{SERVICE}/Missing")(b"", timeout=5)
+    assert failed.value.code() == grpc.StatusCode.NOT_FOUND
+    spans = {s.kind: s for s in exporter.get_finished_spans() if s.name == f"/{SERVICE}/Missing"}
+    client, server = spans[trace.SpanKind.CLIENT], spans[trace.SpanKind.SERVER]
+    assert client.attributes["rpc.grpc.status_code"] == server.attributes["rpc.grpc.status_code"] == 5
+    assert client.status.status_code == trace.StatusCode.ERROR
+    # NOT_FOUND is the caller's problem, not the server's (semantic conventions for server spans).
+    assert server.status.status_code == trace.StatusCode.UNSET
+
+
+async def test_a_stream_span_ends_with_the_stream(channel, exporter) -> None:
+    assert [m async for m in channel.unary_stream(f"/{SERVICE}/Count")(b"", timeout=5)] == [b"\0", b"\1", b"\2"]
+    spans = {s.kind: s for s in exporter.get_finished_spans() if s.name == f"/{SERVICE}/Count"}
+    client, server = spans[trace.SpanKind.CLIENT], spans[trace.SpanKind.SERVER]
+    assert server.parent.span_id == client.context.span_id
+    assert client.end_time >= server.end_time
