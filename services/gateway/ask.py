@@ -36,7 +36,6 @@ from services.runtime.limits import check_filters, check_generation_params
 from services.runtime.pb.ragfleet.v1 import common_pb2, gateway_pb2, generation_pb2, retrieval_pb2
 
 log = logging.getLogger("ragfleet.gateway.ask")
-tracer = telemetry.tracer(__name__)
 
 ASK_STAGE_SECONDS = Histogram("ragfleet_gateway_ask_stage_seconds", "Ask time per stage", ["stage"],
                               buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
@@ -217,8 +216,7 @@ class AskPipeline:
         started = time.perf_counter()
         timings = gateway_pb2.StageTimings()
         trace_id = telemetry.current_trace_id() or ""  # the Ask's server span: AskFinished and exemplars carry it
-        with tracer.start_as_current_span("gateway.prefetch"):
-            pre = await self._prefetch(tenant, request, plan, deadline, timings)
+        pre = await self._prefetch(tenant, request, plan, deadline, timings)
         use_cache = plan.use_cache and pre.cacheable
         status = gateway_pb2.CACHE_STATUS_MISS if use_cache else gateway_pb2.CACHE_STATUS_BYPASS
         hit = pre.hit if use_cache else None
@@ -239,8 +237,7 @@ class AskPipeline:
                 yield event
             return
 
-        with tracer.start_as_current_span("gateway.retrieve"):
-            passages = await self._retrieve(tenant, request, plan, pre.vectors, deadline, timings)
+        passages = await self._retrieve(tenant, request, plan, pre.vectors, deadline, timings)
         yield gateway_pb2.AskResponse(sources=gateway_pb2.Sources(passages=passages))
 
         generate = generation_pb2.GenerateRequest(question=plan.question, passages=passages, history=pre.history,
@@ -281,6 +278,7 @@ class AskPipeline:
         await asyncio.gather(*writes)  # concurrently: AskFinished waits for the slower one only
         timings.total_ms = _ms_since(started)
         ASK_STAGE_SECONDS.labels("total").observe(timings.total_ms / 1000, _exemplar(trace_id))
+        telemetry.record_stages(timings)
         yield gateway_pb2.AskResponse(finished=gateway_pb2.AskFinished(
             finish_reason=finished.finish_reason, usage=finished.usage, cache_status=status, timings=timings,
             model=finished.model, conversation_id=request.conversation_id, fallback_used=finished.fallback_used,
@@ -375,6 +373,7 @@ def _replay(hit: CachedAnswer, status: int, timings: gateway_pb2.StageTimings, s
         events.append(gateway_pb2.AskResponse(delta=common_pb2.TextDelta(text=hit.answer[offset:offset + REPLAY_CHUNK_CHARS])))
     timings.first_token_ms = timings.total_ms = _ms_since(started)
     ASK_STAGE_SECONDS.labels("total").observe(timings.total_ms / 1000, _exemplar(trace_id))
+    telemetry.record_stages(timings)
     events.append(gateway_pb2.AskResponse(finished=gateway_pb2.AskFinished(
         finish_reason=hit.finish_reason, usage=common_pb2.Usage(), cache_status=status, timings=timings,
         model=hit.model, conversation_id=conversation_id, trace_id=trace_id)))

@@ -134,6 +134,8 @@ async def test_one_ask_is_one_trace_rooted_at_the_gateway(traced_mesh: tuple[Loc
     roots = [s for s in spans if not s.span.parent_span_id]
     assert [(r.service, r.span.name, r.span.kind) for r in roots] == [("ragfleet-gateway", ASK, SERVER)]
     root = roots[0]
+    # The gateway's stages are attributes of the Ask span (not spans of their own), as in AskFinished.timings.
+    assert root.attributes["ragfleet.stage.total_ms"] >= root.attributes["ragfleet.stage.retrieve_ms"] > 0
 
     def ancestors(span: ReceivedSpan) -> list[ReceivedSpan]:
         chain = []
