@@ -12,11 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
-from collections import OrderedDict
 from typing import Any
 
 from services.gateway.config import ConversationConfig
+from services.runtime.lru import LruCache
 from services.runtime.pb.ragfleet.v1 import common_pb2
 
 log = logging.getLogger("ragfleet.gateway.conversations")
@@ -29,7 +28,9 @@ class ConversationStore:
         self.config = config
         self._redis = redis
         self._prefix = prefix
-        self._local: OrderedDict[str, tuple[float, list[tuple[int, str]]]] = OrderedDict()
+        # Without Redis: the runtime's LRU, each conversation expiring ttl_seconds after its last turn.
+        self._local = LruCache[list[tuple[int, str]]](max_entries=_MAX_LOCAL_CONVERSATIONS,
+                                                    ttl=config.ttl_seconds)
         # Whole user/assistant pairs only, so history never starts with an orphaned answer.
         self._keep = max(2, config.max_turns - config.max_turns % 2)
 
@@ -45,10 +46,7 @@ class ConversationStore:
             raw = await self._redis.lrange(key, 0, -1)
             turns = [tuple(json.loads(item)) for item in raw]
         else:
-            expires, turns = self._local.get(key, (0.0, []))
-            if expires < time.monotonic():
-                self._local.pop(key, None)
-                turns = []
+            turns = self._local.get(key) or []
         return [common_pb2.ChatTurn(role=role, content=content) for role, content in turns]
 
     async def append(self, tenant: str, conversation_id: str, question: str, answer: str) -> None:
@@ -62,10 +60,4 @@ class ConversationStore:
                 pipe.expire(key, self.config.ttl_seconds)
                 await pipe.execute()
             return
-        expires, turns = self._local.pop(key, (0.0, []))
-        if expires < time.monotonic():
-            turns = []
-        turns = (turns + pair)[-self._keep:]
-        self._local[key] = (time.monotonic() + self.config.ttl_seconds, turns)
-        while len(self._local) > _MAX_LOCAL_CONVERSATIONS:
-            self._local.popitem(last=False)
+        self._local.put(key, ((self._local.get(key) or []) + pair)[-self._keep:])

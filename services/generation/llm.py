@@ -22,8 +22,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import ssl
-from collections import OrderedDict
 from typing import Any, AsyncGenerator, AsyncIterator, Sequence
 
 import anyio
@@ -37,6 +37,7 @@ from services.generation.config import LLMConfig
 from services.generation.prompt import Prompt, TokenCounter
 from services.generation.sse import ErrorEvent, SSEDecoder, decode_data, is_done
 from services.runtime.errors import DeadlineExceeded
+from services.runtime.lru import LruCache
 from services.runtime.openai_client import openai_client
 from services.runtime.retry import RetryPolicy, is_transient
 from services.runtime.telemetry import tracer
@@ -121,7 +122,7 @@ class OpenAIAnswerer:
         # The SDK imports a resource's modules on first access (~20 ms for chat): pay that at start, not in the
         # first Ask's time to first token.
         self._client.chat.completions  # noqa: B018
-        self._summaries: OrderedDict[str, str] = OrderedDict()
+        self._summaries = LruCache[str](max_entries=_SUMMARY_CACHE_SIZE, ttl=math.inf)  # keyed by content
         # A wait longer than an attempt's whole first-token budget is not worth it: the fallback answers sooner.
         self._retry = RetryPolicy(max_retries=config.max_retries, base_delay=config.retry_backoff,
                                   max_server_wait=t.first_token)
@@ -252,9 +253,9 @@ class OpenAIAnswerer:
             return None
         transcript = "\n".join(f"{t['role']}: {t['content']}" for t in turns)
         key = hashlib.sha256(f"{model}\0{max_tokens}\0{transcript}".encode()).hexdigest()
-        if key in self._summaries:
-            self._summaries.move_to_end(key)
-            return self._summaries[key]
+        cached = self._summaries.get(key)
+        if cached is not None:
+            return cached
         try:
             reply = await asyncio.wait_for(self._client.chat.completions.create(
                 model=model, max_tokens=max_tokens, temperature=0.0,
@@ -265,9 +266,7 @@ class OpenAIAnswerer:
             return None
         text = (reply.choices[0].message.content or "").strip() if reply.choices else ""
         if text:
-            self._summaries[key] = text
-            if len(self._summaries) > _SUMMARY_CACHE_SIZE:
-                self._summaries.popitem(last=False)
+            self._summaries.put(key, text)
         return text or None
 
     async def close(self) -> None:

@@ -6,11 +6,11 @@ from types import SimpleNamespace
 import pytest
 import redis.asyncio as aioredis
 
-from services.gateway import conversations
 from services.gateway.concurrency import gather_or_cancel
 from services.gateway.config import ConversationConfig
 from services.gateway.conversations import ConversationStore
 from services.gateway.fusion import query_variants, rrf_merge
+from services.runtime import lru
 from services.runtime.pb.ragfleet.v1 import common_pb2, retrieval_pb2
 from tests.conftest import REDIS_URL
 
@@ -73,8 +73,8 @@ async def test_conversation_ids_with_colons_never_reach_another_tenant(use_redis
 
 async def test_in_process_conversation_expires_ttl_after_its_last_turn(monkeypatch):
     now = [1000.0]
-    # Only the store's own clock moves (the event loop keeps the real one).
-    monkeypatch.setattr(conversations, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    # Only the store's own clock (its LRU's) moves; the event loop keeps the real one.
+    monkeypatch.setattr(lru, "time", SimpleNamespace(monotonic=lambda: now[0]))
     store = ConversationStore(ConversationConfig(ttl_seconds=60, max_turns=20), None, prefix="exp:")
 
     async def contents() -> list[str]:
