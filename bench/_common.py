@@ -56,7 +56,11 @@ def target(name: str, value: float, goal: str, met: bool) -> dict[str, Any]:
 
 
 def command_line() -> str:
-    return " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
+    """How this run was started, as a reader would retype it: `python -m bench.<name> <args>` (under -m, argv[0] is
+    the script's absolute path, which names the checkout it ran in rather than the command)."""
+    script = Path(sys.argv[0])
+    head = [f"-m", f"bench.{script.stem}"] if script.parent.name == "bench" else [sys.argv[0]]
+    return " ".join(shlex.quote(a) for a in ["python", *head, *sys.argv[1:]])
 
 
 def write_results(name: str, *, figures: dict[str, Any], targets: list[dict[str, Any]], markdown: str,
