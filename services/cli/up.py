@@ -12,6 +12,7 @@ OTEL_* variable in the environment is passed to every service.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import os
 import select
@@ -200,28 +201,36 @@ def _reader_gone(streams: tuple[TextIO, ...]) -> TextIO | None:
     return None
 
 
-def supervise(mesh: LocalMesh, out: TextIO) -> int:
-    """Block until Ctrl-C/SIGTERM/SIGHUP (-> 0), until a service dies (-> 1, with its log tail), or until whoever
-    reads our output has gone (`ragfleet up | head -3` -> 141, as the pipeline's other commands would end).
+def supervise(mesh: LocalMesh, out: TextIO, stop: threading.Event) -> int:
+    """Block until `stop` is set by Ctrl-C/SIGTERM/SIGHUP (-> 0), until a service dies (-> 1, with its log tail), or
+    until whoever reads our output has gone (`ragfleet up | head -3` -> 141, as the pipeline's other commands would
+    end).
 
-    Here the signals only set a flag: a KeyboardInterrupt raised inside `Popen.poll()` can leave the Popen's wait
-    lock held, and the `wait()` of the shutdown that follows then never returns.
+    Here the signals only set a flag (see `stop_flag`): a KeyboardInterrupt raised inside `Popen.poll()` can leave the
+    Popen's wait lock held, and the `wait()` of the shutdown that follows then never returns.
     """
+    while not stop.wait(POLL_SECONDS):
+        dead = mesh.exited()
+        if dead is not None:
+            say(f"\n{dead.name} exited with code {dead.process.returncode}; last lines of {dead.log_path}:\n"
+                f"{dead.log_tail()}", sys.stderr)
+            return 1
+        gone = _reader_gone((out, sys.stderr))
+        if gone is not None:
+            silence(gone)
+            say(f"ragfleet up: {'stdout' if gone is out else 'stderr'} was closed; stopping the mesh", sys.stderr)
+            return OUTPUT_GONE_EXIT
+    return 0
+
+
+@contextlib.contextmanager
+def stop_flag() -> Iterator[threading.Event]:
+    """An event the stop signals set, installed BEFORE the banner says Ctrl-C works: a Ctrl-C sent as soon as the
+    banner is read would otherwise meet Python's default handler and end `up` with 130 instead of a clean 0."""
     stop = threading.Event()
     handlers = _handle(STOP_SIGNALS, lambda *_: stop.set())
     try:
-        while not stop.wait(POLL_SECONDS):
-            dead = mesh.exited()
-            if dead is not None:
-                say(f"\n{dead.name} exited with code {dead.process.returncode}; last lines of {dead.log_path}:\n"
-                    f"{dead.log_tail()}", sys.stderr)
-                return 1
-            gone = _reader_gone((out, sys.stderr))
-            if gone is not None:
-                silence(gone)
-                say(f"ragfleet up: {'stdout' if gone is out else 'stderr'} was closed; stopping the mesh", sys.stderr)
-                return OUTPUT_GONE_EXIT
-        return 0
+        yield stop
     finally:
         _restore(handlers)
 
@@ -234,9 +243,9 @@ def run(args: argparse.Namespace) -> int:
     out = sys.stdout
     try:
         mesh = build_mesh(args, resolve_data_dir(args.data_dir))
-        with running_mesh(mesh, timeout=args.start_timeout, out=out) as cold_start:
+        with running_mesh(mesh, timeout=args.start_timeout, out=out) as cold_start, stop_flag() as stop:
             print_banner(mesh, cold_start, out)
-            return supervise(mesh, out)
+            return supervise(mesh, out, stop)
     except MeshError as exc:
         say(f"ragfleet up failed: {exc}", sys.stderr)
         return 1
