@@ -29,7 +29,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from bench._common import QUESTIONS, SAMPLE_CORPUS, ask_once, percentiles, target, write_results
+from bench._common import QUESTIONS, SAMPLE_CORPUS, ask_once, finish_figure, percentiles, target, write_results
 from bench._sim import SimProcess, cpu_seconds
 from services.cli.ingest import ingest_path
 from services.cli.mesh import LocalMesh
@@ -204,13 +204,7 @@ async def run(args: argparse.Namespace) -> int:
         axes[0].set(xlabel="LLM tokens/s", ylabel="messages per token", title="client messages per token")
         axes[1].set(xlabel="LLM tokens/s", ylabel="CPU us per token", title="generation + gateway CPU per token")
         axes[2].set(xlabel="LLM tokens/s", ylabel="ms", title="added delay per token, p99")
-        for ax in axes:
-            ax.set_ylim(bottom=0)
-            ax.legend(fontsize=8)
-            ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(png, dpi=100)
-        plt.close(fig)
+        finish_figure(fig, axes, png)
 
     notes = [f"sim-llm (own process): TTFT {TTFT_MS:.0f} ms, {args.tokens} tokens per answer, at each rate; "
              f"{args.streams} concurrent Asks per cell (bypass_cache: each embeds and retrieves first)",

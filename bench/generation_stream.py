@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 
-from bench._common import ROOT, percentiles, target, write_results
+from bench._common import ROOT, finish_figure, percentiles, target, write_results
 from bench._sim import SimProcess
 
 
@@ -290,13 +290,7 @@ def main() -> int:
                 axes[1].plot(args.streams, [e["cpu_us_per_token"] for e in entries], style, marker="o", label=label)
         axes[0].set(xlabel="concurrent streams", ylabel="TTFT p99 (ms)", title="time to first token, p99")
         axes[1].set(xlabel="concurrent streams", ylabel="CPU us per token", title="client process CPU per token")
-        for ax in axes:
-            ax.set_ylim(bottom=0)
-            ax.legend(fontsize=8)
-            ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(png, dpi=100)
-        plt.close(fig)
+        finish_figure(fig, axes, png)
 
     notes = [f"sim-llm (own process): TTFT {LOAD_SIM['ttft_ms']:.0f} ms, {LOAD_SIM['tokens_per_second']:.0f} "
              f"tokens/s, {LOAD_SIM['max_tokens']} tokens per answer; streams started evenly over "
