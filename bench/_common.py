@@ -197,3 +197,22 @@ def finish_figure(fig: Any, axes: Iterable[Any], png: Path, *, dpi: int = 100) -
     fig.tight_layout()
     fig.savefig(png, dpi=dpi)
     plt.close(fig)
+
+
+# -- Redis clean-up ------------------------------------------------------------------------------------------------
+
+def delete_keys(*patterns: str, url: str = REDIS_URL) -> int:
+    """Delete every key matching any of `patterns` (globs, e.g. a run's prefix + "*"); returns how many went. Each
+    benchmark (and test, through tests/_redis.py) writes under its own key prefix and deletes it afterwards."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        deleted = 0
+        for pattern in patterns:
+            keys = list(client.scan_iter(match=pattern, count=1000))
+            if keys:
+                deleted += client.delete(*keys)
+        return deleted
+    finally:
+        client.close()

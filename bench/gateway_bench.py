@@ -61,7 +61,7 @@ from services.gateway.ingest import Ingestor
 from services.gateway.response_cache import ResponseCache
 from services.runtime.pb.ragfleet.v1 import (common_pb2, embedding_pb2, embedding_pb2_grpc, gateway_pb2,
                                              gateway_pb2_grpc)
-from tests._redis import delete_keys
+from bench._common import delete_keys
 
 FAST_SIM = {"ttft_ms": 0.0, "tokens_per_second": 5000.0, "max_tokens": 8}
 # Issue 12's goals, each a ratio to its bare floor in the same run (or to the baseline tree's streams).
@@ -363,21 +363,38 @@ class StreamSearch:
 
 @dataclass
 class StreamTree:
-    """One checkout's mesh in phase 4, its search and what each level showed."""
+    """One mesh in phase 4 (a checkout's, or the bare floor's), its search and what each level showed.
+
+    `gateway` is the address streams are asked of; `services` the pids whose CPU is read; `fields` extra AskRequest
+    fields (the bare mesh needs the answer's length asked for: its generation does not default to the sim's 100)."""
 
     label: str
-    path: Path
-    mesh: LocalMesh
+    path: str
+    gateway: str
+    services: dict[str, int]
     search: StreamSearch
+    fields: dict[str, Any] = field(default_factory=dict)
     baseline_ttft_ms: dict[str, float] = field(default_factory=dict)
     levels: dict[str, dict[str, Any]] = field(default_factory=dict)
 
+    @classmethod
+    def of_mesh(cls, label: str, path: Path, mesh: LocalMesh, search: StreamSearch) -> "StreamTree":
+        return cls(label, str(path), mesh.address("gateway"),
+                   {name: proc.process.pid for name, proc in mesh.processes.items()}, search)
+
+    @classmethod
+    def of_floor(cls, floor: bare.BareMesh, search: StreamSearch) -> "StreamTree":
+        return cls(FLOOR_LABEL, "bench/_bare_mesh.py (relaying the sim's SSE)", floor.address("gateway"), floor.pids,
+                   search, {"params": common_pb2.GenerationParams(max_tokens=int(LOAD_SIM["max_tokens"]))})
+
     def pids(self, extra: dict[str, int]) -> dict[str, int]:
-        return {name: proc.process.pid for name, proc in self.mesh.processes.items()} | extra
+        return self.services | extra
 
 
-async def stream_level(stub: Any, n: int, ramp_s: float, pids: dict[str, int], base_p50: float) -> dict[str, Any]:
+async def stream_level(stub: Any, n: int, ramp_s: float, pids: dict[str, int], base_p50: float,
+                       fields: dict[str, Any] | None = None) -> dict[str, Any]:
     """`n` uncached Ask streams started over `ramp_s`: TTFT percentiles, codes, cores used (average, busiest s)."""
+    fields = fields or {}
     open_streams = peak = 0
     ttfts: list[float] = []
     codes: Counter = Counter()
@@ -392,7 +409,7 @@ async def stream_level(stub: Any, n: int, ramp_s: float, pids: dict[str, int], b
         try:
             first = 0.0
             async for event in stub.Ask(gateway_pb2.AskRequest(question=QUESTIONS[i % len(QUESTIONS)],
-                                                               bypass_cache=True), timeout=60):
+                                                               bypass_cache=True, **fields), timeout=60):
                 if not first and event.WhichOneof("event") == "delta":
                     first = (time.perf_counter() - started) * 1000
             ttfts.append(first)
@@ -428,10 +445,11 @@ async def measure_streams(trees: list[StreamTree], sim: SimProcess, ramp_s: floa
     async with contextlib.AsyncExitStack() as channels:
         stubs = {}
         for tree in trees:
-            channel = await channels.enter_async_context(grpc.aio.insecure_channel(tree.mesh.address("gateway")))
+            channel = await channels.enter_async_context(grpc.aio.insecure_channel(tree.gateway))
             stubs[tree.label] = stub = gateway_pb2_grpc.GatewayServiceStub(channel)
             tree.baseline_ttft_ms = percentiles([
-                (await ask_once(stub, QUESTIONS[i % len(QUESTIONS)], bypass_cache=True, first_token_only=True))[0]
+                (await ask_once(stub, QUESTIONS[i % len(QUESTIONS)], bypass_cache=True, first_token_only=True,
+                                **tree.fields))[0]
                 for i in range(10)])
         for turn in range(2 * max(tree.search.steps for tree in trees)):
             ran = False
@@ -440,7 +458,7 @@ async def measure_streams(trees: list[StreamTree], sim: SimProcess, ramp_s: floa
                 if n is None:
                     continue
                 level = await stream_level(stubs[tree.label], n, ramp_s, tree.pids(extra),
-                                           tree.baseline_ttft_ms["p50"])
+                                           tree.baseline_ttft_ms["p50"], tree.fields)
                 tree.search.record(n, held=level["held"])
                 tree.levels[str(n)] = level
                 ran = True
@@ -457,7 +475,7 @@ async def measure_streams(trees: list[StreamTree], sim: SimProcess, ramp_s: floa
                                                      first.baseline_ttft_ms["p50"])
             print(f"  {first.label}: {OVERLOAD_STREAMS} streams: {results['overload']['codes']}", flush=True)
     for tree in trees:
-        results["trees"][tree.label] = {"path": str(tree.path), "baseline_ttft_ms": tree.baseline_ttft_ms,
+        results["trees"][tree.label] = {"path": tree.path, "baseline_ttft_ms": tree.baseline_ttft_ms,
                                         "held": tree.search.held, "failed": tree.search.failed,
                                         "tried": tree.search.tried, "levels": tree.levels}
     return results

@@ -38,11 +38,10 @@ from typing import Any
 
 import grpc
 
-from bench._common import SAMPLE_CORPUS, percentiles, target, write_results
+from bench._common import SAMPLE_CORPUS, delete_keys, percentiles, target, write_results
 from services.cli.mesh import SERVICES, LocalMesh
 from services.cli.sim_llm import SimLLMProcess
 from services.runtime.pb.ragfleet.v1 import gateway_pb2, gateway_pb2_grpc
-from tests._redis import delete_keys
 
 
 REDIS_URL = os.environ.get("RAGFLEET_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")

@@ -28,7 +28,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from bench._common import QUESTIONS, REDIS_URL, ROOT, SAMPLE_CORPUS, percentiles, target, write_results
+from bench._common import QUESTIONS, REDIS_URL, ROOT, SAMPLE_CORPUS, delete_keys, percentiles, target, write_results
 
 GATEWAY = "gateway"
 BARE = "bare"
@@ -209,8 +209,6 @@ def measure(address: str, pids: list[int], args: argparse.Namespace) -> dict[str
 
 def run(args: argparse.Namespace) -> int:
     from services.cli.mesh import free_port
-
-    from tests._redis import delete_keys
 
     prefix = f"ragfleet-bench:{uuid.uuid4().hex[:8]}:workers:"
     gateway = Gateway(Path(tempfile.mkdtemp(prefix="workers-bench-")), prefix)
