@@ -6,8 +6,9 @@ from this process (the load generator). All of them share the machine's cores; t
 floors come from the bare mesh (bench/_bare_mesh.py: four grpc.aio processes with an Ask's shapes, doing no work,
 canned answers), up beside the real mesh and called interleaved with it, so both see the same machine.
 
-    flock /tmp/ragfleet-bench.lock .venv/bin/python -m bench.gateway_bench --baseline-tree /tmp/base   # (<= 10 min)
+    flock /tmp/ragfleet-bench.lock .venv/bin/python -m bench.gateway_bench --baseline-tree /tmp/base   # (<= 12 min)
     flock /tmp/ragfleet-bench.lock .venv/bin/python -m bench.gateway_bench --quick --name gateway_smoke  # (~2 min)
+    flock /tmp/ragfleet-bench.lock .venv/bin/python -m bench.gateway_bench --phases streams --baseline-tree /tmp/base
 
 Phases (targets of issue 12 are ratios to a floor measured in the same run):
 1. cached Ask and embedding cache hit: one question answered once, then asked again and again through the gateway
@@ -22,8 +23,10 @@ Phases (targets of issue 12 are ratios to a floor measured in the same run):
    all are open at once: the most streams held with added TTFT p99 <= 100 ms (p99 minus the tree's own TTFT p50 at
    concurrency 1) and no error, by a bounded search (doubling, then bisection; at most --search-steps levels) run
    for this tree and, with --baseline-tree, for another checkout (its services started with cwd and PYTHONPATH set
-   to it, on this venv; levels interleaved tree by tree): goal >= 2x the baseline's. Then (full run) 1000 streams
-   on this tree: the gateway's designed RESOURCE_EXHAUSTED and no other error.
+   to it, on this venv; levels interleaved tree by tree): goal >= 2x the baseline's. Beside them, the same search
+   on the bare mesh relaying the same sim (the floor: what this machine holds when the services add nothing to
+   Python gRPC and aiohttp; --no-floor skips it). Then (full run) 1000 streams on this tree: the gateway's
+   designed RESOURCE_EXHAUSTED and no other error.
 """
 
 from __future__ import annotations
@@ -71,6 +74,8 @@ EMBED_HIT_GOAL = 1.3
 STREAMS_GOAL = 2.0
 ADDED_TTFT_LIMIT_MS = 100.0
 OVERLOAD_STREAMS = 1000  # past the gateway's MAX_IN_FLIGHT (512): refusals by design, nothing else
+FLOOR_LABEL = "floor"  # phase 4's bare mesh
+PHASES = ("cached", "overhead", "fanout", "streams", "overload")
 
 
 # -- the same stages in-process: servicers called directly, behind the gateway's client interfaces -----------------
@@ -489,80 +494,118 @@ def _ratio_target(name: str, value: float, floor: float, goal: float, floor_text
 
 
 def report(figures: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
-    cached = figures["cached"]["latency_ms"]
-    hit = figures["cached"]["embed_hit_ms"]
-    floor = figures["floor"]
-    overhead = figures["overhead"]
-    four_hops = overhead["floor_four_hops_ttft_ms"]
-    fan = figures["fanout"]
-    conc = figures["concurrency"]
+    """Targets and markdown of the phases that ran (a run with --phases leaves the others out)."""
+    targets: list[dict[str, Any]] = []
+    lines: list[str] = []
+    if "cached" in figures:
+        cached = figures["cached"]["latency_ms"]
+        hit = figures["cached"]["embed_hit_ms"]
+        floor = figures["floor"]
+        targets += [
+            _ratio_target("cached Ask p50 / bare 3-message stream p50 (x)", cached["p50"], floor["stream_ms"]["p50"],
+                          CACHED_ASK_GOAL, f"bare 3-message stream p50 {floor['stream_ms']['p50']:.3f} ms (cached "
+                                           f"Ask p50 {cached['p50']:.3f} ms)"),
+            target("cached Ask p99 (ms)", cached["p99"], "<= 5", cached["p99"] <= 5)]
+    if "overhead" in figures:
+        overhead = figures["overhead"]
+        four_hops = overhead["floor_four_hops_ttft_ms"]
+        targets.append(_ratio_target(
+            "mesh overhead on an uncached Ask (TTFT p50, mesh - in-process) / bare 4-hop Ask TTFT p50 (x)",
+            overhead["overhead_p50_ms"], four_hops["p50"], MESH_OVERHEAD_GOAL,
+            f"bare 4-hop Ask TTFT p50 {four_hops['p50']:.2f} ms (mesh overhead {overhead['overhead_p50_ms']:.2f} ms)"))
+    if "cached" in figures:
+        targets.append(_ratio_target(
+            "embedding cache hit through gRPC p50 / bare unary Embed p50 (x)", hit["p50"], floor["unary_ms"]["p50"],
+            EMBED_HIT_GOAL, f"bare unary Embed p50 {floor['unary_ms']['p50']:.3f} ms (L1 hit p50 {hit['p50']:.3f} ms)"))
+    if "fanout" in figures:
+        fan = figures["fanout"]
+        targets.append(target("parallel fan-out: added time / max-of-branches model",
+                              fan["parallel_added_ms"] / fan["model_max_ms"], "<= 1.1",
+                              fan["parallel_added_ms"] / fan["model_max_ms"] <= 1.1))
+    if "concurrency" in figures:
+        targets += _streams_targets(figures["concurrency"])
+    if "cached" in figures:
+        lines += ["## Cached Ask and embedding cache hit, beside the bare floor (interleaved)", "",
+                  "| call | p50 ms | p95 ms | p99 ms |", "|---|---|---|---|"]
+        for label, s in ((f"cached Ask through the gateway ({cached['n']} asks)", cached),
+                         ("floor: bare gateway's 3-message replay, same shape", floor["stream_ms"]),
+                         ("embedding L1 hit through gRPC (Embed, one query text)", hit),
+                         ("floor: bare unary Embed, same shape", floor["unary_ms"])):
+            lines.append(f"| {label} | {s['p50']:.3f} | {s['p95']:.3f} | {s['p99']:.3f} |")
+        lines += ["", f"statuses {figures['cached']['statuses']}; embedding replies not marked cached: "
+                      f"{figures['cached']['embed_replies_not_cached']}. The floors are bench/_bare_mesh.py's servers "
+                      "(no interceptors, no work): Python gRPC's own cost on this machine.", ""]
+    if "overhead" in figures:
+        lines += ["## Mesh overhead (uncached Ask, time to first token, interleaved)", "",
+                  "| path | p50 ms | p95 ms | p99 ms |", "|---|---|---|---|"]
+        for label, s in (("mesh (4 processes, gRPC)", overhead["mesh_ttft_ms"]),
+                         ("in-process (same stages)", overhead["inprocess_ttft_ms"]),
+                         ("floor: bare mesh, the same four hops doing no work", four_hops)):
+            lines.append(f"| {label} | {s['p50']:.2f} | {s['p95']:.2f} | {s['p99']:.2f} |")
+        lines += ["", f"overhead p50 = {overhead['overhead_p50_ms']:.2f} ms; paired difference p50 "
+                  f"{overhead['paired_difference_ms']['p50']:.2f} ms; "
+                  f"{overhead['overhead_p50_ms'] / four_hops['p50']:.2f}x the bare four hops", ""]
+    if "fanout" in figures:
+        lines += ["## Fan-out (time to Sources, controlled branch latencies)", "",
+                  f"branches (ms): {fan['branch_delays_ms']}, {fan['variants']} query variants", "",
+                  "| mode | p50 ms | added over baseline ms | model ms |", "|---|---|---|---|",
+                  f"| baseline (no added delay) | {fan['baseline']['p50']:.1f} | 0 | 0 |",
+                  f"| parallel | {fan['parallel']['p50']:.1f} | {fan['parallel_added_ms']:.1f} | "
+                  f"max of branches {fan['model_max_ms']:.0f} |",
+                  f"| sequential | {fan['sequential']['p50']:.1f} | {fan['sequential_added_ms']:.1f} | "
+                  f"sum of branches {fan['model_sum_ms']:.0f} |", ""]
+    if "concurrency" in figures:
+        lines += _streams_lines(figures["concurrency"])
+    return targets, "\n".join(lines).rstrip("\n")
+
+
+def _streams_targets(conc: dict[str, Any]) -> list[dict[str, Any]]:
     trees = conc["trees"]
-    labels = list(trees)
-    targets = [
-        _ratio_target("cached Ask p50 / bare 3-message stream p50 (x)", cached["p50"], floor["stream_ms"]["p50"],
-                      CACHED_ASK_GOAL, f"bare 3-message stream p50 {floor['stream_ms']['p50']:.3f} ms (cached Ask "
-                                       f"p50 {cached['p50']:.3f} ms)"),
-        target("cached Ask p99 (ms)", cached["p99"], "<= 5", cached["p99"] <= 5),
-        _ratio_target("mesh overhead on an uncached Ask (TTFT p50, mesh - in-process) / bare 4-hop Ask TTFT p50 (x)",
-                      overhead["overhead_p50_ms"], four_hops["p50"], MESH_OVERHEAD_GOAL,
-                      f"bare 4-hop Ask TTFT p50 {four_hops['p50']:.2f} ms (mesh overhead "
-                      f"{overhead['overhead_p50_ms']:.2f} ms)"),
-        _ratio_target("embedding cache hit through gRPC p50 / bare unary Embed p50 (x)", hit["p50"],
-                      floor["unary_ms"]["p50"], EMBED_HIT_GOAL, f"bare unary Embed p50 {floor['unary_ms']['p50']:.3f} "
-                                                                f"ms (L1 hit p50 {hit['p50']:.3f} ms)"),
-        target("parallel fan-out: added time / max-of-branches model", fan["parallel_added_ms"] / fan["model_max_ms"],
-               "<= 1.1", fan["parallel_added_ms"] / fan["model_max_ms"] <= 1.1),
-    ]
-    held = {label: trees[label]["held"] for label in labels}
+    held = {label: t["held"] for label, t in trees.items()}
+    labels = [label for label in trees if label != FLOOR_LABEL]
+    floor = held.get(FLOOR_LABEL)
+    floor_text = f"; the bare mesh floor holds {floor}" if floor is not None else ""
+    context = {"streams_held": held}  # this tree, the baseline and the bare floor, as measured in this run
     name = (f"concurrent streams held (sim TTFT 200 ms, 20 tokens/s; added TTFT p99 <= {ADDED_TTFT_LIMIT_MS:.0f} ms, "
             "no error), this tree / baseline (x)")
     if len(labels) > 1:
         ratio = held[labels[0]] / max(held[labels[1]], 1)
-        targets.append(target(name, ratio, f">= {STREAMS_GOAL:g}x", ratio >= STREAMS_GOAL)
-                       | {"floor": f"{labels[1]} holds {held[labels[1]]} (this tree {held[labels[0]]})"})
+        found = target(name, ratio, f">= {STREAMS_GOAL:g}x", ratio >= STREAMS_GOAL) | {
+            "floor": f"{labels[1]} holds {held[labels[1]]} (this tree {held[labels[0]]}{floor_text})"}
     else:
-        targets.append(target(name, float(held[labels[0]]), f">= {STREAMS_GOAL:g}x the baseline's", False)
-                       | {"floor": "no --baseline-tree in this run: streams held, not judged"})
+        found = target(name, float(held[labels[0]]), f">= {STREAMS_GOAL:g}x the baseline's", False) | {
+            "floor": f"no --baseline-tree in this run: streams held, not judged (this tree {held[labels[0]]}"
+                     f"{floor_text})"}
+    targets = [found | context]
     if "overload" in conc:
         o = conc["overload"]
         targets.append(target(f"{o['streams']} streams: errors other than RESOURCE_EXHAUSTED", o["other_errors"],
                               "== 0", o["other_errors"] == 0))
-    lines = ["## Cached Ask and embedding cache hit, beside the bare floor (interleaved)", "",
-             "| call | p50 ms | p95 ms | p99 ms |", "|---|---|---|---|"]
-    for label, s in ((f"cached Ask through the gateway ({cached['n']} asks)", cached),
-                     ("floor: bare gateway's 3-message replay, same shape", floor["stream_ms"]),
-                     ("embedding L1 hit through gRPC (Embed, one query text)", hit),
-                     ("floor: bare unary Embed, same shape", floor["unary_ms"])):
-        lines.append(f"| {label} | {s['p50']:.3f} | {s['p95']:.3f} | {s['p99']:.3f} |")
-    lines += ["", f"statuses {figures['cached']['statuses']}; embedding replies not marked cached: "
-                  f"{figures['cached']['embed_replies_not_cached']}. The floors are bench/_bare_mesh.py's servers "
-                  "(no interceptors, no work): Python gRPC's own cost on this machine.", "",
-              "## Mesh overhead (uncached Ask, time to first token, interleaved)", "",
-              "| path | p50 ms | p95 ms | p99 ms |", "|---|---|---|---|"]
-    for label, s in (("mesh (4 processes, gRPC)", overhead["mesh_ttft_ms"]),
-                     ("in-process (same stages)", overhead["inprocess_ttft_ms"]),
-                     ("floor: bare mesh, the same four hops doing no work", four_hops)):
-        lines.append(f"| {label} | {s['p50']:.2f} | {s['p95']:.2f} | {s['p99']:.2f} |")
-    lines += ["", f"overhead p50 = {overhead['overhead_p50_ms']:.2f} ms; paired difference p50 "
-              f"{overhead['paired_difference_ms']['p50']:.2f} ms; "
-              f"{overhead['overhead_p50_ms'] / four_hops['p50']:.2f}x the bare four hops", "",
-              "## Fan-out (time to Sources, controlled branch latencies)", "",
-              f"branches (ms): {fan['branch_delays_ms']}, {fan['variants']} query variants", "",
-              "| mode | p50 ms | added over baseline ms | model ms |", "|---|---|---|---|",
-              f"| baseline (no added delay) | {fan['baseline']['p50']:.1f} | 0 | 0 |",
-              f"| parallel | {fan['parallel']['p50']:.1f} | {fan['parallel_added_ms']:.1f} | "
-              f"max of branches {fan['model_max_ms']:.0f} |",
-              f"| sequential | {fan['sequential']['p50']:.1f} | {fan['sequential_added_ms']:.1f} | "
-              f"sum of branches {fan['model_sum_ms']:.0f} |", "",
-              "## Concurrent Ask streams (sim LLM: TTFT 200 ms, 20 tokens/s, 100 tokens)", "",
-              f"Streams start over a {conc['ramp_seconds']:.0f} s ramp; a count is held when every stream ends OK and "
-              f"TTFT p99 is at most {conc['added_ttft_limit_ms']:.0f} ms above the tree's own TTFT p50 at concurrency "
-              "1. " + "; ".join(f"{label} ({t['path']}): holds {t['held']}, first count not held "
-                                f"{t['failed'] if t['failed'] is not None else 'none tried'}, TTFT p50 at "
-                                f"concurrency 1 {t['baseline_ttft_ms']['p50']:.1f} ms"
-                                for label, t in trees.items()), "",
-              "| tree | streams | held | peak open | TTFT p50 | p95 | p99 | added p99 | codes | cores at the busiest "
-              "second | cores used on average (by process) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    return targets
+
+
+def _streams_lines(conc: dict[str, Any]) -> list[str]:
+    trees = conc["trees"]
+    labels = [label for label in trees if label != FLOOR_LABEL]
+    held = ", ".join(f"{'the bare mesh floor' if label == FLOOR_LABEL else label} holds {t['held']}"
+                     for label, t in trees.items())
+    lines = ["## Concurrent Ask streams (sim LLM: TTFT 200 ms, 20 tokens/s, 100 tokens)", "",
+             f"Streams held in this run: {held}.", "",
+             f"Streams start over a {conc['ramp_seconds']:.0f} s ramp; a count is held when every stream ends OK and "
+             f"TTFT p99 is at most {conc['added_ttft_limit_ms']:.0f} ms above the tree's own TTFT p50 at concurrency "
+             "1. " + "; ".join(f"{label} ({t['path']}): holds {t['held']}, first count not held "
+                               f"{t['failed'] if t['failed'] is not None else 'none tried'}, TTFT p50 at "
+                               f"concurrency 1 {t['baseline_ttft_ms']['p50']:.1f} ms"
+                               for label, t in trees.items())]
+    if FLOOR_LABEL in trees:
+        lines += ["", f"The {FLOOR_LABEL} rows are the bare mesh (bench/_bare_mesh.py: four bare grpc.aio processes, "
+                      "no interceptors, auth, caches, metrics or tracing) with the same call graph and streaming shape "
+                      "(the sim's SSE -> a generation-shaped server stream -> a gateway-shaped relay -> this client), "
+                      "searched on the same machine, sim and criterion, its levels interleaved with the trees': what "
+                      "this machine holds when the services add nothing to Python gRPC and aiohttp."]
+    lines += ["", "| tree | streams | held | peak open | TTFT p50 | p95 | p99 | added p99 | codes | cores at the "
+                  "busiest second | cores used on average (by process) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     levels = [(label, c) for label, t in trees.items() for c in t["levels"].values()]
     levels += [(labels[0] + " (overload)", conc["overload"])] if "overload" in conc else []
     for label, c in levels:
@@ -572,7 +615,7 @@ def report(figures: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
                      f"{s['p50']:.0f} | {s['p95']:.0f} | {s['p99']:.0f} | {c['added_ttft_p99_ms']:.0f} | "
                      f"{c['codes']} | "
                      f"{c['peak_cores']:.2f} of {os.cpu_count()} | {sum(c['cores_used'].values()):.2f}: {cores} |")
-    return targets, "\n".join(lines)
+    return lines
 
 
 def plot(figures: dict[str, Any]):  # type: ignore[no-untyped-def]
@@ -581,30 +624,35 @@ def plot(figures: dict[str, Any]):  # type: ignore[no-untyped-def]
 
         fig, axes = plt.subplots(2, 2, figsize=(12, 8))
         ax = axes[0][0]
-        ax.hist([figures["cached"]["raw_ms"]], bins=60, color="tab:green")
-        ax.axvline(figures["floor"]["stream_ms"]["p50"], color="black", lw=0.8, label="bare floor p50")
-        ax.set(title="cached Ask latency", xlabel="ms", ylabel="asks")
-        ax.legend()
+        if "cached" in figures:
+            ax.hist([figures["cached"]["raw_ms"]], bins=60, color="tab:green")
+            ax.axvline(figures["floor"]["stream_ms"]["p50"], color="black", lw=0.8, label="bare floor p50")
+            ax.set(title="cached Ask latency", xlabel="ms", ylabel="asks")
+            ax.legend()
         ax = axes[0][1]
-        ax.hist([figures["overhead"]["raw_mesh_ms"], figures["overhead"]["raw_inprocess_ms"],
-                 figures["overhead"]["raw_floor_ms"]], bins=40, label=["mesh", "in-process", "bare 4 hops"])
-        ax.set(title="uncached TTFT: mesh, in-process, bare floor", xlabel="ms")
-        ax.legend()
+        if "overhead" in figures:
+            ax.hist([figures["overhead"]["raw_mesh_ms"], figures["overhead"]["raw_inprocess_ms"],
+                     figures["overhead"]["raw_floor_ms"]], bins=40, label=["mesh", "in-process", "bare 4 hops"])
+            ax.set(title="uncached TTFT: mesh, in-process, bare floor", xlabel="ms")
+            ax.legend()
         ax = axes[1][0]
-        fan = figures["fanout"]
-        names = ["parallel", "max model", "sequential", "sum model"]
-        values = [fan["parallel_added_ms"], fan["model_max_ms"], fan["sequential_added_ms"], fan["model_sum_ms"]]
-        ax.bar(names, values, color=["tab:blue", "lightsteelblue", "tab:orange", "navajowhite"])
-        ax.set(title="fan-out: added time to Sources over no-delay baseline (p50)", ylabel="ms")
+        if "fanout" in figures:
+            fan = figures["fanout"]
+            names = ["parallel", "max model", "sequential", "sum model"]
+            values = [fan["parallel_added_ms"], fan["model_max_ms"], fan["sequential_added_ms"], fan["model_sum_ms"]]
+            ax.bar(names, values, color=["tab:blue", "lightsteelblue", "tab:orange", "navajowhite"])
+            ax.set(title="fan-out: added time to Sources over no-delay baseline (p50)", ylabel="ms")
         ax = axes[1][1]
-        conc = figures["concurrency"]
-        for label, tree in conc["trees"].items():
-            points = sorted((c["streams"], c["added_ttft_p99_ms"]) for c in tree["levels"].values())
-            ax.plot([n for n, _ in points], [a for _, a in points], "o-", label=f"{label} (holds {tree['held']})")
-        ax.axhline(conc["added_ttft_limit_ms"], color="red", lw=0.8, label="limit")
-        ax.set(title="concurrent streams (sim TTFT 200 ms, 20 tok/s)", xlabel="streams", ylabel="added TTFT p99 ms",
-               yscale="symlog")
-        ax.legend()
+        if "concurrency" in figures:
+            conc = figures["concurrency"]
+            for label, tree in conc["trees"].items():
+                points = sorted((c["streams"], c["added_ttft_p99_ms"]) for c in tree["levels"].values())
+                ax.plot([n for n, _ in points], [a for _, a in points], "o--" if label == FLOOR_LABEL else "o-",
+                        label=f"{'bare mesh floor' if label == FLOOR_LABEL else label} (holds {tree['held']})")
+            ax.axhline(conc["added_ttft_limit_ms"], color="red", lw=0.8, label="limit")
+            ax.set(title="concurrent streams (sim TTFT 200 ms, 20 tok/s)", xlabel="streams",
+                   ylabel="added TTFT p99 ms", yscale="symlog")
+            ax.legend()
         fig.tight_layout()
         fig.savefig(path, dpi=90)
 
@@ -632,6 +680,9 @@ def start_mesh(path: Path, env: dict[str, str], data_dir: Path) -> LocalMesh:
 async def run(args: argparse.Namespace) -> int:
     n_cached, n_overhead, n_fanout = (300, 40, 10) if args.quick else (2000, 200, 30)
     start, cap, steps = (25, 100, 3) if args.quick else (50, 1600, args.search_steps)
+    phases = set(args.phases)
+    if args.quick:
+        phases.discard("overload")
     sim = SimProcess()
     run_id = uuid.uuid4().hex[:8]
     prefix = f"ragfleet-bench:{run_id}:gw:"
@@ -639,39 +690,59 @@ async def run(args: argparse.Namespace) -> int:
     env = {"RAGFLEET_LLM_BASE_URL": sim.base_url, "RAGFLEET_LLM_MODEL": "sim-llm", "RAGFLEET_LOG_LEVEL": "WARNING",
            "RAGFLEET_GATEWAY_API_KEYS": "", "RAGFLEET_GATEWAY_REDIS_PREFIX": prefix, "RAGFLEET_REDIS_URL": ""}
     stack = InProcessStack()
+    stack_up = False
     floor = bare.BareMesh(sse_url=None)
+    stream_floor = bare.BareMesh(sse_url=sim.base_url)
     meshes: list[LocalMesh] = []
-    figures: dict[str, Any] = {}
+    figures: dict[str, Any] = {"phases": [p for p in PHASES if p in phases]}
     try:
         started = time.perf_counter()
         meshes.append(mesh := start_mesh(ROOT, env, workdir / "mesh"))
         figures["mesh_start_seconds"] = time.perf_counter() - started
         print(f"mesh up and the sample corpus ingested in {figures['mesh_start_seconds']:.1f}s", flush=True)
-        floor.start()
-        await stack.start({**env, "RAGFLEET_DATA_DIR": str(workdir / "inprocess")})
-        await stack.ingest("default", sample_documents())
-        sim.configure(FAST_SIM)
-        async with grpc.aio.insecure_channel(mesh.address("gateway")) as channel:
-            stub = gateway_pb2_grpc.GatewayServiceStub(channel)
-            print("phase 1: cached Ask and embedding cache hit, beside the bare floor", flush=True)
-            figures["cached"], figures["floor"] = await measure_cached(stub, mesh, floor, n_cached)
-            print("phase 2: mesh overhead, beside the bare four hops", flush=True)
-            figures["overhead"] = await measure_overhead(stub, stack, floor, n_overhead)
-        floor.stop()
-        print("phase 3: fan-out", flush=True)
-        figures["fanout"] = await measure_fanout(stack, n_fanout)
-        await stack.close()
-        trees = [StreamTree("new", ROOT, mesh, StreamSearch(start, cap, steps))]
-        if args.baseline_tree:
-            path = Path(args.baseline_tree).resolve()
-            meshes.append(base := start_mesh(path, env | {"RAGFLEET_GATEWAY_REDIS_PREFIX": prefix + "base:"},
-                                             workdir / "baseline"))
-            trees.append(StreamTree("main", path, base, StreamSearch(start, cap, steps)))
-        print(f"phase 4: concurrent streams held ({', '.join(t.label for t in trees)})", flush=True)
-        figures["concurrency"] = await measure_streams(trees, sim, args.ramp, overload=not args.quick)
+        if phases & {"cached", "overhead", "fanout"}:
+            stack_up = True
+            await stack.start({**env, "RAGFLEET_DATA_DIR": str(workdir / "inprocess")})
+            await stack.ingest("default", sample_documents())
+        if phases & {"cached", "overhead"}:
+            floor.start()
+            sim.configure(FAST_SIM)
+            async with grpc.aio.insecure_channel(mesh.address("gateway")) as channel:
+                stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+                if "cached" in phases:
+                    print("phase 1: cached Ask and embedding cache hit, beside the bare floor", flush=True)
+                    figures["cached"], figures["floor"] = await measure_cached(stub, mesh, floor, n_cached)
+                if "overhead" in phases:
+                    print("phase 2: mesh overhead, beside the bare four hops", flush=True)
+                    figures["overhead"] = await measure_overhead(stub, stack, floor, n_overhead)
+            floor.stop()
+        if "fanout" in phases:
+            print("phase 3: fan-out", flush=True)
+            figures["fanout"] = await measure_fanout(stack, n_fanout)
+        if stack_up:
+            stack_up = False
+            await stack.close()
+        if phases & {"streams", "overload"}:
+            trees = [StreamTree.of_mesh("new", ROOT, mesh, StreamSearch(start, cap, steps))]
+            if args.baseline_tree and "streams" in phases:
+                path = Path(args.baseline_tree).resolve()
+                meshes.append(base := start_mesh(path, env | {"RAGFLEET_GATEWAY_REDIS_PREFIX": prefix + "base:"},
+                                                 workdir / "baseline"))
+                trees.append(StreamTree.of_mesh("main", path, base, StreamSearch(start, cap, steps)))
+            if "streams" in phases and not args.no_floor:
+                stream_floor.start()
+                trees.append(StreamTree.of_floor(stream_floor, StreamSearch(start, cap, steps)))
+            if "streams" not in phases:
+                for tree in trees:
+                    tree.search.steps = 0
+            print(f"phase 4: concurrent streams held ({', '.join(t.label for t in trees)})", flush=True)
+            figures["concurrency"] = await measure_streams(trees, sim, args.ramp, overload="overload" in phases)
         figures["load_average_after"] = os.getloadavg()
     finally:
         floor.stop()
+        stream_floor.stop()
+        if stack_up:
+            await stack.close()
         for started_mesh in meshes:
             started_mesh.stop()
         sim.stop()
@@ -682,16 +753,24 @@ async def run(args: argparse.Namespace) -> int:
              "in phases 1-2, the four bare servers.",
              "Concurrency phase: bypass_cache=True (every Ask runs embed + retrieve + generate); questions come from "
              f"a pool of {len(QUESTIONS)}, so query embeddings are served by the embedding service's own cache. "
-             "Both trees' meshes are up during it (one idle while the other is measured) and share the sim.",
+             "Both trees' meshes and the bare floor's are up during it (idle while another is measured) and share "
+             "the sim; the bare floor's Asks set max_tokens 100 (the sim's own cap, which the trees' 512 default "
+             "meets), so every tree streams the same 100 tokens.",
              f"Gateway: default MAX_IN_FLIGHT (512), so at {OVERLOAD_STREAMS} streams the overflow is refused with "
              "RESOURCE_EXHAUSTED by design (counted, not an error; a search level with any refusal is not held).",
              "Mesh overhead covers 4 gRPC hops (client->gateway, gateway->embedding, ->retrieval, ->generation), "
              "tracing interceptors included; the LLM stage (sim, TTFT 0) is identical on the mesh and in-process "
              "paths; the bare floor streams a canned token (no LLM), so it is the four hops alone."]
-    write_results(args.name or ("gateway_bench_quick" if args.quick else "gateway_bench"), figures=figures,
-                  targets=targets, markdown=markdown, plot=plot(figures), notes=notes)
+    if figures["phases"] != list(PHASES):
+        notes.append(f"Partial run: phases {', '.join(figures['phases'])} only.")
+    default = "gateway_bench_quick" if args.quick else "gateway_bench"
+    if figures["phases"] != list(PHASES) and not args.quick:
+        default = "gateway_bench_partial"  # never overwrite the full results with a partial run by default
+    write_results(args.name or default, figures=figures, targets=targets, markdown=markdown, plot=plot(figures),
+                  notes=notes)
     for t in targets:
-        print(f"  {t['name']}: {t['value']:.4g} (goal {t['goal']}) {'met' if t['met'] else 'NOT met'}")
+        print(f"  {t['name']}: {t['value']:.4g} (goal {t['goal']}) {'met' if t['met'] else 'NOT met'}"
+              + (f" [{t['floor']}]" if "floor" in t else ""))
     return 0
 
 
@@ -705,6 +784,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline-tree", default=None,
                         help="another checkout (e.g. /tmp/base) whose streams held are measured in the same run")
     parser.add_argument("--search-steps", type=int, default=7, help="most stream counts tried per tree (full run)")
+    parser.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES), metavar="PHASE",
+                        help=f"run only these phases (of {', '.join(PHASES)}; default all); a partial run writes "
+                             "gateway_bench_partial unless --name is given")
+    parser.add_argument("--no-floor", action="store_true",
+                        help="phase 4 without the bare mesh floor's search (default: searched beside the trees)")
     parser.add_argument("--name", default=None,
                         help="results name (default gateway_bench, or gateway_bench_quick with --quick)")
     return asyncio.run(run(parser.parse_args(argv)))
