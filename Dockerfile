@@ -8,9 +8,12 @@ RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 FROM python:3.11-slim
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    RAGFLEET_DATA_DIR=/data
+    RAGFLEET_DATA_DIR=/data \
+    RAGFLEET_EMBEDDING_ONNX_CACHE_DIR=/opt/ragfleet/onnx
 COPY --from=build /wheels /wheels
+# The int8-compute embedding model is built into the image, so an embedding pod starts without the ~2 s build.
 RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels \
+    && python -m services.embedding.backends.quantize /opt/ragfleet/onnx \
     && groupadd --gid 10001 ragfleet && useradd --uid 10001 --gid 10001 --no-create-home ragfleet \
     && mkdir -p /data && chown ragfleet:ragfleet /data
 USER 10001:10001

@@ -1,10 +1,14 @@
-"""Local all-MiniLM-L6-v2 (int8 ONNX) on onnxruntime: WordPiece tokens, mean pooling, L2 normalisation.
+"""Local all-MiniLM-L6-v2 on onnxruntime: WordPiece tokens, mean pooling, L2 normalisation.
 
 The same pipeline as sentence-transformers' all-MiniLM-L6-v2 (max 256 tokens, mean over the attention mask,
-Normalize), with int8 weights and no PyTorch. Each batch is padded to its own longest text, not to 256: the batcher
-groups texts of similar length, so padding stays small. The session runs on one dedicated thread (TEI's
-BackendThread) so the event loop keeps accepting RPCs while the model computes; onnxruntime's own intra-op threads
-use the cores.
+Normalize), with int8 weights and no PyTorch, in one of two computes (`RAGFLEET_EMBEDDING_ONNX_COMPUTE`):
+- `int8` (default): the MatMuls quantised at run time (see quantize.py), ~3x cheaper per query. Activation scales
+  are per tensor, so each text runs alone (its vector never depends on its batch, and nothing is padded); up to
+  `threads` texts run at once, one single-threaded run each, which on a small machine costs less CPU per text than
+  one run spread over several threads.
+- `float32`: the packaged graph as is; a batch is padded to its own longest text (the batcher groups texts of
+  similar length, so padding stays small) and runs once on `threads` intra-op threads.
+The session runs on dedicated threads (TEI's BackendThread) so the event loop keeps accepting RPCs meanwhile.
 """
 
 from __future__ import annotations
@@ -21,12 +25,15 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from services.embedding.backends.base import EmbeddingBackend, PreparedText, l2_normalise
+from services.embedding.backends.quantize import quantized_model
 from services.embedding.config import OnnxConfig
 from services.runtime.errors import ConfigError, Unavailable
 
 log = logging.getLogger("ragfleet.embedding.onnx")
 
 MODEL_ID = "all-MiniLM-L6-v2-onnx-int8"
+#: Appended to the model id in `int8` compute: its vectors differ slightly, so caches must not mix the two.
+INT8_COMPUTE_SUFFIX = "-dynamic-int8"
 DIMENSION = 384
 MAX_TOKENS = 256
 MAX_BATCH_SIZE = 256
@@ -82,30 +89,36 @@ def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 class OnnxBackend(EmbeddingBackend):
-    max_in_flight = 1
-
     def __init__(self, config: OnnxConfig) -> None:
         self.config = config
-        self.model_id = model_id_for(config.model_path)
+        self._per_text = config.compute == "int8"
+        self.model_id = model_id_for(config.model_path) + (INT8_COMPUTE_SUFFIX if self._per_text else "")
         self.dimension = DIMENSION
         self.max_tokens = config.max_tokens
         self.max_batch_size = MAX_BATCH_SIZE
+        # int8: texts run alone, so a batch adds no padding and two batches may use two cores at once.
+        self.pads_batches = not self._per_text
+        self.max_in_flight = config.threads if self._per_text else 1
         self._tokenizer = load_tokenizer(config.max_tokens)
         self._session: ort.InferenceSession | None = None
         self._input_names: tuple[str, ...] = ()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx-model")
+        self._executor = ThreadPoolExecutor(max_workers=self.max_in_flight, thread_name_prefix="onnx-model")
 
     async def start(self) -> None:
         if self._session is not None:
             return
         path = self.config.model_path or default_model_path()
         loop = asyncio.get_running_loop()
-        self._session = await loop.run_in_executor(self._executor, load_session, path, self.config.threads,
+        if self._per_text:
+            path = await loop.run_in_executor(self._executor, quantized_model, path, self.config.cache_dir)
+        threads = 1 if self._per_text else self.config.threads
+        self._session = await loop.run_in_executor(self._executor, load_session, path, threads,
                                                    self.config.allow_spinning)
         self._input_names = tuple(i.name for i in self._session.get_inputs())
         # One tiny run so the first real request does not pay for lazy allocations.
         await self.embed(self.prepare(["warm up"]))
-        log.info("onnx model loaded", extra={"fields": {"path": path, "threads": self.config.threads}})
+        log.info("onnx model loaded", extra={"fields": {"path": path, "compute": self.config.compute,
+                                                        "threads": self.config.threads}})
 
     def prepare(self, texts: Sequence[str]) -> list[PreparedText]:
         """Tokenize. encode_batch even for one text: unlike encode, it releases the GIL, so a long text tokenized
@@ -115,20 +128,29 @@ class OnnxBackend(EmbeddingBackend):
                 for text, enc in zip(texts, encodings)]
 
     def run_batch(self, items: Sequence[PreparedText]) -> np.ndarray:
-        """Blocking: pad to the batch's longest text, run, pool. Runs on the model thread."""
+        """Blocking, on a model thread: each text alone (int8), or padded to the batch's longest text (float32)."""
         if self._session is None:
             raise Unavailable("embedding model is not loaded")
+        if self._per_text:
+            return l2_normalise(np.concatenate([self._run_alone(item) for item in items]))
         longest = max(item.token_count for item in items)
         ids = np.zeros((len(items), longest), dtype=np.int64)
         mask = np.zeros((len(items), longest), dtype=np.int64)
         for row, item in enumerate(items):
             ids[row, : item.token_count] = item.tokens
             mask[row, : item.token_count] = 1
+        return mean_pool(self._run(ids, mask), mask)
+
+    def _run_alone(self, item: PreparedText) -> np.ndarray:
+        """One text, unpadded: the mean over all its tokens, shape (1, dimension), not yet normalised."""
+        ids = np.asarray(item.tokens, dtype=np.int64).reshape(1, -1)
+        return self._run(ids, np.ones_like(ids)).mean(axis=1)
+
+    def _run(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         feeds = {"input_ids": ids, "attention_mask": mask}
         if "token_type_ids" in self._input_names:
             feeds["token_type_ids"] = np.zeros_like(ids)
-        hidden = self._session.run(None, feeds)[0]
-        return mean_pool(hidden, mask)
+        return self._session.run(None, feeds)[0]  # type: ignore[union-attr]
 
     async def embed(self, items: Sequence[PreparedText]) -> np.ndarray:
         loop = asyncio.get_running_loop()

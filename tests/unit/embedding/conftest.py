@@ -79,6 +79,20 @@ async def onnx_backend():
 
 
 @pytest.fixture(scope="session")
+async def float32_backend():
+    backend = OnnxBackend(OnnxConfig(compute="float32"))
+    await backend.start()
+    yield backend
+    await backend.close()
+
+
+@pytest.fixture(params=["int8", "float32"])
+def each_compute(request, onnx_backend, float32_backend):
+    """The model in each compute, for tests that must hold for both."""
+    return onnx_backend if request.param == "int8" else float32_backend
+
+
+@pytest.fixture(scope="session")
 def reference() -> dict:
     return json.loads(REFERENCE.read_text())
 

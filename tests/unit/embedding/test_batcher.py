@@ -190,7 +190,8 @@ async def test_a_refused_batch_is_split_until_the_bad_text_fails_alone(text_vect
     assert backend.peak == backend.max_in_flight == 1  # the halves ran one after the other
 
 
-async def test_real_model_under_concurrency_gives_each_caller_its_vector(onnx_backend, scifact_texts):
+async def test_real_model_under_concurrency_gives_each_caller_its_vector(each_compute, scifact_texts):
+    onnx_backend = each_compute
     texts = scifact_texts[:48]
     alone = {t: (await onnx_backend.embed(onnx_backend.prepare([t])))[0] for t in texts}
     batcher = Batcher(onnx_backend, BatcherConfig(max_batch_size=16, max_batch_tokens=2048))

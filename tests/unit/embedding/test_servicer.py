@@ -26,15 +26,15 @@ ATTRIBUTE = "ragfleet.embedding."
 
 
 @pytest.fixture
-async def served(onnx_backend, redis_cleanup):
+async def served(float32_backend, redis_cleanup):
     """An EmbeddingService on a free port whose RPC spans go to an in-memory exporter (no global provider)."""
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    batcher = Batcher(onnx_backend, BatcherConfig())
+    batcher = Batcher(float32_backend, BatcherConfig())
     batcher.start()
-    l2 = L2Cache(REDIS_URL, prefix=redis_cleanup, ttl_seconds=60, timeout=0.5, dimension=onnx_backend.dimension)
-    embedder = Embedder(onnx_backend, batcher, L1Cache(1 << 22, 60), l2)
+    l2 = L2Cache(REDIS_URL, prefix=redis_cleanup, ttl_seconds=60, timeout=0.5, dimension=float32_backend.dimension)
+    embedder = Embedder(float32_backend, batcher, L1Cache(1 << 22, 60), l2)
     server = grpc.aio.server(interceptors=[aio_server_interceptor(tracer_provider=provider)])
     embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server(
         EmbeddingServiceServicer(embedder, max_texts=256, max_text_chars=100_000), server)
