@@ -56,45 +56,45 @@ class GenerationServiceServicer(generation_pb2_grpc.GenerationServiceServicer):
 
     async def Generate(self, request: generation_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[generation_pb2.GenerateResponse]:
+        # One generator from the answerer's events to gRPC (no inner generator re-yielding each message): every
+        # layer is a switch per streamed token.
         number_passages(request)
         validate(request, self._config.limits)
         with self._admission.admitted():
-            async for message in self._generate(request, context):
-                yield message
-
-    async def _generate(self, request: generation_pb2.GenerateRequest,
-                        context: grpc.aio.ServicerContext) -> AsyncIterator[generation_pb2.GenerateResponse]:
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        prompt = await self._prompts.build(request)
-        remaining = context.time_remaining()  # read after the build (which may call a summariser): it is now
-        if remaining is not None:
-            prompt.deadline = loop.time() + remaining
-            if self._fallback is not None:
-                # The LLM gets the deadline less the reserve: a hung LLM leaves the fallback time to answer.
-                prompt.fallback_reserve = self._config.fallback_reserve
-        metrics.PASSAGES_DROPPED.inc(len(request.passages) - len(prompt.passages))
-        if prompt.history_dropped:
-            metrics.HISTORY_TURNS_DROPPED.labels("summarised" if prompt.history_summarised else "dropped").inc(
-                prompt.history_dropped)
-        first = True
-        coalesce = self._config.coalesce
-        try:
-            async with Coalescer(self._answer(prompt), max_bytes=coalesce.max_bytes,
-                                 max_delay=coalesce.max_delay, window=coalesce.window) as events:
-                async for event in events:
-                    if isinstance(event, Delta):
-                        if first:
-                            first = False
-                            metrics.TIME_TO_FIRST_TOKEN.labels(self._answerer.name).observe(loop.time() - started)
-                        yield generation_pb2.GenerateResponse(delta=common_pb2.TextDelta(text=event.text))
-                    else:
-                        backend = "fallback" if event.fallback_used else self._answerer.name
-                        metrics.TOKENS.labels("prompt", backend).inc(event.prompt_tokens)
-                        metrics.TOKENS.labels("completion", backend).inc(event.completion_tokens)
-                        yield finished_message(event, prompt)
-        except (LLMUnavailable, LLMStreamError) as exc:
-            raise Unavailable(str(exc)) from exc
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            prompt = await self._prompts.build(request)
+            remaining = context.time_remaining()  # read after the build (which may call a summariser): it is now
+            if remaining is not None:
+                prompt.deadline = loop.time() + remaining
+                if self._fallback is not None:
+                    # The LLM gets the deadline less the reserve: a hung LLM leaves the fallback time to answer.
+                    prompt.fallback_reserve = self._config.fallback_reserve
+            metrics.PASSAGES_DROPPED.inc(len(request.passages) - len(prompt.passages))
+            if prompt.history_dropped:
+                metrics.HISTORY_TURNS_DROPPED.labels("summarised" if prompt.history_summarised else "dropped").inc(
+                    prompt.history_dropped)
+            first = True
+            coalesce = self._config.coalesce
+            # Without a fallback the answerer's own stream is the source: _answer only exists to switch answerers.
+            source = self._answer(prompt) if self._fallback is not None else self._answerer.stream(prompt)
+            response, text_delta = generation_pb2.GenerateResponse, common_pb2.TextDelta
+            try:
+                async with Coalescer(source, max_bytes=coalesce.max_bytes, max_delay=coalesce.max_delay,
+                                     window=coalesce.window) as events:
+                    async for event in events:
+                        if isinstance(event, Delta):
+                            if first:
+                                first = False
+                                metrics.TIME_TO_FIRST_TOKEN.labels(self._answerer.name).observe(loop.time() - started)
+                            yield response(delta=text_delta(text=event.text))
+                        else:
+                            backend = "fallback" if event.fallback_used else self._answerer.name
+                            metrics.TOKENS.labels("prompt", backend).inc(event.prompt_tokens)
+                            metrics.TOKENS.labels("completion", backend).inc(event.completion_tokens)
+                            yield finished_message(event, prompt)
+            except (LLMUnavailable, LLMStreamError) as exc:
+                raise Unavailable(str(exc)) from exc
 
     async def _answer(self, prompt: Prompt) -> AsyncIterator[Event]:
         try:

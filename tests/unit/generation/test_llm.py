@@ -14,6 +14,7 @@ from aiohttp import web
 
 from services.generation.base import Delta, Done, LLMStreamError, LLMUnavailable
 from services.generation.config import GenerationConfig, LLMConfig, LLMTimeouts
+from services.generation import llm
 from services.generation.llm import OpenAIAnswerer
 from services.generation.prompt import PromptBuilder, TokenCounter
 from services.runtime.config import ServerConfig
@@ -256,8 +257,12 @@ class Scripted:
         return response
 
 
-@pytest.fixture
-async def scripted():
+@pytest.fixture(params=["aiohttp", "httpx2"])
+async def scripted(request, monkeypatch):
+    """Every scripted test runs on both body readers: aiohttp's stream read directly (what the SDK's aiohttp transport
+    gives), and httpx2's aiter_bytes (any other transport); they must not differ in anything a caller sees."""
+    if request.param == "httpx2":
+        monkeypatch.setattr(llm, "AiohttpResponseStream", None)
     servers: list[web.AppRunner] = []
 
     async def start(*scripts: list[bytes]) -> Scripted:
@@ -380,3 +385,24 @@ async def test_silence_past_the_read_timeout_mid_stream_is_a_stream_error(script
     events, error = await run(peer, read=0.3, max_retries=3)
     assert [e.text for e in events] == ["one"] and time.perf_counter() - started < 0.9
     assert isinstance(error, LLMStreamError) and "APITimeoutError" in str(error) and peer.requests == 1
+
+
+async def test_connection_lost_mid_stream_is_a_stream_error(scripted):
+    peer = await scripted([content("one"), BREAK])
+    events, error = await run(peer, max_retries=3)
+    assert [e.text for e in events] == ["one"] and peer.requests == 1
+    assert isinstance(error, LLMStreamError) and "failed mid-stream: APIConnectionError" in str(error), error
+
+
+async def test_the_sdk_aiohttp_transport_body_is_read_directly(sim, monkeypatch):
+    """The fast path is the one taken in production (services.runtime.openai_client builds the aiohttp transport)."""
+    taken: list[bool] = []
+    real = llm._aiohttp_body
+    monkeypatch.setattr(llm, "_aiohttp_body", lambda response: taken.append(True) or real(response))
+    monkeypatch.setattr(llm, "_httpx_chunks", None)  # would fail if called
+    answerer, config = make(sim)
+    try:
+        events = [e async for e in answerer.stream(await prompt_for(config, max_tokens=3))]
+    finally:
+        await answerer.close()
+    assert taken and len(events) == 4 and isinstance(events[-1], Done)
