@@ -319,6 +319,13 @@ async def measure_fanout(stack: InProcessStack, n: int) -> dict[str, Any]:
     return out
 
 
+def machine_cpu_seconds() -> float:
+    """CPU seconds all of this machine's processes have used (busy time of every core, /proc/stat): beside the
+    benchmark's own processes, what the rest of the machine took while a level ran."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+
+
 async def _sample_cores(pids: dict[str, int], timeline: list[float]) -> None:
     """Cores used by all the benchmark's processes together, second by second (an average over a whole phase
     hides the seconds when every stream is open and the machine is saturated)."""
@@ -425,6 +432,7 @@ async def stream_level(stub: Any, n: int, ramp_s: float, pids: dict[str, int], b
             open_streams -= 1
 
     cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    machine_before = machine_cpu_seconds()
     wall = time.perf_counter()
     timeline: list[float] = []
     sampler = asyncio.create_task(_sample_cores(pids, timeline))
@@ -432,13 +440,15 @@ async def stream_level(stub: Any, n: int, ramp_s: float, pids: dict[str, int], b
     sampler.cancel()
     wall = time.perf_counter() - wall
     cores = {name: (cpu_seconds(pid) - cpu_before[name]) / wall for name, pid in pids.items()}
+    others = max(0.0, (machine_cpu_seconds() - machine_before) / wall - sum(cores.values()))
     stats = percentiles(ttfts)
     errors = sum(c for code, c in codes.items() if code not in ("OK", "RESOURCE_EXHAUSTED"))
     added = stats["p99"] - base_p50
     return {"streams": n, "peak_open_streams": peak, "wall_seconds": wall, "ttft_ms": stats,
             "added_ttft_p99_ms": added, "codes": dict(codes), "held": codes["OK"] == n and added <= ADDED_TTFT_LIMIT_MS,
             "rejected_resource_exhausted": codes.get("RESOURCE_EXHAUSTED", 0), "other_errors": errors,
-            "cores_used": cores, "cores_per_second": timeline, "peak_cores": max(timeline, default=0.0)}
+            "cores_used": cores, "cores_per_second": timeline, "peak_cores": max(timeline, default=0.0),
+            "other_processes_cores": others}
 
 
 async def measure_streams(trees: list[StreamTree], sim: SimProcess, ramp_s: float, *, overload: bool
@@ -603,18 +613,23 @@ def _streams_lines(conc: dict[str, Any]) -> list[str]:
                       "(the sim's SSE -> a generation-shaped server stream -> a gateway-shaped relay -> this client), "
                       "searched on the same machine, sim and criterion, its levels interleaved with the trees': what "
                       "this machine holds when the services add nothing to Python gRPC and aiohttp."]
-    lines += ["", "| tree | streams | held | peak open | TTFT p50 | p95 | p99 | added p99 | codes | cores at the "
-                  "busiest second | cores used on average (by process) |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "'Other processes' is what the rest of the machine (anything outside this benchmark's processes) used "
+                  "on average during the level, from /proc/stat: a level run while others took cores is not a clean "
+                  "reading of the tree.", "",
+              "| tree | streams | held | peak open | TTFT p50 | p95 | p99 | added p99 | codes | cores at the "
+              "busiest second | cores used on average (by process) | other processes (cores) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     levels = [(label, c) for label, t in trees.items() for c in t["levels"].values()]
     levels += [(labels[0] + " (overload)", conc["overload"])] if "overload" in conc else []
     for label, c in levels:
         s = c["ttft_ms"]
         cores = ", ".join(f"{k} {v:.2f}" for k, v in c["cores_used"].items())
+        others = f"{c['other_processes_cores']:.2f}" if "other_processes_cores" in c else "not measured"
         lines.append(f"| {label} | {c['streams']} | {'yes' if c['held'] else 'no'} | {c['peak_open_streams']} | "
                      f"{s['p50']:.0f} | {s['p95']:.0f} | {s['p99']:.0f} | {c['added_ttft_p99_ms']:.0f} | "
                      f"{c['codes']} | "
-                     f"{c['peak_cores']:.2f} of {os.cpu_count()} | {sum(c['cores_used'].values()):.2f}: {cores} |")
+                     f"{c['peak_cores']:.2f} of {os.cpu_count()} | {sum(c['cores_used'].values()):.2f}: {cores} | "
+                     f"{others} |")
     return lines
 
 
