@@ -5,7 +5,7 @@ The services run as real processes (LocalMesh, `python -m services.embedding`), 
 endpoint as its own process (`python -m services.cli sim-llm`), and this process is the load generator: every
 process shares the machine's cores, which the result records.
 
-    flock /tmp/ragfleet-bench.lock .venv/bin/python -m bench.embedding_bench            # full run (~8 min on 2 cores)
+    flock /tmp/ragfleet-bench.lock .venv/bin/python -m bench.embedding_bench            # full run (~20 min on 2 cores)
     flock /tmp/ragfleet-bench.lock .venv/bin/python -m bench.embedding_bench --quick    # smoke run (~1-2 min)
 
 The full run first waits (up to --quiet-timeout s) until other work leaves the cores alone, and records how much
@@ -14,12 +14,20 @@ other work ran during each phase.
 Texts: SciFact (fixed seed), 85 % single abstract sentences and 15 % whole abstracts (truncated at 256 tokens), all
 distinct, so a model batch in arrival order mixes 20-token and 256-token texts as real traffic does.
 
+Compute: the local phases (1-3) run the ONNX backend in `--compute` (default: the service's default,
+RAGFLEET_EMBEDDING_ONNX_COMPUTE=int8), which every service they start is given explicitly; phase 5 runs every compute
+in `--policy-computes` (default int8 and float32) in the same run.
+
 Phases:
-1. ceiling: the ONNX backend in this process (no gRPC, no service) over batch sizes 1..64 on the sweep texts, in
-   arrival order (naive batching), sorted by length within windows of 64 arrivals (the most a batcher that sees 64
-   queued texts can do), and sorted globally (perfect grouping, an upper bound no online batcher reaches), with
-   onnxruntime's thread spinning on (the model alone at its best). The ceiling of the targets is the best
-   arrival-order figure, re-measured after the sweep (the higher one counts).
+1. ceiling: the ONNX backend in this process (no gRPC, no service) over batch sizes 1..64 on the sweep texts, run
+   the way the service runs that compute. float32 (one padded batch at a time on one intra-op thread per core):
+   batches in arrival order (naive batching), sorted by length within windows of 64 arrivals (the most a batcher
+   that sees 64 queued texts can do), and sorted globally (perfect grouping, an upper bound no online batcher
+   reaches), with onnxruntime's thread spinning on (the model alone at its best). int8 (each text run alone on one
+   thread, `backend.max_in_flight` embed calls at once): `max_in_flight` concurrent embed calls taking batches in
+   arrival order (nothing is padded, so sorting changes nothing; spinning does nothing with one intra-op thread),
+   plus one call at a time at batch 1 for reference. The ceiling of the targets is the best arrival-order figure,
+   re-measured after the sweep (the higher one counts).
 2. local sweep: N = 1, 8, 64, 256 concurrent gRPC callers, one text per call, each text once, against two services
    (batching on, batching off) with L1 off and no Redis, so the model is measured, not the cache. Both services are
    up for the whole phase; at N = 1 calls alternate between them text by text (paired p99), larger N run one
@@ -29,10 +37,11 @@ Phases:
    gRPC capacity: 64 callers of cached texts (no model, no HTTP), the most any backend can get through gRPC here.
 4. remote sweep: the same N sweep with RAGFLEET_EMBEDDING_BACKEND=openai against the sim LLM (10 ms per HTTP call
    + 0.2 ms per text), batching on vs off, default max 2 HTTP calls in flight.
-5. policies (issue 14): two local services, RAGFLEET_EMBEDDING_BATCH_POLICY=bounded (the default) and =length (pure
-   length grouping), on half short queries (SciFact claims) and half ~256-token chunks, at 1, 8 and 64 callers:
-   p50/p95/p99, p99/p50 and throughput, interleaved (1 caller text by text, 8 and 64 in ABBA blocks on the same
-   texts) so machine noise hits both alike. `--policies-only` runs this phase alone (results in *_quick).
+5. policies (issue 14), once per compute: three local services, RAGFLEET_EMBEDDING_BATCH_POLICY=bounded (the
+   default), the same with a fixed reorder window, and =length (pure length grouping), on half short queries
+   (SciFact claims) and half ~256-token chunks, at 1, 8 and 64 callers: p50/p95/p99, p99/p50 and throughput,
+   interleaved (1 caller text by text, 8 and 64 in ABC/CBA blocks on the same texts) so machine noise hits all
+   alike. `--policies-only` runs this phase alone (results in *_quick).
 """
 
 from __future__ import annotations
@@ -160,46 +169,94 @@ def _orders(items: list[Any]) -> dict[str, list[Any]]:
     return {"arrival": list(items), f"sorted_window{WINDOW}": windowed, "sorted_global": by_len(items)}
 
 
-def _pass(backend: Any, items: list[Any], batch_size: int, budget_s: float = 0.0) -> dict[str, float]:
-    """One pass over `items` in batches of `batch_size`: throughput and padding (padded / real tokens). With
-    `budget_s`, the pass stops at the first whole window of WINDOW texts after that many seconds (slow passes of
-    badly padded batches need not run to the end; a prefix of whole windows of shuffled texts is representative)."""
-    padded = real = done = 0
+async def _pass(backend: Any, items: list[Any], batch_size: int, budget_s: float = 0.0,
+                lanes: int = 1) -> dict[str, float]:
+    """One pass over `items` in batches of `batch_size`: throughput and padding (padded / real tokens; 1 for a
+    backend that runs each text alone). With `budget_s`, the pass stops at the first whole window of WINDOW texts
+    after that many seconds (slow passes of badly padded batches need not run to the end; a prefix of whole windows
+    of shuffled texts is representative). `lanes` = 1: one batch at a time in this thread (run_batch: the float32
+    session spreads it over its intra-op threads). `lanes` > 1: that many `embed` calls at once, each taking the
+    next batch in arrival order, as the service's batcher runs a backend whose max_in_flight is above 1 (int8: one
+    single-threaded run per lane)."""
+    padded = real = done = taken = 0
     started = time.perf_counter()
-    for start in range(0, len(items), batch_size):
-        batch = items[start:start + batch_size]
-        backend.run_batch(batch)
-        padded += len(batch) * max(i.token_count for i in batch)
-        real += sum(i.token_count for i in batch)
+
+    def account(batch: list[Any]) -> None:
+        nonlocal padded, real, done
+        own = sum(i.token_count for i in batch)
+        padded += len(batch) * max(i.token_count for i in batch) if backend.pads_batches else own
+        real += own
         done += len(batch)
-        if budget_s and done % WINDOW == 0 and time.perf_counter() - started > budget_s:
-            break
+
+    def next_batch() -> list[Any] | None:
+        nonlocal taken
+        if taken >= len(items) or (budget_s and taken % WINDOW == 0 and taken
+                                   and time.perf_counter() - started > budget_s):
+            return None
+        batch = items[taken:taken + batch_size]
+        taken += len(batch)
+        return batch
+
+    if lanes == 1:
+        while (batch := next_batch()) is not None:
+            backend.run_batch(batch)
+            account(batch)
+    else:
+        async def lane() -> None:
+            while (batch := next_batch()) is not None:
+                await backend.embed(batch)
+                account(batch)
+
+        await asyncio.gather(*(lane() for _ in range(lanes)))
     seconds = time.perf_counter() - started
     return {"texts_per_s": done / seconds, "seconds": seconds, "texts": done, "padding_ratio": padded / real}
 
 
-async def open_backend(allow_spinning: bool) -> Any:
+def lanes_of(compute: str) -> int:
+    """Embed calls the service runs at once for this compute (the backend's own rule: int8 one per usable CPU,
+    float32 one), read from a backend that is built but not started (no session is loaded)."""
     from services.embedding.backends.onnx import OnnxBackend
     from services.embedding.config import OnnxConfig
 
-    backend = OnnxBackend(OnnxConfig(allow_spinning=allow_spinning))  # one intra-op thread per core, as served
+    backend = OnnxBackend(OnnxConfig(compute=compute))
+    try:
+        return backend.max_in_flight
+    finally:
+        backend._executor.shutdown(wait=False)
+
+
+async def open_backend(compute: str, allow_spinning: bool) -> Any:
+    from services.embedding.backends.onnx import OnnxBackend
+    from services.embedding.config import OnnxConfig
+
+    backend = OnnxBackend(OnnxConfig(compute=compute, allow_spinning=allow_spinning))  # threads as served
     await backend.start()
     return backend
 
 
-def measure_ceiling(backend: Any, texts: list[str], warm: list[str], batch_sizes: Sequence[int],
-                    budget_s: float) -> dict[str, Any]:
+async def measure_ceiling(backend: Any, texts: list[str], warm: list[str], batch_sizes: Sequence[int],
+                          budget_s: float) -> dict[str, Any]:
+    """The model at its best for its compute: one padded batch at a time over three orders (float32), or
+    `max_in_flight` unpadded embed calls at once in arrival order (int8), plus one call at a time at batch 1."""
     items = backend.prepare(texts)
+    lanes = backend.max_in_flight
     for size in (1, 8, 64):  # allocations for small and large shapes before timing
-        _pass(backend, backend.prepare(warm[:64]), size)
-    out: dict[str, Any] = {"threads": backend.config.threads, "allow_spinning": backend.config.allow_spinning,
+        await _pass(backend, backend.prepare(warm[:64]), size, lanes=lanes)
+    compute = backend.config.compute
+    out: dict[str, Any] = {"compute": compute, "lanes": lanes, "pads_batches": backend.pads_batches,
+                           "threads": 1 if lanes > 1 else backend.config.threads,
+                           "allow_spinning": backend.config.allow_spinning,
                            "texts": len(items), "real_tokens_mean": sum(i.token_count for i in items) / len(items),
                            "truncated": sum(1 for i in items if i.truncated), "pass_budget_seconds": budget_s,
                            "orders": {}}
-    single = _pass(backend, items, 1)  # order is irrelevant at batch size 1: measured once, in full
+    single = await _pass(backend, items, 1, lanes=lanes)  # order is irrelevant at batch size 1: measured in full
     rows_arrival: dict[str, Any] = {}
-    print(f"  batch 1: {single['texts_per_s']:.1f} texts/s", flush=True)
-    for order, ordered in _orders(items).items():
+    print(f"  {compute} batch 1 ({lanes} at once): {single['texts_per_s']:.1f} texts/s", flush=True)
+    if lanes > 1:
+        out["one_lane_batch1"] = await _pass(backend, items, 1, lanes=1)
+        print(f"  {compute} batch 1, one at a time: {out['one_lane_batch1']['texts_per_s']:.1f} texts/s", flush=True)
+    orders = _orders(items) if backend.pads_batches else {"arrival": list(items)}
+    for order, ordered in orders.items():
         rows = {"1": single}
         for size in batch_sizes:
             if size == 1:
@@ -208,7 +265,8 @@ def measure_ceiling(backend: Any, texts: list[str], warm: list[str], batch_sizes
                 rows[str(size)] = rows_arrival[str(size)]  # a batch = a whole window: the arrival batch itself
                 continue
             # A globally sorted prefix would hold only the shortest texts: those passes always run in full.
-            rows[str(size)] = _pass(backend, ordered, size, 0.0 if order == "sorted_global" else budget_s)
+            rows[str(size)] = await _pass(backend, ordered, size, 0.0 if order == "sorted_global" else budget_s,
+                                          lanes=lanes)
             print(f"  {order} batch {size}: {rows[str(size)]['texts_per_s']:.1f} texts/s "
                   f"(padding x{rows[str(size)]['padding_ratio']:.2f}, {rows[str(size)]['texts']} texts)", flush=True)
         if order == "arrival":
@@ -219,16 +277,16 @@ def measure_ceiling(backend: Any, texts: list[str], warm: list[str], batch_sizes
     return out
 
 
-def recheck_ceiling(backend: Any, texts: list[str], ceiling: dict[str, Any]) -> dict[str, Any]:
+async def recheck_ceiling(backend: Any, texts: list[str], ceiling: dict[str, Any]) -> dict[str, Any]:
     """After the sweep: batch 1 and the best arrival-order batch size again (drift check; the higher one counts)."""
     items = backend.prepare(texts)
     best = ceiling["orders"]["arrival"]["best_batch_size"]
-    again = {str(size): _pass(backend, items, size) for size in sorted({1, best})}
+    again = {str(size): await _pass(backend, items, size, lanes=ceiling["lanes"]) for size in sorted({1, best})}
     first = ceiling["orders"]["arrival"]["by_batch_size"]
     return {"by_batch_size": again,
             "ceiling_texts_per_s": max(first[str(best)]["texts_per_s"], again[str(best)]["texts_per_s"]),
             "batch1_texts_per_s": max(first["1"]["texts_per_s"], again["1"]["texts_per_s"]),
-            "ceiling_batch_size": best}
+            "ceiling_batch_size": best, "compute": ceiling["compute"], "lanes": ceiling["lanes"]}
 
 
 # -- services ---------------------------------------------------------------------------------------------------------
@@ -521,22 +579,26 @@ def _policy_row(blocks: list[dict[str, Any]], views: list[dict[str, float]]) -> 
             "max_oldest_wait_ms": max((v.get("max_oldest_wait_ms", 0.0) for v in views), default=0.0)}
 
 
-def arrival_order_floor(costs_ms: Sequence[float], callers: int, texts: int = 20000) -> dict[str, float]:
+def arrival_order_floor(costs_ms: Sequence[float], callers: int, servers: int = 1,
+                        texts: int = 20000) -> dict[str, float]:
     """p50/p99 that `callers` closed-loop callers would see if each text cost exactly its measured unloaded latency
-    and one text ran at a time in arrival order, drawing texts from `costs_ms` (seeded): the spread the texts' own
-    costs leave with no batching, no overhead and no reordering."""
+    and `servers` texts ran at a time (the backend's max_in_flight: 1 for float32, one per CPU for int8), served in
+    arrival order, drawing texts from `costs_ms` (seeded): the spread the texts' own costs leave with no batching,
+    no overhead and no reordering."""
     rng = random.Random(SEED)
-    free_at, latencies = 0.0, []
+    free_at, latencies = [0.0] * servers, []
     arrivals = [0.0] * callers
     for i in range(texts):
         caller = min(range(callers), key=arrivals.__getitem__)  # the next request to arrive is served next
-        start = max(free_at, arrivals[caller])
-        free_at = start + rng.choice(costs_ms)
+        server = min(range(servers), key=free_at.__getitem__)  # by the first server free
+        start = max(free_at[server], arrivals[caller])
+        free_at[server] = start + rng.choice(costs_ms)
         if i >= 10 * callers:
-            latencies.append(free_at - arrivals[caller])
-        arrivals[caller] = free_at
+            latencies.append(free_at[server] - arrivals[caller])
+        arrivals[caller] = free_at[server]
     lat = percentiles(latencies)
-    return {"callers": callers, "p50": lat["p50"], "p99": lat["p99"], "p99_over_p50": lat["p99"] / lat["p50"]}
+    return {"callers": callers, "servers": servers, "p50": lat["p50"], "p99": lat["p99"],
+            "p99_over_p50": lat["p99"] / lat["p50"]}
 
 
 async def policy_sweep(meshes: dict[str, LocalMesh], pool: Any, rounds: int, block_texts: int,
@@ -621,20 +683,26 @@ class OldestWaitSampler:
         return 1000 * self.peak
 
 
-def policy_targets(policies: dict[str, Any]) -> list[dict[str, Any]]:
-    new, old = policies["bounded"], policies["length"]
-    r64, r8 = new["64"]["p99_over_p50"], new["8"]["p99_over_p50"]
-    tput = new["64"]["texts_per_s"] / old["64"]["texts_per_s"]
-    mix = policies["sentence_mix"]
-    tput2 = mix["bounded"]["64"]["texts_per_s"] / mix["length"]["64"]["texts_per_s"]
-    floor = new["arrival_order_floor"]["p99_over_p50"]
-    return [target("policy bounded: 64 callers p99 / p50", r64, "<= 1.5", r64 <= 1.5),
-            target("policy bounded: 64 callers throughput / pure length grouping", tput, ">= 0.95", tput >= 0.95),
-            target("policy bounded: 64 callers throughput / pure length grouping, phase 2's mix", tput2, ">= 0.95",
-                   tput2 >= 0.95),
-            target("policy bounded: 8 callers p99 / p50", r8, "<= 1.5", r8 <= 1.5),
-            target("  floor: 8 callers p99 / p50 in arrival order at the 1-caller costs", floor, "<= 1.5",
-                   floor <= 1.5)]
+def policy_targets(by_compute: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 14's targets once per compute of phase 5, each row naming its compute."""
+    out = []
+    for compute, policies in by_compute.items():
+        new, old = policies["bounded"], policies["length"]
+        r64, r8 = new["64"]["p99_over_p50"], new["8"]["p99_over_p50"]
+        tput = new["64"]["texts_per_s"] / old["64"]["texts_per_s"]
+        mix = policies["sentence_mix"]
+        tput2 = mix["bounded"]["64"]["texts_per_s"] / mix["length"]["64"]["texts_per_s"]
+        floor = new["arrival_order_floor"]
+        at_once = f", {floor['servers']} at a time" if floor["servers"] > 1 else ""
+        out += [target(f"policy bounded, {compute}: 64 callers p99 / p50", r64, "<= 1.5", r64 <= 1.5),
+                target(f"policy bounded, {compute}: 64 callers throughput / pure length grouping", tput, ">= 0.95",
+                       tput >= 0.95),
+                target(f"policy bounded, {compute}: 64 callers throughput / pure length grouping, phase 2's mix",
+                       tput2, ">= 0.95", tput2 >= 0.95),
+                target(f"policy bounded, {compute}: 8 callers p99 / p50", r8, "<= 1.5", r8 <= 1.5),
+                target(f"  floor, {compute}: 8 callers p99 / p50 in arrival order at the 1-caller costs{at_once}",
+                       floor["p99_over_p50"], "<= 1.5", floor["p99_over_p50"] <= 1.5)]
+    return out
 
 
 def policy_rows(policies: dict[str, Any], callers: Sequence[int] = POLICY_CALLERS) -> list[str]:
@@ -685,29 +753,44 @@ def report(figures: dict[str, Any], callers: Sequence[int]) -> tuple[list[dict[s
     remote_ratio = remote_top / remote_base
     local_p99 = local["batched"]["1"]["latency_ms"]["p99"] - local["unbatched"]["1"]["latency_ms"]["p99"]
     remote_p99 = remote["batched"]["1"]["latency_ms"]["p99"] - remote["unbatched"]["1"]["latency_ms"]["p99"]
+    compute, lanes = ceiling["compute"], ceiling["lanes"]
+    how = (f"{lanes} single-threaded runs at once" if lanes > 1
+           else f"one batch at a time on {ceiling['threads']} intra-op threads")
+    ceiling_target = target(f"local: {top} callers / ceiling ({compute}, {ceiling_tps:.1f} texts/s)",
+                            local64 / ceiling_tps, ">= 0.95", local64 / ceiling_tps >= 0.95)
+    ceiling_target["floor"] = (f"in-process ceiling {ceiling_tps:.1f} texts/s ({compute}: {how}, batch "
+                               f"{recheck['ceiling_batch_size']})")
     targets = [
-        target(f"local: {top} callers / ceiling ({ceiling_tps:.1f} texts/s)", local64 / ceiling_tps, ">= 0.95",
-               local64 / ceiling_tps >= 0.95),
-        target(f"local: {top} callers / in-process batch-1 ({batch1_tps:.1f} texts/s)", local64 / batch1_tps,
-               "> 1", local64 / batch1_tps > 1),
+        ceiling_target,
+        target(f"local: {top} callers / in-process batch-1 ({compute}, {batch1_tps:.1f} texts/s)",
+               local64 / batch1_tps, "> 1", local64 / batch1_tps > 1),
         target(f"remote: {top} callers batched / unbatched throughput", remote_ratio, ">= 8", remote_ratio >= 8),
         target("local: 1 caller p99 batched - unbatched (ms)", local_p99, "<= 3", local_p99 <= 3),
         target("remote: 1 caller p99 batched - unbatched (ms)", remote_p99, "<= 3", remote_p99 <= 3),
         target("gRPC cache: miss p50 / L1 hit p50", cache["l1_hit_speedup_p50"], ">= 20",
                cache["l1_hit_speedup_p50"] >= 20),
     ] + policy_targets(figures["policies"])
-    lines = [f"## Local ONNX backend through gRPC ({local['batched'][top]['texts']} texts per setting, one text per "
-             "call)", ""]
-    lines += _sweep_rows(local, callers, ceiling["real_tokens_mean"] * ceiling["texts"])
+    lines = [f"## Local ONNX backend through gRPC, compute {compute} ({local['batched'][top]['texts']} texts per "
+             "setting, one text per call)", ""]
+    lines += _sweep_rows(local, callers, ceiling["real_tokens_mean"] * ceiling["texts"] if ceiling["pads_batches"]
+                         else None)
+    if not ceiling["pads_batches"]:
+        lines += ["", f"{compute} pads nothing (each text runs alone), so there is no padding column; backend busy = "
+                  f"model time summed over the batches in flight (up to {lanes} at once: {100 * lanes} %)."]
     orders = ceiling["orders"]
+    sorted_bests = "".join(
+        f", {100 * local64 / orders[o]['best_texts_per_s']:.0f} % of the {label} best"
+        for o, label in ((f"sorted_window{WINDOW}", "window-sorted"), ("sorted_global", "globally sorted"))
+        if o in orders)
     lines += ["", f"{top} callers, batched: {local64:.1f} texts/s = {100 * local64 / ceiling_tps:.0f} % of the "
-              f"arrival-order ceiling, {100 * local64 / orders[f'sorted_window{WINDOW}']['best_texts_per_s']:.0f} % "
-              f"of the window-sorted best, {100 * local64 / orders['sorted_global']['best_texts_per_s']:.0f} % of "
-              f"the globally sorted best; {local64 / batch1_tps:.2f}x in-process batch 1.", "",
-              f"## Ceiling: ONNX backend in process ({ceiling['texts']} texts, mean {ceiling['real_tokens_mean']:.0f} "
-              f"real tokens, {ceiling['truncated']} truncated at 256, {ceiling['threads']} intra-op threads)", "",
+              f"arrival-order ceiling{sorted_bests}; {local64 / batch1_tps:.2f}x in-process batch 1.", "",
+              f"## Ceiling: ONNX backend in process, compute {compute} ({ceiling['texts']} texts, mean "
+              f"{ceiling['real_tokens_mean']:.0f} real tokens, {ceiling['truncated']} truncated at 256; {how})", "",
               "texts/s by batch size (padded / real tokens in brackets; * = pass stopped after "
-              f"{ceiling['pass_budget_seconds']:.0f} s at a whole window of {WINDOW} texts)", "",
+              f"{ceiling['pass_budget_seconds']:.0f} s at a whole window of {WINDOW} texts)"
+              + (f"; {lanes} embed calls at once, each taking the next batch in arrival order, as the service runs "
+                 f"them; only arrival order: with nothing padded, sorting by length changes nothing"
+                 if lanes > 1 else ""), "",
               "| batch size | " + " | ".join(orders) + " |", "|---|" + "---|" * len(orders)]
     for size in orders["arrival"]["by_batch_size"]:
         cells = [f"{orders[o]['by_batch_size'][size]['texts_per_s']:.1f} "
@@ -718,9 +801,12 @@ def report(figures: dict[str, Any], callers: Sequence[int]) -> tuple[list[dict[s
     lines += ["", "Re-measured after the sweep (drift check): " + ", ".join(
         f"batch {k}: {v['texts_per_s']:.1f} texts/s" for k, v in again.items())
         + f". Ceiling used: {ceiling_tps:.1f} texts/s (arrival order, batch {recheck['ceiling_batch_size']}, the "
-          f"higher of the two passes); batch-1: {batch1_tps:.1f} texts/s. onnxruntime threads may spin here (the "
-          f"model's best alone); with spinning off, as the service runs it, batch 1 gave "
-          f"{figures['batch1_as_served']['texts_per_s']:.1f} texts/s.", "",
+          f"higher of the two passes); batch-1: {batch1_tps:.1f} texts/s. " + (
+            f"onnxruntime threads may spin here (the model's best alone); with spinning off, as the service runs "
+            f"it, batch 1 gave {figures['batch1_as_served']['texts_per_s']:.1f} texts/s." if lanes == 1 else
+            f"The session runs as the service runs it (one intra-op thread, so spinning changes nothing); one call "
+            f"at a time, batch 1 gave {ceiling['one_lane_batch1']['texts_per_s']:.1f} texts/s "
+            f"(the ceiling is {ceiling_tps / ceiling['one_lane_batch1']['texts_per_s']:.2f}x that)."), "",
         f"## Remote backend (sim LLM: {SIM_CALL_MS:.0f} ms per HTTP call + {SIM_PER_TEXT_MS} ms per text, "
         f"{remote['batched'][top]['texts']} texts per setting)", ""]
     lines += _sweep_rows(remote, callers)
@@ -754,17 +840,20 @@ def plot(figures: dict[str, Any], callers: Sequence[int]):  # type: ignore[no-un
 
         fig, axes = plt.subplots(3, 2, figsize=(13, 13))
         recheck, orders = figures["ceiling_recheck"], figures["ceiling"]["orders"]
-        for ax, backend, title in ((axes[0][0], "local", "local ONNX through gRPC"),
+        for ax, backend, title in ((axes[0][0], "local", f"local ONNX ({recheck['compute']}) through gRPC"),
                                    (axes[0][1], "remote", "remote (sim 10 ms/call) through gRPC")):
             for mode, style in (("batched", "o-"), ("unbatched", "s--")):
                 ax.plot(callers, [figures[backend][mode][str(n)]["texts_per_s"] for n in callers], style,
                         label=mode)
             if backend == "local":
                 ax.axhline(recheck["ceiling_texts_per_s"], color="red", lw=1,
-                           label=f"ceiling (arrival order, batch {recheck['ceiling_batch_size']})")
-                ax.axhline(0.95 * recheck["ceiling_texts_per_s"], color="red", lw=0.8, ls=":", label="95 % of ceiling (issue 12)")
-                ax.axhline(orders["sorted_global"]["best_texts_per_s"], color="grey", lw=0.8, ls="-.",
-                           label="globally length-sorted best")
+                           label=f"ceiling ({recheck['compute']}, {recheck['lanes']} at once, arrival order, batch "
+                                 f"{recheck['ceiling_batch_size']})")
+                ax.axhline(0.95 * recheck["ceiling_texts_per_s"], color="red", lw=0.8, ls=":",
+                           label="95 % of ceiling (issue 12)")
+                if "sorted_global" in orders:
+                    ax.axhline(orders["sorted_global"]["best_texts_per_s"], color="grey", lw=0.8, ls="-.",
+                               label="globally length-sorted best")
             else:
                 top = str(64 if 64 in callers else max(callers))
                 ax.axhline(8 * figures["remote"]["unbatched"][top]["texts_per_s"], color="red", lw=0.8, ls=":",
@@ -782,7 +871,8 @@ def plot(figures: dict[str, Any], callers: Sequence[int]):  # type: ignore[no-un
             ax.plot(sizes, [rows["by_batch_size"][str(s)]["texts_per_s"] for s in sizes], "o-", label=order)
         ax.set_xscale("log", base=2)
         ax.set_xticks(sizes, [str(n) for n in sizes])
-        ax.set(title="ONNX in process: throughput by batch size", xlabel="batch size", ylabel="texts/s")
+        ax.set(title=f"ONNX in process ({recheck['compute']}, {recheck['lanes']} at once): throughput by batch size",
+               xlabel="batch size", ylabel="texts/s")
         ax.set_ylim(bottom=0)
         ax.legend(fontsize=8)
         ax = axes[1][1]
@@ -795,13 +885,17 @@ def plot(figures: dict[str, Any], callers: Sequence[int]):  # type: ignore[no-un
         ax.set_xticks(list(callers), [str(n) for n in callers])
         ax.set(title="p99 latency by callers", xlabel="concurrent single-text callers", ylabel="ms")
         ax.legend(fontsize=8)
-        policies = figures["policies"]
+        by_compute = figures["policies"]
         for ax, key, title, ylabel in ((axes[2][0], "p99_over_p50", "policies: p99 / p50 (queries + chunks)",
                                         "p99 / p50"),
                                        (axes[2][1], "texts_per_s", "policies: throughput (queries + chunks)",
                                         "texts/s")):
-            for name, style in (("bounded", "o-"), ("bounded-fixed", "^:"), ("length", "s--")):
-                ax.plot(POLICY_CALLERS, [policies[name][str(n)][key] for n in POLICY_CALLERS], style, label=name)
+            for compute, style in zip(by_compute, ("-", "--", ":")):
+                policies = by_compute[compute]
+                for name, (marker, color) in (("bounded", ("o", "tab:blue")), ("bounded-fixed", ("^", "tab:green")),
+                                              ("length", ("s", "tab:orange"))):
+                    ax.plot(POLICY_CALLERS, [policies[name][str(n)][key] for n in POLICY_CALLERS], marker + style,
+                            color=color, label=f"{name}, {compute}")
             if key == "p99_over_p50":
                 ax.axhline(1.5, color="red", lw=0.8, ls=":", label="target 1.5 (8 and 64 callers)")
             ax.set_xscale("log", base=2)
@@ -821,11 +915,12 @@ def service_defaults() -> dict[str, Any]:
     """The embedding service's batcher and openai defaults, as this checkout defines them (the sweeps use them)."""
     from dataclasses import asdict
 
-    from services.embedding.config import BatcherConfig, OpenAIConfig
+    from services.embedding.config import BatcherConfig, OnnxConfig, OpenAIConfig
 
-    openai = OpenAIConfig()
+    openai, onnx = OpenAIConfig(), OnnxConfig()
     return {"batcher": asdict(BatcherConfig()), "openai_max_batch_size": openai.max_batch_size,
-            "openai_max_in_flight": openai.max_in_flight}
+            "openai_max_in_flight": openai.max_in_flight, "onnx_compute": onnx.compute,
+            "onnx_threads": onnx.threads}
 
 
 def policy_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -834,47 +929,80 @@ def policy_settings(args: argparse.Namespace) -> dict[str, Any]:
     return {"rounds": args.policy_rounds, "block_texts": args.policy_texts, "paired_texts": args.policy_paired_texts}
 
 
-async def run_policies(workdir: Path, meshes: list[LocalMesh], args: argparse.Namespace) -> dict[str, Any]:
-    """Phase 5: one service per batching policy, both up for the whole phase, the service defaults otherwise."""
+async def run_policies(workdir: Path, meshes: list[LocalMesh], args: argparse.Namespace,
+                       compute: str) -> dict[str, Any]:
+    """Phase 5 for one compute: one service per batching policy, all up for the whole phase, the service defaults
+    otherwise (RAGFLEET_EMBEDDING_ONNX_COMPUTE set explicitly)."""
     settings = policy_settings(args)
-    services = {name: start_service(workdir, f"policy-{name}", env) for name, env in POLICIES.items()}
+    env = {"RAGFLEET_EMBEDDING_ONNX_COMPUTE": compute}
+    services = {name: start_service(workdir, f"policy-{compute}-{name}", {**env, **policy_env})
+                for name, policy_env in POLICIES.items()}
     meshes += services.values()
     try:
         result = await policy_sweep(services, MixedPool(SEED), **settings)
-        print("  phase 2's mix (85 % sentences, 15 % abstracts)", flush=True)
+        print(f"  {compute}: phase 2's mix (85 % sentences, 15 % abstracts)", flush=True)
         result["sentence_mix"] = await policy_sweep(services, TextPool(SEED + 1), **settings,
                                                     callers=SENTENCE_MIX_CALLERS)
     finally:
         for mesh in services.values():
             mesh.stop()
+    servers = lanes_of(compute)
     for name in POLICIES:
-        result[name]["arrival_order_floor"] = arrival_order_floor(result[name].pop("unloaded_ms"), FLOOR_CALLERS)
-    return result | {"settings": settings, "query_share": QUERY_SHARE, "chunk_words": list(CHUNK_WORDS)}
+        result[name]["arrival_order_floor"] = arrival_order_floor(result[name].pop("unloaded_ms"), FLOOR_CALLERS,
+                                                                  servers)
+    return result | {"compute": compute, "lanes": servers, "settings": settings, "query_share": QUERY_SHARE,
+                     "chunk_words": list(CHUNK_WORDS)}
 
 
-def policies_markdown(policies: dict[str, Any]) -> list[str]:
-    s, b = policies["settings"], service_defaults()["batcher"]
-    return [f"## Batching policies side by side ({round(100 * policies['query_share'])} % short queries, the rest "
-            f"~256-token chunks; {s['rounds']} rounds of {s['block_texts']} texts per policy at 8 and 64 callers, "
-            f"{s['paired_texts']} paired texts at 1 caller)", "",
-            "`bounded` = the default (RAGFLEET_EMBEDDING_BATCH_POLICY=bounded, reorder window "
-            f"{b['reorder_window_ms']:g} ms or {b['reorder_window_share']:g} of the oldest text's wait, whichever is "
-            "longer); `bounded-fixed` = the same with RAGFLEET_EMBEDDING_REORDER_WINDOW_SHARE=0 (the window fixed, "
-            "as before the share); `length` = pure length grouping. The policies take turns in blocks (ABC, CBA, "
-            "...) on the same texts. Percentiles leave out the first and last N calls of each block (all callers "
-            "arriving at once, the drain at the end); peak oldest wait = the highest "
-            "ragfleet_embedding_oldest_wait_seconds seen, polled every 100 ms.", ""
-            ] + policy_rows(policies) + [
-            "", f"Phase 2's mix ({round(100 * SENTENCE_SHARE)} % single sentences, the rest whole abstracts), the same "
-            "blocks at 64 callers: does the bounded policy cost throughput where length grouping pays most?", ""
-            ] + policy_rows(policies["sentence_mix"], SENTENCE_MIX_CALLERS) + [
-            "", f"Floor of the 8-caller ratio: {FLOOR_CALLERS} closed-loop callers, one text at a time in arrival "
-            "order, each text costing exactly a latency measured at 1 caller in this run (drawn with replacement, no "
-            "batching, no overhead): " + ", ".join(
-                f"{name} p50 {f['p50']:.0f} ms, p99 {f['p99']:.0f} ms, p99/p50 {f['p99_over_p50']:.2f}"
-                for name in POLICIES for f in [policies[name]["arrival_order_floor"]]) + ". The spread the texts' "
-            "own costs leave (a ~256-token chunk costs several queries; which of the other 7 callers hold one is "
-            "chance), before any scheduling."]
+async def run_all_policies(workdir: Path, meshes: list[LocalMesh], args: argparse.Namespace) -> dict[str, Any]:
+    out = {}
+    for compute in args.policy_computes:
+        print(f"  compute {compute}", flush=True)
+        out[compute] = await run_policies(workdir, meshes, args, compute)
+    return out
+
+
+def _compute_words(compute: str, lanes: int) -> str:
+    from services.embedding.config import OnnxConfig
+
+    if compute == "int8":
+        return (f"each text run alone on one thread, nothing padded, up to {lanes} embed calls at once, so length "
+                "grouping saves no padding here")
+    return f"one padded batch at a time on {OnnxConfig(compute=compute).threads} intra-op threads"
+
+
+def policies_markdown(by_compute: dict[str, Any]) -> list[str]:
+    first = next(iter(by_compute.values()))
+    s, b = first["settings"], service_defaults()["batcher"]
+    lines = [f"## Batching policies side by side ({round(100 * first['query_share'])} % short queries, the rest "
+             f"~256-token chunks; {s['rounds']} rounds of {s['block_texts']} texts per policy at 8 and 64 callers, "
+             f"{s['paired_texts']} paired texts at 1 caller; once per compute: {', '.join(by_compute)})", "",
+             "`bounded` = the default (RAGFLEET_EMBEDDING_BATCH_POLICY=bounded, reorder window "
+             f"{b['reorder_window_ms']:g} ms or {b['reorder_window_share']:g} of the oldest text's wait, whichever "
+             "is longer); `bounded-fixed` = the same with RAGFLEET_EMBEDDING_REORDER_WINDOW_SHARE=0 (the window "
+             "fixed, as before the share); `length` = pure length grouping. The policies take turns in blocks (ABC, "
+             "CBA, ...) on the same texts. Percentiles leave out the first and last N calls of each block (all "
+             "callers arriving at once, the drain at the end); peak oldest wait = the highest "
+             "ragfleet_embedding_oldest_wait_seconds seen, polled every 100 ms. Each compute's services run on "
+             "their own, one compute after the other."]
+    for compute, policies in by_compute.items():
+        lines += ["", f"### Compute {compute} (RAGFLEET_EMBEDDING_ONNX_COMPUTE={compute}; "
+                  f"{_compute_words(compute, policies['lanes'])})", ""]
+        lines += policy_rows(policies)
+        lines += ["", f"{compute}, phase 2's mix ({round(100 * SENTENCE_SHARE)} % single sentences, the rest whole "
+                  "abstracts), the same blocks at 64 callers: does the bounded policy cost throughput where length "
+                  "grouping pays most?", ""]
+        lines += policy_rows(policies["sentence_mix"], SENTENCE_MIX_CALLERS)
+        servers = policies["lanes"]
+        lines += ["", f"{compute}, floor of the 8-caller ratio: {FLOOR_CALLERS} closed-loop callers, "
+                  + ("one text at a time" if servers == 1 else f"{servers} texts at a time (as the service runs "
+                     "them)") + " in arrival order, each text costing exactly a latency measured at 1 caller in "
+                  "this run (drawn with replacement, no batching, no overhead): " + ", ".join(
+                      f"{name} p50 {f['p50']:.0f} ms, p99 {f['p99']:.0f} ms, p99/p50 {f['p99_over_p50']:.2f}"
+                      for name in POLICIES for f in [policies[name]["arrival_order_floor"]]) + ". The spread the "
+                  "texts' own costs leave (a ~256-token chunk costs several queries; which of the other 7 callers "
+                  "hold one is chance), before any scheduling."]
+    return lines
 
 
 async def run_policies_only(args: argparse.Namespace) -> int:
@@ -884,7 +1012,7 @@ async def run_policies_only(args: argparse.Namespace) -> int:
     figures: dict[str, Any] = {"seed": SEED, "service_defaults": service_defaults(),
                                "load_average_before": os.getloadavg()}
     try:
-        figures["policies"] = await run_policies(workdir, meshes, args)
+        figures["policies"] = await run_all_policies(workdir, meshes, args)
     finally:
         for mesh in meshes:
             mesh.stop()
@@ -900,6 +1028,8 @@ async def run(args: argparse.Namespace) -> int:
     if args.policies_only:
         return await run_policies_only(args)
     n_local, n_remote, n_cache = (32, 96, 16) if args.quick else (args.texts, args.remote_texts, args.cache_texts)
+    compute = args.compute
+    compute_env = {"RAGFLEET_EMBEDDING_ONNX_COMPUTE": compute}
     batch_sizes = (1, 8) if args.quick else BATCH_SIZES
     callers = CALLERS
     pool = TextPool(SEED)
@@ -910,7 +1040,8 @@ async def run(args: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="embedding-bench-"))
     prefix = f"ragfleet-bench:{uuid.uuid4().hex[:8]}:emb:"
     figures: dict[str, Any] = {"seed": SEED, "sentence_share": SENTENCE_SHARE, "callers": list(callers),
-                               "service_defaults": service_defaults()}
+                               "service_defaults": service_defaults(), "compute": compute,
+                               "policy_computes": list(args.policy_computes)}
     if args.quiet_timeout > 0 and not args.quick:
         figures["start"] = wait_for_quiet(0.15, args.quiet_timeout)
     figures["load_average_before"] = os.getloadavg()
@@ -918,22 +1049,28 @@ async def run(args: argparse.Namespace) -> int:
     meshes: list[LocalMesh] = []
     sim: SimProcess | None = None
     try:
-        print(f"phase 1: in-process ceiling ({n_local} texts)", flush=True)
-        # The ceiling is the model at its best alone: onnxruntime threads may spin (the service turns spinning off,
-        # which costs a lone model a little and saves a shared machine a lot); batch 1 as served is measured too.
-        backend = await open_backend(allow_spinning=False)
-        figures["batch1_as_served"] = _pass(backend, backend.prepare(local_texts), 1)
-        await backend.close()
-        del backend
-        backend = await open_backend(allow_spinning=True)
-        figures["ceiling"] = measure_ceiling(backend, local_texts, warm, batch_sizes, args.pass_seconds)
+        print(f"phase 1: in-process ceiling, compute {compute} ({n_local} texts)", flush=True)
+        # The ceiling is the model at its best alone, run the way the service runs this compute. float32: one batch
+        # at a time on the intra-op threads, which may spin (the service turns spinning off, which costs a lone model
+        # a little and saves a shared machine a lot; batch 1 as served is measured too). int8: max_in_flight
+        # single-threaded runs at once, as served (spinning does nothing with one intra-op thread).
+        spin = lanes_of(compute) == 1
+        if spin:
+            backend = await open_backend(compute, allow_spinning=False)
+            figures["batch1_as_served"] = await _pass(backend, backend.prepare(local_texts), 1)
+            await backend.close()
+            del backend
+        backend = await open_backend(compute, allow_spinning=spin)
+        figures["ceiling"] = await measure_ceiling(backend, local_texts, warm, batch_sizes, args.pass_seconds)
+        if not spin:
+            figures["batch1_as_served"] = figures["ceiling"]["orders"]["arrival"]["by_batch_size"]["1"]
         await backend.close()  # no model threads in the load generator during the sweep
         del backend
         meter.phase("ceiling")
 
         print("phase 2: local sweep (batched vs unbatched)", flush=True)
-        local = {"batched": start_service(workdir, "local-batched", {}),
-                 "unbatched": start_service(workdir, "local-unbatched", UNBATCHED)}
+        local = {"batched": start_service(workdir, "local-batched", compute_env),
+                 "unbatched": start_service(workdir, "local-unbatched", {**compute_env, **UNBATCHED})}
         meshes += local.values()
         figures["local"] = await sweep(local, local_texts, warm, callers)
         for mesh in local.values():
@@ -941,14 +1078,14 @@ async def run(args: argparse.Namespace) -> int:
         meter.phase("local_sweep")
 
         print("  ceiling re-check", flush=True)
-        backend = await open_backend(allow_spinning=True)
-        figures["ceiling_recheck"] = recheck_ceiling(backend, local_texts, figures["ceiling"])
+        backend = await open_backend(compute, allow_spinning=spin)
+        figures["ceiling_recheck"] = await recheck_ceiling(backend, local_texts, figures["ceiling"])
         await backend.close()
         del backend
         meter.phase("ceiling_recheck")
 
         print("phase 3: cache hit vs miss (two replicas, L1 + Redis L2)", flush=True)
-        cache_env = {"RAGFLEET_EMBEDDING_L1_MAX_MB": "64", "RAGFLEET_REDIS_URL": REDIS_URL,
+        cache_env = {**compute_env, "RAGFLEET_EMBEDDING_L1_MAX_MB": "64", "RAGFLEET_REDIS_URL": REDIS_URL,
                      "RAGFLEET_EMBEDDING_L2_PREFIX": prefix}
         replicas = [start_service(workdir, f"cache-{side}", cache_env) for side in "ab"]
         meshes += replicas
@@ -977,8 +1114,9 @@ async def run(args: argparse.Namespace) -> int:
         sim.stop()
         meter.phase("remote_sweep")
 
-        print("phase 5: batching policies side by side (bounded reordering vs pure length grouping)", flush=True)
-        figures["policies"] = await run_policies(workdir, meshes, args)
+        print(f"phase 5: batching policies side by side (bounded reordering vs pure length grouping), computes "
+              f"{', '.join(args.policy_computes)}", flush=True)
+        figures["policies"] = await run_all_policies(workdir, meshes, args)
         meter.phase("policies")
         figures["load_average_after"] = os.getloadavg()
         figures["cpu_by_phase"] = meter.phases
@@ -990,13 +1128,22 @@ async def run(args: argparse.Namespace) -> int:
         figures["redis_keys_deleted"] = cleanup_redis(prefix)
     targets, markdown = report(figures, callers)
     d = figures["service_defaults"]
+    lanes = figures["ceiling"]["lanes"]
     b = d["batcher"]
     other = figures.get("cpu_by_phase", {})
     noise = ", ".join(f"{name} {100 * v['other_share_of_machine']:.0f} %" for name, v in other.items())
     notes = [
         f"All processes share this machine's {os.cpu_count()} cores: the load generator (this process, one asyncio "
-        "loop, also the in-process ceiling), the embedding service(s) and, in phase 4, the sim LLM. The ONNX "
-        "session uses one intra-op thread per core in the service and in the ceiling alike; the ceiling runs alone.",
+        "loop, also the in-process ceiling), the embedding service(s) and, in phase 4, the sim LLM. The ceiling "
+        "runs alone.",
+        f"Compute: phases 1-3 run RAGFLEET_EMBEDDING_ONNX_COMPUTE={compute} (given to every service explicitly; "
+        f"the service default is {d['onnx_compute']}): "
+        + (f"each text runs alone (nothing padded) on one intra-op thread, up to {lanes} embed calls at once, in "
+           "the service and in the ceiling alike." if lanes > 1 else
+           f"one padded batch at a time on {d['onnx_threads']} intra-op threads, in the service and in the ceiling "
+           "alike.")
+        + f" Phase 4 is the remote backend (no ONNX); phase 5 runs once per compute: "
+        f"{', '.join(args.policy_computes)}.",
         f"Other work on the machine during each phase (share of all cores not used by this benchmark's processes): "
         f"{noise or 'n/a'}; load average before {figures['load_average_before'][0]:.2f}"
         + (f"; waited {figures['start']['waited_seconds']:.0f} s for a quiet machine (quiet: "
@@ -1005,15 +1152,19 @@ async def run(args: argparse.Namespace) -> int:
         f"{100 - round(100 * SENTENCE_SHARE)} % whole abstracts, all distinct; each setting sends every text once "
         "(one text per call, closed loop); throughput = texts / wall time of the setting.",
         "Sweeps: L1 cache off, no Redis (the model is measured, not the cache); the service's default batcher "
-        f"({b}); unbatched = RAGFLEET_EMBEDDING_MAX_BATCH_SIZE=1, MAX_WAIT_MS=0 (batches of one, no wait). Each "
-        "setting is preceded "
-        "by a warm-up with the same caller count on other texts.",
+        f"({b}); unbatched = RAGFLEET_EMBEDDING_MAX_BATCH_SIZE=1, MAX_WAIT_MS=0 (batches of one, no wait"
+        + (f"; still up to {lanes} calls in flight" if lanes > 1 else "") + "). Each setting is preceded by a "
+        "warm-up with the same caller count on other texts.",
         "At 1 caller, calls alternate between the batched and unbatched service text by text (paired), so both "
         "see the same texts under the same machine noise; throughput there = texts / sum of latencies.",
         "Ceiling = best in-process throughput of the ONNX backend over batch sizes "
         f"{'/'.join(map(str, batch_sizes))} in arrival order (naive batching), the higher of a pass before and after "
-        "the sweep, with onnxruntime's thread spinning on (the model alone at its best; the service runs with it "
-        "off). Window-sorted and globally sorted passes show what grouping by length can give.",
+        "the sweep, "
+        + (f"with {lanes} embed calls at once (the backend's max_in_flight, as the service's batcher runs it), each "
+           "taking the next batch; the session as served (one intra-op thread: spinning changes nothing). Nothing "
+           "is padded, so no sorted passes." if lanes > 1 else
+           "with onnxruntime's thread spinning on (the model alone at its best; the service runs with it off). "
+           "Window-sorted and globally sorted passes show what grouping by length can give."),
         f"Remote: sim LLM {SIM_CALL_MS:.0f} ms per HTTP call + {SIM_PER_TEXT_MS} ms per text; the service's default "
         f"openai settings (max {d['openai_max_in_flight']} HTTP calls in flight, max "
         f"{min(d['openai_max_batch_size'], b['max_batch_size'])} texts per call: the batcher's cap applies too).",
@@ -1042,11 +1193,23 @@ def main(argv: list[str] | None = None) -> int:
                         help="phase 5: blocks per policy at 8 and 64 callers (ABBA order)")
     parser.add_argument("--policy-texts", type=int, default=320, help="phase 5: texts per block")
     parser.add_argument("--policy-paired-texts", type=int, default=200, help="phase 5: paired texts at 1 caller")
+    parser.add_argument("--compute", choices=("int8", "float32"), default=None,
+                        help="ONNX compute of phases 1-3 (default: the service's default, "
+                             "RAGFLEET_EMBEDDING_ONNX_COMPUTE's default)")
+    parser.add_argument("--policy-computes", default="int8,float32",
+                        help="phase 5: the computes to run it for, comma-separated, in this order")
     parser.add_argument("--policies-only", action="store_true",
                         help="run phase 5 alone, results in embedding_bench_policies_quick.*")
     parser.add_argument("--quiet-timeout", type=float, default=300.0,
                         help="wait up to this many seconds for other work on the machine to stop (0: don't wait)")
-    return asyncio.run(run(parser.parse_args(argv)))
+    args = parser.parse_args(argv)
+    from services.embedding.config import ONNX_COMPUTE, ONNX_COMPUTES
+
+    args.compute = args.compute or ONNX_COMPUTE.default
+    args.policy_computes = [c.strip() for c in args.policy_computes.split(",") if c.strip()]
+    if not args.policy_computes or set(args.policy_computes) - set(ONNX_COMPUTES):
+        parser.error(f"--policy-computes: a comma-separated list of {', '.join(ONNX_COMPUTES)}")
+    return asyncio.run(run(args))
 
 
 if __name__ == "__main__":
