@@ -3,7 +3,7 @@
 The packaged all-MiniLM-L6-v2 stores int8 weights but computes in float32: onnxruntime folds every weight back to
 float at load, and 60 % of a query's time is float32 MatMul. Quantising those MatMuls dynamically (int8 activations,
 per-channel int8 weights; VNNI/AMX kernels where the CPU has them) makes a 22-token query about 3x cheaper and a
-256-token chunk about 2x, at the same retrieval quality (SciFact test, exact dense search: nDCG@10 0.6460 against
+256-token chunk about 2x, at nearly the same retrieval quality (SciFact test, exact dense search: nDCG@10 0.6444 against
 0.6468; `python -m bench.quantization`). Activations are quantised per tensor, so a text's vector would depend on
 what shares its batch (cosine 0.992 between the same text alone and beside others): the backend runs each text on
 its own.
