@@ -5,8 +5,10 @@ Stream contract (GatewayService.Ask): exactly one Sources event, then text delta
 one AskFinished with usage, cache status and per-stage timings.
 Everything that can be refused (bad input) is checked in ``plan`` before the first event. A failure after the
 first event ends the stream with that error's status; a started generation stream is never retried.
-The Redis writes after the answer (conversation turn, cache entry) are best effort within their stage budgets: a
-slow or hung Redis delays AskFinished by at most that budget, never by its socket timeout.
+The Redis writes after the answer are best effort within their stage budgets: the conversation turn before
+AskFinished (a follow-up sent at once must see it), so a slow or hung Redis delays AskFinished by at most that
+budget, never by its socket timeout; the cache entry is kept in this process at once and written to Redis in the
+background (ResponseCache.store_later), off the Ask's critical path.
 """
 
 from __future__ import annotations
@@ -265,17 +267,14 @@ class AskPipeline:
             raise Unavailable("generation service: the stream ended without a final message")
 
         answer = "".join(parts)
-        writes: list[Awaitable[None]] = []
-        if request.conversation_id:
-            writes.append(self._remember_turn(tenant, request.conversation_id, plan.question, answer, deadline))
         if (use_cache and plan.cache_key is not None and pre.version is not None and answer and not finished.fallback_used
                 and finished.finish_reason in _CACHEABLE):
-            key, entry = plan.cache_key, _cache_entry(pre.version, answer, passages, finished)
-            vector = pre.vectors[0] if pre.vectors else None
-            writes.append(_best_effort("response cache store", self.budgets.cache, deadline,
-                                       lambda: self.cache.store(tenant, key, entry, vector,
-                                                                fingerprint=plan.fingerprint)))
-        await asyncio.gather(*writes)  # concurrently: AskFinished waits for the slower one only
+            # Served by this replica from now on; the Redis copy follows in the background, within the cache budget.
+            self.cache.store_later(tenant, plan.cache_key, _cache_entry(pre.version, answer, passages, finished),
+                                   pre.vectors[0] if pre.vectors else None, fingerprint=plan.fingerprint,
+                                   timeout=self.budgets.cache)
+        if request.conversation_id:
+            await self._remember_turn(tenant, request.conversation_id, plan.question, answer, deadline)
         timings.total_ms = _ms_since(started)
         ASK_STAGE_SECONDS.labels("total").observe(timings.total_ms / 1000, _exemplar(trace_id))
         telemetry.record_stages(timings)

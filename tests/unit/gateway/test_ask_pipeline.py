@@ -122,6 +122,7 @@ async def test_hit_from_another_replica_cancels_the_embedding_branch():
     try:
         replica_a = make(cache=ResponseCache(config, client))
         await run(replica_a, question="Q?")
+        await replica_a.cache.flush()  # its Redis copy is written in the background, after AskFinished
         slow = FakeEmbedding(delay=5.0)
         generation = FakeGeneration()
         replica_b = make(embedding=slow, generation=generation, cache=ResponseCache(config, client))

@@ -128,3 +128,60 @@ async def test_ttl_of_an_l1_copy_ends_with_the_redis_entry(redis_client, redis_p
     assert not reader.has_local(key), "the L1 copy must not outlive the Redis entry it came from"
     assert not writer.has_local(key)
     assert (await reader.lookup("a", key))[1] is None and (await writer.lookup("a", key))[1] is None
+
+
+def test_an_entry_in_the_earlier_json_format_still_reads():
+    """A replica of the previous release writes JSON with the Sources in hex; this one reads both."""
+    import json
+
+    entry = _entry(3, "héllo [1]")
+    legacy = json.dumps({"v": 3, "a": entry.answer, "s": entry.sources.hex(), "f": entry.finish_reason,
+                         "u": list(entry.usage), "m": entry.model}, separators=(",", ":")).encode()
+    assert CachedAnswer.from_bytes(legacy) == entry
+    assert len(entry.to_bytes()) < len(legacy)
+
+
+def _store_failures(reason: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("ragfleet_gateway_cache_store_failures_total", {"reason": reason}) or 0.0
+
+
+async def test_store_later_keeps_the_answer_here_at_once_and_in_redis_after_the_write(redis_client, redis_prefix):
+    writer = ResponseCache(_config(redis_prefix), redis_client)
+    reader = ResponseCache(_config(redis_prefix), redis_client)
+    key = writer.key("acme", "q", b"")
+    version, _ = await writer.lookup("acme", key)
+    writer.store_later("acme", key, _entry(version), None, fingerprint=b"", timeout=1.0)
+    assert writer.has_local(key), "this replica serves it from the next lookup on, before Redis has it"
+    await writer.flush()
+    assert writer.pending_writes == 0
+    assert (await reader.lookup("acme", key))[1] == _entry(version), "another replica finds it in Redis"
+    assert 0 < await redis_client.ttl(key) <= writer.config.ttl_seconds
+
+
+async def test_store_later_is_bounded_and_counts_what_it_skips(redis_client, redis_prefix, monkeypatch):
+    from services.gateway import response_cache
+
+    cache = ResponseCache(_config(redis_prefix), redis_client)
+    monkeypatch.setattr(response_cache, "MAX_PENDING_WRITES", 2)
+    overflow = _store_failures("overflow")
+    keys = [cache.key("a", f"q{i}", b"") for i in range(3)]
+    for key in keys:
+        cache.store_later("a", key, _entry(0), None, fingerprint=b"", timeout=1.0)
+    assert cache.pending_writes == 2 and _store_failures("overflow") == overflow + 1
+    assert all(cache.has_local(key) for key in keys), "a skipped Redis write still leaves the local copy"
+    await cache.flush()
+    assert [await redis_client.exists(key) for key in keys] == [1, 1, 0]
+
+    timeouts = _store_failures("timeout")
+
+    class Hung:
+        async def set(self, *args, **kwargs):
+            await asyncio.sleep(10)
+
+    hung = ResponseCache(_config(redis_prefix), redis_client)
+    hung._l2._client = Hung()
+    hung.store_later("a", keys[2], _entry(0), None, fingerprint=b"", timeout=0.05)
+    await hung.flush()
+    assert _store_failures("timeout") == timeouts + 1 and hung.pending_writes == 0
