@@ -9,6 +9,8 @@ The Redis writes after the answer are best effort within their stage budgets: th
 AskFinished (a follow-up sent at once must see it), so a slow or hung Redis delays AskFinished by at most that
 budget, never by its socket timeout; the cache entry is kept in this process at once and written to Redis in the
 background (ResponseCache.store_later), off the Ask's critical path.
+Every stage (cache, history, embed, retrieve, first token, total) is timed the same way: into its StageTimings field
+and ragfleet_gateway_ask_stage_seconds{stage}.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Awaitable, Callable
+from typing import AsyncIterator, Awaitable, Callable, Sequence
 
 from prometheus_client import Histogram
 from redis.exceptions import RedisError
@@ -41,6 +43,13 @@ log = logging.getLogger("ragfleet.gateway.ask")
 
 ASK_STAGE_SECONDS = Histogram("ragfleet_gateway_ask_stage_seconds", "Ask time per stage", ["stage"],
                               buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+# Each stage's histogram child, looked up once (labels() is a lock and two dict lookups a call).
+_STAGE_SECONDS = {stage: ASK_STAGE_SECONDS.labels(stage)
+                  for stage in ("cache", "history", "embed", "retrieve", "first_token", "total")}
+_SEARCH_MODES = frozenset(common_pb2.SearchMode.values())
+# The cache outcome each status is recorded as (ResponseCache.record); a miss without a version is an error.
+_CACHE_RESULT = {gateway_pb2.CACHE_STATUS_HIT_EXACT: "hit_exact", gateway_pb2.CACHE_STATUS_HIT_SEMANTIC: "hit_semantic",
+                 gateway_pb2.CACHE_STATUS_BYPASS: "bypass"}
 
 MAX_CONVERSATION_ID_CHARS = 128
 # A cache hit is replayed in pieces this large: few messages keep a hit well under a millisecond.
@@ -50,6 +59,26 @@ _CACHEABLE = (common_pb2.FINISH_REASON_STOP, common_pb2.FINISH_REASON_LENGTH)
 
 def _ms_since(start: float) -> float:
     return (time.perf_counter() - start) * 1000.0
+
+
+class _Stage:
+    """Times one stage of one Ask into its StageTimings field (``<stage>_ms``) and its histogram, however the
+    stage ends (``with _Stage(timings, "embed"): ...``)."""
+
+    __slots__ = ("_timings", "_field", "_histogram", "_start")
+
+    def __init__(self, timings: gateway_pb2.StageTimings, stage: str) -> None:
+        self._timings = timings
+        self._field = stage + "_ms"
+        self._histogram = _STAGE_SECONDS[stage]
+
+    def __enter__(self) -> None:
+        self._start = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        elapsed = time.perf_counter() - self._start
+        setattr(self._timings, self._field, elapsed * 1000.0)
+        self._histogram.observe(elapsed)
 
 
 @dataclass(frozen=True)
@@ -69,7 +98,9 @@ class AskPlan:
 class _Prefetched:
     version: int | None = None
     hit: CachedAnswer | None = None
-    vectors: list[list[float]] = field(default_factory=list)
+    # The reply's own repeated fields, not list copies: a copy and its conversion back into a SearchRequest cost
+    # ~45 us of the 384-d vector's ~2.
+    vectors: Sequence[Sequence[float]] = ()
     history: list[common_pb2.ChatTurn] = field(default_factory=list)
     # False until the history is known (no conversation, or loaded); a failed load stays False.
     history_known: bool = True
@@ -107,7 +138,7 @@ class _Prefetch:
         if self.request.conversation_id:
             steps.append(self.load_history)
         steps.append(self.embed_query)  # last: the sequential path may skip it
-        await (self._concurrently(steps) if parallel else self._one_by_one(steps))
+        await (self._concurrently(steps) if parallel and len(steps) > 1 else self._one_by_one(steps))
         return self.out
 
     def answered(self) -> bool:
@@ -118,15 +149,26 @@ class _Prefetch:
         return not self.request.conversation_id and self.pipeline.cache.has_local(self.plan.cache_key)
 
     async def _concurrently(self, steps: list[Callable[[], Awaitable[None]]]) -> None:
-        """Run every step at once; stop (cancelling the rest) at a usable hit or at the first failure."""
-        tasks = [asyncio.ensure_future(step()) for step in steps]
+        """Run every step at once; stop (cancelling the rest) at a usable hit or at the first failure. The first
+        step (the cache lookup, else the history load: both absorb their own failures) runs in this task while the
+        others run as tasks: one task and one wait fewer than a task each."""
+        tasks = [asyncio.ensure_future(step()) for step in steps[1:]]
         try:
-            pending = set(tasks)
+            await steps[0]()
+            pending = set()
+            for task in tasks:
+                if not task.done():
+                    pending.add(task)
+                elif not self.answered():
+                    task.result()  # the first failure (e.g. embedding down) ends the Ask with its error
             while pending and not self.answered():
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
-                    task.result()  # the first failure (e.g. embedding down) ends the Ask with its error
+                    task.result()
         finally:
+            for task in tasks:
+                if task.done() and not task.cancelled():
+                    task.exception()  # retrieved: a failure that lost to a usable hit is not logged as unretrieved
             await cancel_all(tasks)
 
     async def _one_by_one(self, steps: list[Callable[[], Awaitable[None]]]) -> None:
@@ -137,40 +179,32 @@ class _Prefetch:
             await step()
 
     async def lookup_cache(self) -> None:
-        pipeline, start = self.pipeline, time.perf_counter()
-        try:
-            self.out.version, self.out.hit = await asyncio.wait_for(
-                pipeline.cache.lookup(self.tenant, self.plan.cache_key),
-                self.deadline.budget(pipeline.budgets.cache, "cache"))
-        except asyncio.TimeoutError:
-            log.warning("response cache lookup exceeded its %.0f ms budget; treating as a miss",
-                        pipeline.budgets.cache * 1000)
-        finally:
-            self.timings.cache_ms = _ms_since(start)
-            ASK_STAGE_SECONDS.labels("cache").observe(self.timings.cache_ms / 1000)
+        pipeline = self.pipeline
+        with _Stage(self.timings, "cache"):
+            try:
+                async with asyncio.timeout(self.deadline.budget(pipeline.budgets.cache, "cache")):
+                    self.out.version, self.out.hit = await pipeline.cache.lookup(self.tenant, self.plan.cache_key)
+            except TimeoutError:
+                log.warning("response cache lookup exceeded its %.0f ms budget; treating as a miss",
+                            pipeline.budgets.cache * 1000)
 
     async def embed_query(self) -> None:
-        pipeline, start = self.pipeline, time.perf_counter()
-        try:
+        pipeline = self.pipeline
+        with _Stage(self.timings, "embed"):
             response = await pipeline.embedding.embed(self.plan.variants, input_type=common_pb2.INPUT_TYPE_QUERY,
                                                       timeout=self.deadline.budget(pipeline.budgets.embed, "embed"))
-            self.out.vectors = [list(e.values) for e in response.embeddings]
-        finally:
-            self.timings.embed_ms = _ms_since(start)
-            ASK_STAGE_SECONDS.labels("embed").observe(self.timings.embed_ms / 1000)
+            self.out.vectors = [e.values for e in response.embeddings]
 
     async def load_history(self) -> None:
-        pipeline, start = self.pipeline, time.perf_counter()
-        try:
-            self.out.history = await asyncio.wait_for(
-                pipeline.conversations.history(self.tenant, self.request.conversation_id),
-                self.deadline.budget(pipeline.budgets.history, "history"))
-            self.out.history_known = True
-        except (asyncio.TimeoutError, OSError, RedisError) as exc:
-            # Answering without history beats failing the question.
-            log.warning("conversation history unavailable, answering without it: %s", exc)
-        finally:
-            self.timings.history_ms = _ms_since(start)
+        pipeline = self.pipeline
+        with _Stage(self.timings, "history"):
+            try:
+                async with asyncio.timeout(self.deadline.budget(pipeline.budgets.history, "history")):
+                    self.out.history = await pipeline.conversations.history(self.tenant, self.request.conversation_id)
+                self.out.history_known = True
+            except (TimeoutError, OSError, RedisError) as exc:
+                # Answering without history beats failing the question.
+                log.warning("conversation history unavailable, answering without it: %s", exc)
 
 
 class AskPipeline:
@@ -199,7 +233,7 @@ class AskPipeline:
                 f"got {request.top_k}")
         require(len(request.conversation_id) <= MAX_CONVERSATION_ID_CHARS,
                 f"conversation_id: at most {MAX_CONVERSATION_ID_CHARS} characters")
-        require(request.mode in common_pb2.SearchMode.values(), f"mode: unknown search mode {request.mode}")
+        require(request.mode in _SEARCH_MODES, f"mode: unknown search mode {request.mode}")
         check_filters(request.filters)
         # The generation service's own checks and limits: refused here, before Sources, not after them.
         check_generation_params(request.params, max_tokens=limits.max_tokens)
@@ -228,10 +262,7 @@ class AskPipeline:
             hit = self.cache.lookup_semantic(tenant, pre.version, pre.vectors[0], fingerprint=plan.fingerprint)
             if hit is not None:
                 status = gateway_pb2.CACHE_STATUS_HIT_SEMANTIC
-        self.cache.record({gateway_pb2.CACHE_STATUS_HIT_EXACT: "hit_exact",
-                           gateway_pb2.CACHE_STATUS_HIT_SEMANTIC: "hit_semantic",
-                           gateway_pb2.CACHE_STATUS_BYPASS: "bypass"}.get(
-                               status, "miss" if pre.version is not None else "error"))
+        self.cache.record(_CACHE_RESULT.get(status, "miss" if pre.version is not None else "error"))
         if hit is not None:
             if request.conversation_id:
                 await self._remember_turn(tenant, request.conversation_id, plan.question, hit.answer, deadline)
@@ -239,11 +270,12 @@ class AskPipeline:
                 yield event
             return
 
-        passages = await self._retrieve(tenant, request, plan, pre.vectors, deadline, timings)
-        yield gateway_pb2.AskResponse(sources=gateway_pb2.Sources(passages=passages))
+        first = await self._retrieve(tenant, request, plan, pre.vectors, deadline, timings)
+        yield first
+        sources = first.sources
 
-        generate = generation_pb2.GenerateRequest(question=plan.question, passages=passages, history=pre.history,
-                                                  params=request.params)
+        generate = generation_pb2.GenerateRequest(question=plan.question, passages=sources.passages,
+                                                  history=pre.history, params=request.params)
         parts: list[str] = []
         finished: generation_pb2.GenerationFinished | None = None
         events = self.generation.generate_stream(generate, timeout=deadline.budget(self.budgets.generate, "generate"))
@@ -257,8 +289,7 @@ class AskPipeline:
                 if event.WhichOneof("event") == "delta":
                     if not parts:
                         timings.first_token_ms = _ms_since(started)
-                        ASK_STAGE_SECONDS.labels("first_token").observe(timings.first_token_ms / 1000,
-                                                                        _exemplar(trace_id))
+                        _STAGE_SECONDS["first_token"].observe(timings.first_token_ms / 1000, _exemplar(trace_id))
                     parts.append(event.delta.text)
                     yield gateway_pb2.AskResponse(delta=event.delta)
                 else:
@@ -270,13 +301,13 @@ class AskPipeline:
         if (use_cache and plan.cache_key is not None and pre.version is not None and answer and not finished.fallback_used
                 and finished.finish_reason in _CACHEABLE):
             # Served by this replica from now on; the Redis copy follows in the background, within the cache budget.
-            self.cache.store_later(tenant, plan.cache_key, _cache_entry(pre.version, answer, passages, finished),
+            self.cache.store_later(tenant, plan.cache_key, _cache_entry(pre.version, answer, sources, finished),
                                    pre.vectors[0] if pre.vectors else None, fingerprint=plan.fingerprint,
                                    timeout=self.budgets.cache)
         if request.conversation_id:
             await self._remember_turn(tenant, request.conversation_id, plan.question, answer, deadline)
         timings.total_ms = _ms_since(started)
-        ASK_STAGE_SECONDS.labels("total").observe(timings.total_ms / 1000, _exemplar(trace_id))
+        _STAGE_SECONDS["total"].observe(timings.total_ms / 1000, _exemplar(trace_id))
         telemetry.record_stages(timings)
         yield gateway_pb2.AskResponse(finished=gateway_pb2.AskFinished(
             finish_reason=finished.finish_reason, usage=finished.usage, cache_status=status, timings=timings,
@@ -293,28 +324,33 @@ class AskPipeline:
         return await prefetch.run(parallel=self.limits.parallel_fanout)
 
     async def _retrieve(self, tenant: str, request: gateway_pb2.AskRequest, plan: AskPlan,
-                        vectors: list[list[float]], deadline: Deadline,
-                        timings: gateway_pb2.StageTimings) -> list[common_pb2.Passage]:
-        """Search every query variant (concurrently), fuse by RRF, number the passages for [n] citations."""
-        start = time.perf_counter()
-
-        async def search(variant: str, vector: list[float]) -> retrieval_pb2.SearchResponse:
+                        vectors: Sequence[Sequence[float]], deadline: Deadline,
+                        timings: gateway_pb2.StageTimings) -> gateway_pb2.AskResponse:
+        """Search every query variant (concurrently), fuse by RRF, number the passages for [n] citations. Returns
+        the Sources event itself: its passages are built in place, once, and the generation request and the cache
+        entry take them from it."""
+        async def search(variant: str, vector: Sequence[float]) -> retrieval_pb2.SearchResponse:
             return await self.retrieval.search(retrieval_pb2.SearchRequest(
                 tenant=tenant, query_text=variant, query_vector=vector, top_k=plan.top_k, filters=request.filters,
                 mode=request.mode, max_context_tokens=self.limits.max_context_tokens,
                 bypass_cache=request.bypass_cache), timeout=deadline.budget(self.budgets.retrieve, "retrieve"))
 
-        pairs = list(zip(plan.variants, vectors))
-        if self.limits.parallel_fanout:
-            responses = await gather_or_cancel(search(v, vec) for v, vec in pairs)
-        else:
-            responses = [await search(v, vec) for v, vec in pairs]
-        hits = rrf_merge([r.hits for r in responses], top_k=plan.top_k)
-        timings.retrieve_ms = _ms_since(start)
+        with _Stage(timings, "retrieve"):
+            pairs = list(zip(plan.variants, vectors))
+            if len(pairs) == 1:  # the default (one variant): no task to gather
+                responses = [await search(*pairs[0])]
+            elif self.limits.parallel_fanout:
+                responses = await gather_or_cancel(search(v, vec) for v, vec in pairs)
+            else:
+                responses = [await search(v, vec) for v, vec in pairs]
+            hits = rrf_merge([r.hits for r in responses], top_k=plan.top_k)
         timings.rerank_ms = max((r.timings_ms.get("rerank", 0.0) for r in responses), default=0.0)
-        ASK_STAGE_SECONDS.labels("retrieve").observe(timings.retrieve_ms / 1000)
-        return [common_pb2.Passage(number=i, chunk_id=h.chunk_id, doc_id=h.doc_id, title=h.title, text=h.text,
-                                   score=h.score, metadata=h.metadata) for i, h in enumerate(hits, start=1)]
+        event = gateway_pb2.AskResponse(sources=gateway_pb2.Sources())
+        add = event.sources.passages.add
+        for i, h in enumerate(hits, start=1):
+            add(number=i, chunk_id=h.chunk_id, doc_id=h.doc_id, title=h.title, text=h.text, score=h.score,
+                metadata=h.metadata)
+        return event
 
     async def _remember_turn(self, tenant: str, conversation_id: str, question: str, answer: str,
                              deadline: Deadline) -> None:
@@ -328,20 +364,20 @@ async def _best_effort(stage: str, stage_budget: float, deadline: Deadline,
     failure or timeout is logged and skipped, so the finished answer still reaches the client."""
     try:
         timeout = deadline.budget(stage_budget, stage)
-        await asyncio.wait_for(write(), timeout)
+        async with asyncio.timeout(timeout):  # in this task: wait_for would start one more (Python 3.11)
+            await write()
     except DeadlineExceeded:
         log.warning("%s skipped: the client's deadline is spent", stage)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         log.warning("%s skipped: Redis did not answer within %.0f ms", stage, timeout * 1000)
     except (OSError, RedisError) as exc:
         log.warning("%s failed, skipped: %s", stage, exc)
 
 
-def _cache_entry(version: int, answer: str, passages: list[common_pb2.Passage],
+def _cache_entry(version: int, answer: str, sources: gateway_pb2.Sources,
                  finished: generation_pb2.GenerationFinished) -> CachedAnswer:
     usage = (finished.usage.prompt_tokens, finished.usage.completion_tokens, finished.usage.total_tokens)
-    return CachedAnswer(version, answer, gateway_pb2.Sources(passages=passages).SerializeToString(),
-                        finished.finish_reason, usage, finished.model)
+    return CachedAnswer(version, answer, sources.SerializeToString(), finished.finish_reason, usage, finished.model)
 
 
 def _fingerprint(request: gateway_pb2.AskRequest, top_k: int) -> bytes:
@@ -366,14 +402,17 @@ def _exemplar(trace_id: str) -> dict[str, str] | None:
 
 def _replay(hit: CachedAnswer, status: int, timings: gateway_pb2.StageTimings, started: float,
             conversation_id: str, trace_id: str = "") -> list[gateway_pb2.AskResponse]:
-    """A cached answer as the same event sequence a generated one has. Usage is zero: no tokens were spent."""
-    events = [gateway_pb2.AskResponse(sources=gateway_pb2.Sources.FromString(hit.sources))]
-    for offset in range(0, len(hit.answer), REPLAY_CHUNK_CHARS):
-        events.append(gateway_pb2.AskResponse(delta=common_pb2.TextDelta(text=hit.answer[offset:offset + REPLAY_CHUNK_CHARS])))
+    """A cached answer as the same event sequence a generated one has. Usage is zero: no tokens were spent. The
+    Sources and delta messages are built by the entry's first hit and kept on it (L1 holds the entry): a later hit
+    parses and copies nothing."""
+    if not hit.replay:
+        hit.replay.append(gateway_pb2.AskResponse(sources=gateway_pb2.Sources.FromString(hit.sources)))
+        for offset in range(0, len(hit.answer), REPLAY_CHUNK_CHARS):
+            hit.replay.append(gateway_pb2.AskResponse(
+                delta=common_pb2.TextDelta(text=hit.answer[offset:offset + REPLAY_CHUNK_CHARS])))
     timings.first_token_ms = timings.total_ms = _ms_since(started)
-    ASK_STAGE_SECONDS.labels("total").observe(timings.total_ms / 1000, _exemplar(trace_id))
+    _STAGE_SECONDS["total"].observe(timings.total_ms / 1000, _exemplar(trace_id))
     telemetry.record_stages(timings)
-    events.append(gateway_pb2.AskResponse(finished=gateway_pb2.AskFinished(
+    return [*hit.replay, gateway_pb2.AskResponse(finished=gateway_pb2.AskFinished(
         finish_reason=hit.finish_reason, usage=common_pb2.Usage(), cache_status=status, timings=timings,
-        model=hit.model, conversation_id=conversation_id, trace_id=trace_id)))
-    return events
+        model=hit.model, conversation_id=conversation_id, trace_id=trace_id))]

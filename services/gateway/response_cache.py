@@ -272,8 +272,9 @@ class ResponseCache:
     async def _write(self, key: str, raw: bytes, timeout: float) -> None:
         assert self._l2 is not None
         try:
-            await asyncio.wait_for(self._l2.put(key, raw), timeout)  # the L2 itself never raises a Redis failure
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(timeout):
+                await self._l2.put(key, raw)  # the L2 itself never raises a Redis failure
+        except TimeoutError:
             _STORE_FAILED["timeout"].inc()
             log.warning("response cache store skipped: Redis did not answer within %.0f ms", timeout * 1000)
         except Exception:  # noqa: BLE001 - a background task has no caller to raise to

@@ -238,6 +238,21 @@ async def test_history_load_and_query_embedding_run_concurrently():
     assert [t.content for t in generation.requests[0].history] == ["earlier?", "earlier answer"]
 
 
+def _stage_count(stage: str) -> float:
+    return REGISTRY.get_sample_value("ragfleet_gateway_ask_stage_seconds_count", {"stage": stage}) or 0.0
+
+
+async def test_every_stage_is_timed_into_its_field_and_its_histogram():
+    stages = ("cache", "history", "embed", "retrieve", "first_token", "total")
+    before = {stage: _stage_count(stage) for stage in stages}
+    store = SlowHistoryStore(delay=0.05)
+    events = await run(make(conversations=store), question="Q?", conversation_id="c")
+    timings = events[-1].finished.timings
+    assert {stage: _stage_count(stage) - before[stage] for stage in stages} == dict.fromkeys(stages, 1)
+    assert timings.history_ms >= 50 and timings.cache_ms > 0 and timings.embed_ms > 0 and timings.retrieve_ms > 0
+    assert timings.first_token_ms <= timings.total_ms
+
+
 def _lookups(result: str) -> float:
     return REGISTRY.get_sample_value("ragfleet_gateway_cache_lookups_total", {"result": result}) or 0.0
 
