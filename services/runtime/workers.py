@@ -6,12 +6,15 @@
       +- worker 0 (python -m services.runtime._worker services.gateway.server 0 <fd>)   grpc + health, same port
       +- worker 1 ...                                                                   the kernel spreads connections
 
-Each worker builds the service and serves gRPC and health itself; it tells the supervisor "ready" or the one-line
-reason it failed over a pipe. The supervisor exits with the failing worker's status (2 configuration, 3 start-up) and
-prints its line last. SIGTERM/SIGINT go to every worker (each drains as a single process does). A worker that dies
-while serving is not restarted: the others drain and the supervisor exits with the dead worker's status, as one
-process would, so `ragfleet up` and Kubernetes see the crash and restart the whole service (with their back-off)
-rather than a restart loop hiding it. Metrics use prometheus_client's multiprocess mode in a per-run temporary
+Each worker builds the service and serves gRPC and health itself, talking to the supervisor over a socket pair:
+it reports "built" once its service is built and then waits for the supervisor's go, which comes once every worker
+has built, so no worker listens (and the port's health, answered by whichever worker takes the connection, says
+SERVING) while another is still loading; then it reports "ready", or at any point the one-line reason it failed. The
+supervisor exits with the failing worker's status (2 configuration, 3 start-up) and prints its line last.
+SIGTERM/SIGINT go to every worker (each drains as a single process does). A worker that dies while serving is not
+restarted: the others drain and the supervisor exits with the dead worker's status, as one process would, so
+`ragfleet up` and Kubernetes see the crash and restart the whole service (with their back-off) rather than a
+restart loop hiding it. Metrics use prometheus_client's multiprocess mode in a per-run temporary
 directory: one scrape of the supervisor's port sums the workers (gauges by their ``multiprocess_mode``).
 """
 
@@ -31,7 +34,7 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Awaitable, Callable, Iterable
 
 from services.runtime.config import METRICS_PORT, PORT, ServerConfig
 
@@ -90,10 +93,26 @@ def die_with_parent() -> Callable[[], None] | None:
 
 @dataclass(frozen=True)
 class WorkerLink:
-    """A worker's end of its report pipe: one JSON line, ``{"ready": true}`` or its exit status and stderr line."""
+    """A worker's end of its socket pair with the supervisor: JSON lines up (``{"built": true}``, then
+    ``{"ready": true}``, or its exit status and stderr line), one go line down once every worker has built."""
 
     index: int
     fd: int
+
+    async def built(self) -> None:
+        """Report this worker's service built and wait for the supervisor's go (every worker has built), so that
+        this worker listens, and its health says SERVING, only once all of them can serve."""
+        self._write({"built": True})
+        loop = asyncio.get_running_loop()
+        with socket.socket(fileno=os.dup(self.fd)) as sock:
+            sock.setblocking(False)
+            received = b""
+            while not received.endswith(b"\n"):
+                chunk = await loop.sock_recv(sock, 64)
+                if not chunk:
+                    raise RuntimeError("the supervisor went away before every worker was built")
+                received += chunk
+            sock.setblocking(True)  # the flag is the descriptor's, shared with self.fd: its writes block again
 
     def ready(self) -> None:
         self._send({"ready": True, "pid": os.getpid()})
@@ -101,12 +120,29 @@ class WorkerLink:
     def failed(self, status: int, line: str) -> None:
         self._send({"status": status, "line": line})
 
-    def _send(self, message: dict[str, Any]) -> None:
+    def _write(self, message: dict[str, Any]) -> None:
         try:
             os.write(self.fd, json.dumps(message).encode() + b"\n")
-            os.close(self.fd)
         except OSError:  # the supervisor is gone: the death signal follows
             pass
+
+    def _send(self, message: dict[str, Any]) -> None:
+        self._write(message)
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+
+
+def build_when_all_built(build: Callable[[Any], Awaitable[Any]], link: WorkerLink) -> Callable[[Any], Awaitable[Any]]:
+    """A worker's ``build``: the service's, then the wait for every other worker's (``WorkerLink.built``)."""
+
+    async def built_with_the_others(config: Any) -> Any:
+        started = await build(config)
+        await link.built()
+        return started
+
+    return built_with_the_others
 
 
 class StartupFailed(Exception):
@@ -136,18 +172,34 @@ def reserve_port(host: str, port: int) -> socket.socket:
 
 
 class _Worker:
-    def __init__(self, index: int, process: asyncio.subprocess.Process, report: asyncio.StreamReader) -> None:
-        self.index, self.process, self._report = index, process, report
+    def __init__(self, index: int, process: asyncio.subprocess.Process, report: asyncio.StreamReader,
+                 go: asyncio.StreamWriter) -> None:
+        self.index, self.process, self._report, self._go = index, process, report, go
 
     @property
     def pid(self) -> int:
         return self.process.pid
 
+    async def built(self, name: str) -> None:
+        """Until the worker has built its service; StartupFailed with its status and line if it fails or exits
+        first."""
+        await self._expect("built", name)
+
+    def go(self) -> None:
+        """Let the worker listen and serve (every worker has built)."""
+        self._go.write(b"serve\n")
+
     async def started(self, name: str) -> None:
         """Until the worker reports ready; StartupFailed with its status and line if it fails or exits first."""
+        await self._expect("ready", name)
+
+    def close(self) -> None:
+        self._go.close()
+
+    async def _expect(self, what: str, name: str) -> None:
         line = await self._report.readline()
         message = json.loads(line) if line.strip() else {}
-        if message.get("ready"):
+        if message.get(what):
             return
         if "status" in message:
             raise StartupFailed(int(message["status"]), str(message["line"]))
@@ -162,17 +214,18 @@ class _Worker:
 
 
 async def _spawn(index: int, module: str, env: dict[str, str]) -> _Worker:
-    read_fd, write_fd = os.pipe()
+    ours, theirs = socket.socketpair()
     try:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", WORKER_MODULE, module, str(index), str(write_fd), env=env, pass_fds=(write_fd,),
-            preexec_fn=die_with_parent())
+            sys.executable, "-m", WORKER_MODULE, module, str(index), str(theirs.fileno()), env=env,
+            pass_fds=(theirs.fileno(),), preexec_fn=die_with_parent())
+    except BaseException:
+        ours.close()
+        raise
     finally:
-        os.close(write_fd)
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader()
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", 0))
-    return _Worker(index, process, reader)
+        theirs.close()
+    report, go = await asyncio.open_unix_connection(sock=ours)
+    return _Worker(index, process, report, go)
 
 
 def exit_status(code: int) -> int:
@@ -202,6 +255,8 @@ class Supervisor:
             return await self._run(reserved.getsockname()[1])
         finally:
             reserved.close()
+            for worker in self.workers:
+                worker.close()
             shutil.rmtree(self._metrics_dir, ignore_errors=True)
 
     async def _run(self, port: int) -> int:
@@ -218,6 +273,9 @@ class Supervisor:
         for pid, exited in exits.items():  # its live* gauges leave the scrape with it
             exited.add_done_callback(lambda _, pid=pid: _mark_dead(pid, self._metrics_dir))
         try:
+            await asyncio.gather(*(w.built(self.name) for w in self.workers))
+            for worker in self.workers:  # all built: now they may listen, and their health say SERVING
+                worker.go()
             await asyncio.gather(*(w.started(self.name) for w in self.workers))
         except StartupFailed as failure:
             self._signal_all(signal.SIGTERM)

@@ -1,6 +1,7 @@
 """Several worker processes on one port (services/runtime/workers.py) as real processes: generation with 2 workers
 serves from both (per-worker counters in the multiprocess directory), one scrape shows both, SIGTERM drains both
-and exits 0 with no orphan; a worker that dies takes the service down; a worker's start-up error is the service's."""
+and exits 0 with no orphan; a worker that dies takes the service down; a worker's start-up error is the service's;
+the port says SERVING only once every worker has built."""
 
 from __future__ import annotations
 
@@ -31,17 +32,20 @@ MAX_CONCURRENT = 64
 CONNECTIONS = 40  # each on its own channel: the kernel hashes connections, so both workers get some
 
 
+ROOT = Path(__file__).resolve().parents[2]
+
+
 class Service:
-    def __init__(self, name: str, log: Path, **env: str) -> None:
+    def __init__(self, name: str, log: Path, *, argv: list[str] | None = None, **env: str) -> None:
         self.port, self.metrics_port, self.log = free_port(), free_port(), log
         prefix = f"RAGFLEET_{name.upper()}_"
         environ = {**os.environ, "RAGFLEET_INTERNAL_AUTH": "off", "RAGFLEET_LOG_FORMAT": "text",
                    prefix + "PORT": str(self.port), prefix + "METRICS_PORT": str(self.metrics_port),
                    prefix + "HOST": "127.0.0.1", **env}
         with open(log, "wb") as out:
-            self.process = subprocess.Popen([sys.executable, "-m", f"services.{name}"], env=environ, stdout=out,
-                                            stderr=subprocess.STDOUT, start_new_session=True,
-                                            preexec_fn=die_with_parent())
+            self.process = subprocess.Popen(argv or [sys.executable, "-m", f"services.{name}"], env=environ,
+                                            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                            preexec_fn=die_with_parent(), cwd=ROOT)
 
     @property
     def address(self) -> str:
@@ -88,10 +92,15 @@ async def _generate_on_new_connections(address: str, count: int) -> None:
     await asyncio.gather(*(one() for _ in range(count)))
 
 
+def _metrics_directory(pid: int) -> Path:
+    """The multiprocess directory the supervisor gave worker ``pid``."""
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return Path(next(v.split(b"=", 1)[1].decode() for v in environ if v.startswith(b"PROMETHEUS_MULTIPROC_DIR=")))
+
+
 def _generates_by_worker(pids: list[int]) -> dict[int, float]:
     """Each worker's own Generate count, from its file in the multiprocess directory the supervisor gave it."""
-    environ = Path(f"/proc/{pids[0]}/environ").read_bytes().split(b"\0")
-    directory = next(v.split(b"=", 1)[1].decode() for v in environ if v.startswith(b"PROMETHEUS_MULTIPROC_DIR="))
+    directory = _metrics_directory(pids[0])
     counts = {}
     for pid in pids:
         metrics = MultiProcessCollector.merge([f"{directory}/counter_{pid}.db"], accumulate=True)
@@ -127,14 +136,14 @@ async def test_two_workers_share_the_port_one_scrape_and_drain_on_sigterm(genera
         health = health_pb2_grpc.HealthStub(channel)
         assert (await health.Check(health_pb2.HealthCheckRequest(), timeout=2)).status == \
             health_pb2.HealthCheckResponse.SERVING
-    directory = Path(f"/proc/{pids[0]}/environ").read_bytes().split(b"PROMETHEUS_MULTIPROC_DIR=")[1].split(b"\0")[0]
+    directory = _metrics_directory(pids[0])
 
     generation.process.send_signal(signal.SIGTERM)
     assert generation.process.wait(30) == 0
     log = generation.log.read_text()
     assert log.count(" draining") == 2 and log.count(" stopped") == 2, log
     assert not any(Path(f"/proc/{pid}").exists() for pid in pids), "a worker outlived the supervisor"
-    assert not Path(directory.decode()).exists(), "the run's metrics directory is removed"
+    assert not directory.exists(), "the run's metrics directory is removed"
 
 
 async def test_a_worker_that_dies_stops_the_service(generation: Service) -> None:
@@ -153,3 +162,31 @@ def test_a_worker_start_up_error_is_the_services(tmp_path: Path) -> None:
         service.stop()
     last = service.log.read_text().strip().splitlines()[-1]
     assert last.startswith("gateway: configuration error: RAGFLEET_GATEWAY_WORKERS > 1 needs RAGFLEET_REDIS_URL")
+
+
+def test_the_port_says_serving_only_once_every_worker_has_built(tmp_path: Path) -> None:
+    """`ragfleet up` and readiness probes ask the port's health, which whichever worker takes the connection
+    answers: with worker 1 slow to build, worker 0 must not say SERVING alone."""
+    built = tmp_path / "built"
+    built.mkdir()
+    service = Service("generation", tmp_path / "generation.log",
+                      argv=[sys.executable, "-c", "from tests.integration._slow_worker import run; run()"],
+                      RAGFLEET_GENERATION_WORKERS="2", RAGFLEET_TEST_SLOW_BUILD_SECONDS="3",
+                      RAGFLEET_TEST_BUILT_DIR=str(built))
+    try:
+        deadline = time.monotonic() + 60
+        with grpc.insecure_channel(service.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            while True:
+                assert service.process.poll() is None and time.monotonic() < deadline, service.log.read_text()
+                try:
+                    status = health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                except grpc.RpcError:
+                    status = None
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    break
+                time.sleep(0.05)
+        assert sorted(p.name for p in built.iterdir()) == ["built-0", "built-1"], "SERVING before worker 1 built"
+        assert len(service.workers()) == 2
+    finally:
+        service.stop()
