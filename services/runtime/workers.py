@@ -15,13 +15,16 @@ SIGTERM/SIGINT go to every worker (each drains as a single process does). A work
 restarted: the others drain and the supervisor exits with the dead worker's status, as one process would, so
 `ragfleet up` and Kubernetes see the crash and restart the whole service (with their back-off) rather than a
 restart loop hiding it. Metrics use prometheus_client's multiprocess mode in a per-run temporary
-directory: one scrape of the supervisor's port sums the workers (gauges by their ``multiprocess_mode``).
+directory: one scrape of the supervisor's port sums the workers (gauges by their ``multiprocess_mode``). The
+supervisor removes it on the way out; one it could not remove (it was SIGKILLed) is removed by the next supervisor
+that starts, once the last process of that run has exited: each run's supervisor and workers hold a lock on it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ctypes
+import fcntl
 import json
 import logging
 import math
@@ -213,12 +216,13 @@ class _Worker:
             self.process.send_signal(sig)
 
 
-async def _spawn(index: int, module: str, env: dict[str, str]) -> _Worker:
+async def _spawn(index: int, module: str, env: dict[str, str], hold_fd: int) -> _Worker:
+    """Start worker ``index``; it inherits ``hold_fd`` (the run's lock on its metrics directory) and keeps it."""
     ours, theirs = socket.socketpair()
     try:
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", WORKER_MODULE, module, str(index), str(theirs.fileno()), env=env,
-            pass_fds=(theirs.fileno(),), preexec_fn=die_with_parent())
+            pass_fds=(theirs.fileno(), hold_fd), preexec_fn=die_with_parent())
     except BaseException:
         ours.close()
         raise
@@ -239,6 +243,55 @@ def _mark_dead(pid: int, directory: str) -> None:
     multiprocess.mark_process_dead(pid, directory)
 
 
+METRICS_DIR_PREFIX = "ragfleet-metrics-"
+
+
+def metrics_directory(name: str, root: str | None = None) -> tuple[str, int]:
+    """A fresh directory under ``root`` (the temporary directory) for one run's multiprocess metrics, and a
+    descriptor holding an exclusive lock on it, which the run's workers inherit: the lock lasts until the last
+    process of the run exits, however it ends. First removes the directories of runs that hold none any more."""
+    root = root or tempfile.gettempdir()
+    remove_stale_metrics_directories(root)
+    while True:
+        path = tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{name}-", dir=root)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                return path, fd
+        except OSError:  # another supervisor's sweep took it between mkdtemp and the lock: make another
+            pass
+        os.close(fd)
+
+
+def remove_stale_metrics_directories(root: str) -> list[str]:
+    """Remove the metrics directories under ``root`` whose lock no process holds (their supervisor was SIGKILLed
+    and its workers have exited since); returns them. Directories of runs still going, other users' and links are
+    left alone."""
+    removed = []
+    for path in sorted(Path(root).glob(METRICS_DIR_PREFIX + "*")):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError:  # gone since, not a directory, a link, or not ours to open
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # a process of that run still holds it
+            os.close(fd)
+            continue
+        try:
+            shutil.rmtree(path)
+            removed.append(str(path))
+        except OSError as exc:
+            log.warning("could not remove a stale metrics directory", extra={"fields": {
+                "path": str(path), "error": str(exc)}})
+        finally:
+            os.close(fd)
+    if removed:
+        log.info("removed stale metrics directories", extra={"fields": {"paths": removed}})
+    return removed
+
+
 class Supervisor:
     """Runs ``config.workers`` workers of the service whose ``SERVICE`` and ``build`` live in ``module``."""
 
@@ -247,10 +300,11 @@ class Supervisor:
         self.workers: list[_Worker] = []
         self._stop = asyncio.Event()
         self._metrics_dir = ""
+        self._metrics_lock = -1
 
     async def run(self) -> int:
         reserved = reserve_port(self.config.host, self.config.port)
-        self._metrics_dir = tempfile.mkdtemp(prefix=f"ragfleet-{self.name}-metrics-")
+        self._metrics_dir, self._metrics_lock = metrics_directory(self.name)
         try:
             return await self._run(reserved.getsockname()[1])
         finally:
@@ -258,6 +312,7 @@ class Supervisor:
             for worker in self.workers:
                 worker.close()
             shutil.rmtree(self._metrics_dir, ignore_errors=True)
+            os.close(self._metrics_lock)
 
     async def _run(self, port: int) -> int:
         env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": self._metrics_dir,
@@ -266,7 +321,7 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
         for index in range(self.config.workers):
-            self.workers.append(await _spawn(index, self.module, env))
+            self.workers.append(await _spawn(index, self.module, env, self._metrics_lock))
         if self._stop.is_set():  # a signal came while spawning: the workers started after it have not seen it
             self._signal_all(signal.SIGTERM)
         exits = {w.pid: asyncio.ensure_future(w.process.wait()) for w in self.workers}

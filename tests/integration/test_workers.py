@@ -1,7 +1,8 @@
 """Several worker processes on one port (services/runtime/workers.py) as real processes: generation with 2 workers
 serves from both (per-worker counters in the multiprocess directory), one scrape shows both, SIGTERM drains both
 and exits 0 with no orphan; a worker that dies takes the service down; a worker's start-up error is the service's;
-the port says SERVING only once every worker has built."""
+the port says SERVING only once every worker has built; a SIGKILLed supervisor's metrics directory goes with the
+next start."""
 
 from __future__ import annotations
 
@@ -190,3 +191,40 @@ def test_the_port_says_serving_only_once_every_worker_has_built(tmp_path: Path) 
         assert len(service.workers()) == 2
     finally:
         service.stop()
+
+
+def test_a_killed_supervisors_metrics_directory_goes_with_the_next_start(tmp_path: Path) -> None:
+    """SIGKILL leaves the supervisor no chance to remove its run's metrics directory; the next supervisor to start
+    removes it once the run's workers (which drain on the death signal) have exited."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    first = Service("generation", tmp_path / "first.log", RAGFLEET_GENERATION_WORKERS="2", TMPDIR=str(temp),
+                    RAGFLEET_GENERATION_DRAIN_NOTICE_SECONDS="0.5")
+    try:
+        first.wait_serving()
+        pids = first.workers()
+        directory = _metrics_directory(pids[0])
+        assert directory.parent == temp and directory.is_dir()
+        first.process.kill()
+        first.process.wait(10)
+        deadline = time.monotonic() + 30
+        while any(Path(f"/proc/{pid}").exists() and "Z" not in _state(pid) for pid in pids):
+            assert time.monotonic() < deadline, "a worker outlived its killed supervisor"
+            time.sleep(0.1)
+        assert directory.is_dir()  # left behind
+    finally:
+        first.stop()
+    second = Service("generation", tmp_path / "second.log", RAGFLEET_GENERATION_WORKERS="2", TMPDIR=str(temp))
+    try:
+        second.wait_serving()
+        assert not directory.exists(), "the killed run's metrics directory is still there"
+        assert _metrics_directory(second.workers()[0]).is_dir()  # the running one's is not touched
+    finally:
+        second.stop()
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"

@@ -3,8 +3,11 @@ statuses (the processes themselves: tests/integration/test_workers.py)."""
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import grpc
@@ -13,7 +16,8 @@ import pytest
 from services.runtime.config import ServerConfig
 from services.runtime.errors import ConfigError
 from services.runtime.serve import server_options
-from services.runtime.workers import _cgroup_quota, available_cpus, exit_status, reserve_port
+from services.runtime.workers import (_cgroup_quota, available_cpus, exit_status, metrics_directory,
+                                      remove_stale_metrics_directories, reserve_port)
 
 
 @pytest.mark.parametrize("raw, workers", [("1", 1), ("4", 4), (" 2 ", 2), ("", 1)])
@@ -74,3 +78,33 @@ def test_a_port_something_listens_on_is_refused() -> None:
         listener.listen()
         with pytest.raises(OSError, match="is the port in use"):
             reserve_port("127.0.0.1", listener.getsockname()[1])
+
+
+def test_a_metrics_directory_is_kept_while_any_process_of_its_run_lives(tmp_path: Path) -> None:
+    """The supervisor's lock on its run's directory passes to the workers it starts (as they inherit it); once the
+    last of them is gone, SIGKILLed supervisor or not, the next start removes the directory."""
+    path, lock = metrics_directory("gateway", root=str(tmp_path))
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], pass_fds=(lock,))
+    try:
+        os.close(lock)  # the supervisor is gone; its worker still drains
+        assert remove_stale_metrics_directories(str(tmp_path)) == [] and Path(path).is_dir()
+    finally:
+        worker.kill()
+        worker.wait()
+    assert remove_stale_metrics_directories(str(tmp_path)) == [path] and not Path(path).exists()
+
+
+def test_the_sweep_leaves_running_runs_other_names_and_links_alone(tmp_path: Path) -> None:
+    running, lock = metrics_directory("generation", root=str(tmp_path))
+    old_style = tmp_path / "ragfleet-gateway-metrics-abc"  # an older supervisor's, which holds no lock: maybe live
+    old_style.mkdir()
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (tmp_path / "ragfleet-metrics-link").symlink_to(target)
+    try:
+        fresh, fresh_lock = metrics_directory("gateway", root=str(tmp_path))  # sweeps first
+        os.close(fresh_lock)
+        assert Path(running).is_dir() and old_style.is_dir() and target.is_dir()
+        assert remove_stale_metrics_directories(str(tmp_path)) == [fresh]
+    finally:
+        os.close(lock)
