@@ -24,6 +24,8 @@ _WORD_RE = re.compile(r"\w+")
 def query_variants(question: str, limit: int) -> list[str]:
     """Up to `limit` distinct search queries, the question first."""
     variants = [question]
+    if limit <= 1:  # the default: no keyword variant to make (the regex and the join cost ~5 us an Ask)
+        return variants
     keywords = " ".join(w for w in _WORD_RE.findall(question.lower()) if w not in _STOPWORDS)
     if keywords and keywords != question.lower().strip():
         variants.append(keywords)
