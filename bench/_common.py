@@ -216,3 +216,31 @@ def delete_keys(*patterns: str, url: str = REDIS_URL) -> int:
         return deleted
     finally:
         client.close()
+
+
+# -- the mesh the CPU-cost benchmarks measure ----------------------------------------------------------------------
+
+def cost_mesh(sim_base_url: str, name: str, env: dict[str, str] | None = None) -> Any:
+    """The four services against the sim LLM, started, with the sample corpus ingested, as bench/ask_cost.py and
+    bench/tracing_cost.py measure them: no API keys, Redis for the gateway only (its keys under a prefix of this
+    run), data in a fresh temporary directory; `env` adds to or overrides the services' environment. Returns the
+    LocalMesh, which stops the services as a context manager: `with cost_mesh(sim.base_url, "cost") as mesh:`."""
+    import tempfile
+    import uuid
+
+    from services.cli.ingest import ingest_path
+    from services.cli.mesh import LocalMesh
+
+    prefix = f"ragfleet-bench:{uuid.uuid4().hex[:8]}:{name}:"
+    mesh_env = {"RAGFLEET_LLM_BASE_URL": sim_base_url, "RAGFLEET_LLM_MODEL": "sim-llm",
+                "RAGFLEET_LOG_LEVEL": "WARNING", "RAGFLEET_GATEWAY_API_KEYS": "",
+                "RAGFLEET_GATEWAY_REDIS_PREFIX": prefix, "RAGFLEET_REDIS_URL": ""} | (env or {})
+    mesh = LocalMesh(data_dir=Path(tempfile.mkdtemp(prefix=f"{name}-")), env=mesh_env,
+                     service_env={"gateway": {"RAGFLEET_REDIS_URL": REDIS_URL}})
+    try:
+        mesh.start()
+        ingest_path(mesh.address("gateway"), str(SAMPLE_CORPUS), show_progress=False)
+    except BaseException:
+        mesh.stop()
+        raise
+    return mesh

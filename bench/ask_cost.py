@@ -28,10 +28,8 @@ import argparse
 import asyncio
 import os
 import sys
-import tempfile
 import time
 import urllib.request
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +38,8 @@ import grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench._bare_mesh import measure_floor
-from bench._common import LOAD_SIM, QUESTIONS, REDIS_URL, SAMPLE_CORPUS, ask_once, target, write_results
+from bench._common import LOAD_SIM, QUESTIONS, ask_once, cost_mesh, target, write_results
 from bench._sim import SimProcess, cpu_seconds
-from services.cli.ingest import ingest_path
 from services.cli.mesh import LocalMesh
 from services.runtime.pb.ragfleet.v1 import gateway_pb2, gateway_pb2_grpc
 
@@ -115,16 +112,11 @@ def cores_needed(streams: int, fixed_ms: dict[str, float], per_token_us: dict[st
 
 async def run(args: argparse.Namespace) -> int:
     sim = SimProcess()
-    prefix = f"ragfleet-bench:{uuid.uuid4().hex[:8]}:cost:"
-    env = {"RAGFLEET_LLM_BASE_URL": sim.base_url, "RAGFLEET_LLM_MODEL": "sim-llm", "RAGFLEET_LOG_LEVEL": "WARNING",
-           "RAGFLEET_GATEWAY_API_KEYS": "", "RAGFLEET_GATEWAY_REDIS_PREFIX": prefix, "RAGFLEET_REDIS_URL": ""}
-    # Every Ask bypasses the cache, so the corpus version the gateway reads (the runtime's shared key for tenant
-    # "default", not per run; nothing here writes it: retrieval has no Redis) never decides anything.
-    mesh = LocalMesh(data_dir=Path(tempfile.mkdtemp(prefix="ask-cost-")), env=env,
-                     service_env={"gateway": {"RAGFLEET_REDIS_URL": REDIS_URL}})
+    mesh = None
     try:
-        mesh.start()
-        ingest_path(mesh.address("gateway"), str(SAMPLE_CORPUS), show_progress=False)
+        # Every Ask bypasses the cache, so the corpus version the gateway reads (the runtime's shared key for
+        # tenant "default", not per run; nothing here writes it: retrieval has no Redis) never decides anything.
+        mesh = cost_mesh(sim.base_url, "cost")
         pids = {name: mesh.processes[name].process.pid for name in MESH}
         pids |= {"sim-llm": sim.process.pid, "load generator": os.getpid()}
         async with grpc.aio.insecure_channel(mesh.address("gateway")) as channel:
@@ -140,7 +132,8 @@ async def run(args: argparse.Namespace) -> int:
             print(f"phase 2: cost per token ({args.streams} streams, {LOAD_SIM})", flush=True)
             tokens = await token_cost(stub, pids, args.streams, fixed)
     finally:
-        mesh.stop()
+        if mesh is not None:
+            mesh.stop()
         sim.stop()
     floor = None
     if args.floor:

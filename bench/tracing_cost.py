@@ -8,7 +8,7 @@ The mesh and load of bench/ask_cost.py phase 1 (sequential uncached one-token As
   sampled   the default: parentbased_always_on, every span recorded, no exporter configured;
   exported  the same, plus OTLP/gRPC export to a collector in this process (BatchSpanProcessor, as in production).
 The target: tracing on at 100 % sampling (exported) costs at most 15 % more mesh CPU per Ask than off.
-Writes bench/results/tracing_cost.{json,md}.
+Writes bench/results/tracing_cost.{json,md} (--name <name> writes <name>.* instead, for a smoke run).
 """
 
 from __future__ import annotations
@@ -16,22 +16,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-import tempfile
-import uuid
-from pathlib import Path
 from statistics import median
 
 import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from bench._common import QUESTIONS, REDIS_URL, SAMPLE_CORPUS, ask_once, target, write_results
-from bench._sim import SimProcess, cpu_seconds
-from services.cli.ingest import ingest_path
-from services.cli.mesh import LocalMesh
+from bench._common import cost_mesh, target, write_results
+from bench._sim import SimProcess
+from bench.ask_cost import MESH, ONE_TOKEN_SIM, fixed_cost
 from services.runtime.pb.ragfleet.v1 import gateway_pb2_grpc
 
-MESH = ("embedding", "retrieval", "generation", "gateway")
-ONE_TOKEN_SIM = {"ttft_ms": 0.0, "tokens_per_second": 5000.0, "max_tokens": 1}
 MODES = ("off", "sampled", "exported")
 MAX_OVERHEAD = 0.15
 
@@ -49,29 +43,15 @@ class _Collector(trace_service_pb2_grpc.TraceServiceServicer):
 
 
 async def _one_mode(mode: str, sim: SimProcess, collector_address: str, asks: int) -> dict[str, float]:
-    prefix = f"ragfleet-bench:{uuid.uuid4().hex[:8]}:tracing:"
-    env = {"RAGFLEET_LLM_BASE_URL": sim.base_url, "RAGFLEET_LLM_MODEL": "sim-llm", "RAGFLEET_LOG_LEVEL": "WARNING",
-           "RAGFLEET_GATEWAY_API_KEYS": "", "RAGFLEET_GATEWAY_REDIS_PREFIX": prefix, "RAGFLEET_REDIS_URL": ""}
+    env: dict[str, str] = {}
     if mode == "off":
         env["OTEL_SDK_DISABLED"] = "true"
     elif mode == "exported":
         env["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://{collector_address}"
-    mesh = LocalMesh(data_dir=Path(tempfile.mkdtemp(prefix="tracing-cost-")), env=env,
-                     service_env={"gateway": {"RAGFLEET_REDIS_URL": REDIS_URL}})
-    try:
-        mesh.start()
-        ingest_path(mesh.address("gateway"), str(SAMPLE_CORPUS), show_progress=False)
+    with cost_mesh(sim.base_url, "tracing", env) as mesh:
         pids = {name: mesh.processes[name].process.pid for name in MESH}
         async with grpc.aio.insecure_channel(mesh.address("gateway")) as channel:
-            stub = gateway_pb2_grpc.GatewayServiceStub(channel)
-            for i in range(20):
-                await ask_once(stub, QUESTIONS[i % len(QUESTIONS)], bypass_cache=True)
-            before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-            for i in range(asks):
-                await ask_once(stub, QUESTIONS[i % len(QUESTIONS)], bypass_cache=True)
-            return {name: (cpu_seconds(pid) - before[name]) / asks * 1000 for name, pid in pids.items()}
-    finally:
-        mesh.stop()
+            return await fixed_cost(gateway_pb2_grpc.GatewayServiceStub(channel), pids, asks)
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -103,7 +83,7 @@ async def run(args: argparse.Namespace) -> int:
     rows += ["", f"{args.rounds} rounds x {args.asks} Asks per mode; {collector.spans} spans exported in all."]
     targets = [target("tracing on (100 % sampled, exported over OTLP): extra mesh CPU per Ask vs off",
                       overhead["exported"], f"<= {MAX_OVERHEAD:.0%}", overhead["exported"] <= MAX_OVERHEAD)]
-    write_results("tracing_cost", figures={"per_mode_ms": per_mode, "totals_ms": totals, "overhead": overhead,
+    write_results(args.name, figures={"per_mode_ms": per_mode, "totals_ms": totals, "overhead": overhead,
                                            "samples": samples, "spans_exported": collector.spans},
                   targets=targets, markdown="\n".join(rows),
                   notes=["CPU of each service process from /proc (user + system) over the measured Asks; the sim "
@@ -116,6 +96,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--asks", type=int, default=200, help="sequential one-token Asks per mode and round")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--name", default="tracing_cost", help="results name (bench/results/<name>.*)")
     return asyncio.run(run(parser.parse_args()))
 
 
