@@ -177,7 +177,10 @@ def print_banner(mesh: LocalMesh, cold_start: float, out: TextIO) -> None:
         "",
         "Ctrl-C stops everything.",
     ]
-    print("\n".join(lines), file=out, flush=True)
+    # One write, newline included: a reader may close the terminal as soon as it has read the last line, and a
+    # write still due then (print's own end="\n") would fail with EIO and end `up` with 141 instead of the SIGHUP's 0.
+    out.write("\n".join(lines) + "\n")
+    out.flush()
 
 
 def _reader_gone(streams: tuple[TextIO, ...]) -> TextIO | None:

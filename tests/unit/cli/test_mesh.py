@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import re
 import signal
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import grpc
 import pytest
@@ -55,6 +57,30 @@ def test_a_taken_port_fails_before_anything_starts(tmp_path: Path) -> None:
         args = argparse.Namespace(port_base=base, metrics_port_base=None, host="127.0.0.1")
         with pytest.raises(MeshError, match=rf"port {base + 2} for retrieval is in use.*--port-base"):
             up.build_mesh(args, tmp_path)
+
+
+def test_the_banner_is_written_at_once() -> None:
+    """Whoever has read "Ctrl-C stops everything." may close the terminal at once: no part of the banner may still be
+    unwritten then (print's separate end="\\n" was), or that write fails with EIO and `up` exits 141, as for a closed
+    pipe, instead of stopping on the SIGHUP with 0."""
+
+    class Writes(io.StringIO):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls: list[str] = []
+
+        def write(self, text: str) -> int:
+            self.calls.append(text)
+            return super().write(text)
+
+    processes = {name: SimpleNamespace(metrics_port=9450 + i, process=SimpleNamespace(pid=100 + i))
+                 for i, name in enumerate(SERVICES)}
+    mesh = SimpleNamespace(address=lambda name: f"127.0.0.1:{50050 + SERVICES.index(name)}", processes=processes,
+                           data_dir=Path("/data"))
+    out = Writes()
+    up.print_banner(mesh, 1.5, out)  # type: ignore[arg-type]
+    assert [call for call in out.calls if call] == [out.getvalue()]
+    assert out.getvalue().endswith("Ctrl-C stops everything.\n")
 
 
 def test_demo_success_needs_an_answer_and_numbered_sources() -> None:
