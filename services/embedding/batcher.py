@@ -23,7 +23,12 @@ Policy (TEI's queue, adapted to a CPU model whose cost grows with padded tokens)
   for more texts; with sparse traffic (a lone caller) it never waits, so batching adds no latency there. A backend
   that does not pad (remote) also waits, whatever the traffic, while another of its calls is in flight: otherwise
   each free slot takes a single text as it arrives.
-- Work happens in `batching_task`; up to `backend.max_in_flight` batches run at once (1 for the local model).
+- Spreading: a backend whose call costs just the sum of its texts (`shares_call_cost` False: the int8 model runs
+  each text alone) gains nothing from merging, so the batcher never waits for more texts and cuts each batch to the
+  queue's share of the free call slots: 8 texts queued with 2 slots free leave as two batches of 4 on two cores, not
+  one of 8 on one core while the other idles (a simulation of 2-8 callers: ~2x the texts/s, half the p50).
+- Work happens in `batching_task`; up to `backend.max_in_flight` batches run at once (1 for the float32 model, one
+  per core for the int8 model, a few HTTP calls for a remote endpoint).
 - A text whose caller cancelled before its batch started is dropped; each caller's future resolves as soon as the
   batch holding its text is done.
 - A batch the backend refuses as bad input (InvalidArgument, e.g. an endpoint's 400 for one over-long text) is
@@ -76,6 +81,7 @@ class Batcher:
         self.max_batch_size = max(1, min(config.max_batch_size, backend.max_batch_size))
         self._max_wait = config.max_wait_ms / 1000.0
         self._max_added_padding = config.max_added_padding if backend.pads_batches else float("inf")
+        self._spread = not backend.shares_call_cost
         bounded = config.policy == "bounded"
         self._reorder_window = config.reorder_window_ms / 1000.0 if bounded else float("inf")
         self._reorder_share = config.reorder_window_share if bounded else 0.0
@@ -158,7 +164,7 @@ class Batcher:
                 continue
             if self._should_wait():
                 await self._wait_for_more()
-            batch = self.next_batch()
+            batch = self.next_batch(self._batch_limit())
             if not batch:
                 continue
             self._in_flight += 1
@@ -168,9 +174,17 @@ class Batcher:
             # Let callers that are ready right now append before the next batch is cut.
             await asyncio.sleep(0)
 
+    def _batch_limit(self) -> int:
+        """Most texts the next batch may take: all it can when calls share a cost, else the queue's share of the
+        free call slots (rounded up), so a burst runs on every free slot at once."""
+        if not self._spread:
+            return self.max_batch_size
+        free = max(1, self.backend.max_in_flight - self._in_flight)
+        return max(1, min(self.max_batch_size, -(-self._live // free)))
+
     def _should_wait(self) -> bool:
-        if self._max_wait <= 0 or self.max_batch_size <= 1 or self._full_batch_queued():
-            return False
+        if self._spread or self._max_wait <= 0 or self.max_batch_size <= 1 or self._full_batch_queued():
+            return False  # (spreading: a call costs only its texts, so waiting for more would save nothing)
         if not self.backend.pads_batches and self._in_flight > 0:
             # A remote call is already running, so this one is not the caller's only way forward: a slot filled
             # with one or two texts costs a whole HTTP call (the endpoint's per-call cost and our ~3 ms of CPU),
@@ -196,8 +210,9 @@ class Batcher:
             except asyncio.TimeoutError:
                 return
 
-    def next_batch(self) -> list[_Entry]:
-        """Cut one batch: start at the oldest text, grow in token-count order by least added padding."""
+    def next_batch(self, limit: int | None = None) -> list[_Entry]:
+        """Cut one batch of at most `limit` texts (default: max_batch_size): start at the oldest text, grow in
+        token-count order by least added padding."""
         for entry in self._queue:
             if entry.queued and entry.future.done():
                 # Cancelled in this loop turn, before its done-callback ran: never batch it, free its slot now.
@@ -216,8 +231,8 @@ class Batcher:
         longest = anchor.item.token_count
         budget = self.config.max_batch_tokens
         max_waste = self._max_added_padding
-        size = 1
-        while size < self.max_batch_size:
+        size, most = 1, min(limit or self.max_batch_size, self.max_batch_size)
+        while size < most:
             best, best_waste = None, None
             if lo > 0:
                 shorter = ordered[lo - 1].item.token_count

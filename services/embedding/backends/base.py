@@ -41,6 +41,11 @@ class EmbeddingBackend(abc.ABC):
     #: True when a batch costs its padded tokens (a local model pads every text to the batch's longest), so the
     #: batcher keeps texts of unequal length apart; False when the endpoint prices each text alone (a remote API).
     pads_batches: bool = True
+    #: True when an `embed` call carries a fixed cost worth sharing (an HTTP round trip, one padded model run), so
+    #: the batcher merges texts into fewer calls; False when a call costs just the sum of its texts (a local model
+    #: running each text alone), so the batcher spreads a burst over every free call slot instead of piling it
+    #: into one call while another slot, and its core, sits idle.
+    shares_call_cost: bool = True
 
     @property
     def input_limit(self) -> str:

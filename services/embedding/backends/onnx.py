@@ -97,7 +97,7 @@ class OnnxBackend(EmbeddingBackend):
         self.max_tokens = config.max_tokens
         self.max_batch_size = MAX_BATCH_SIZE
         # int8: texts run alone, so a batch adds no padding and two batches may use two cores at once.
-        self.pads_batches = not self._per_text
+        self.pads_batches = self.shares_call_cost = not self._per_text
         self.max_in_flight = config.threads if self._per_text else 1
         self._tokenizer = load_tokenizer(config.max_tokens)
         self._session: ort.InferenceSession | None = None

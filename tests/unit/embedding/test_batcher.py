@@ -237,11 +237,36 @@ async def test_a_backend_that_does_not_pad_merges_any_lengths(scripted):
 def test_padding_limit_is_configured_and_remote_backends_do_not_pad():
     from services.embedding.backends.onnx import OnnxBackend
     from services.embedding.backends.remote import RemoteEmbeddingBackend
-    from services.embedding.config import EmbeddingConfig
+    from services.embedding.config import EmbeddingConfig, OnnxConfig
 
     assert EmbeddingConfig.from_env({}).batcher.max_added_padding == 16
     assert EmbeddingConfig.from_env({"RAGFLEET_EMBEDDING_MAX_ADDED_PADDING": "8"}).batcher.max_added_padding == 8
-    assert OnnxBackend.pads_batches and not RemoteEmbeddingBackend.pads_batches
+    assert not RemoteEmbeddingBackend.pads_batches and RemoteEmbeddingBackend.shares_call_cost
+    float32, int8 = OnnxBackend(OnnxConfig(compute="float32")), OnnxBackend(OnnxConfig(compute="int8"))
+    assert float32.pads_batches and float32.shares_call_cost
+    assert not int8.pads_batches and not int8.shares_call_cost  # each text runs alone: nothing to pad or share
+
+
+async def test_a_per_text_backend_spreads_a_burst_over_its_free_slots(scripted):
+    """The int8 model runs each text alone with 2 calls at once: 8 texts merged into one call ran on one core while
+    the other idled (a burst of callers coming back together got one core's throughput)."""
+    scripted.pads_batches = scripted.shares_call_cost = False
+    scripted.max_in_flight = 2
+    gate = scripted.gate = asyncio.Event()
+    batcher = Batcher(scripted, BatcherConfig(max_batch_size=32, max_wait_ms=2.0))
+    batcher.start()
+    futures = batcher.append(scripted.prepare([words(5, f"t{i}") for i in range(8)]))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert sorted(len(batch) for batch in scripted.batches) == [4, 4]  # both slots busy at once, half each
+    later = batcher.append(scripted.prepare([words(5, "late")]))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert len(scripted.batches) == 2  # no slot free: it queues
+    gate.set()
+    await asyncio.gather(*futures, *later)
+    await batcher.close()
+    assert [len(batch) for batch in scripted.batches][2:] == [1]
 
 
 async def test_a_remote_backend_with_calls_in_flight_waits_instead_of_sending_single_texts(scripted):
