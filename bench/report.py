@@ -180,6 +180,15 @@ def render(results_dir: Path = RESULTS_DIR) -> str:
         lines.append(f"| {_cell(row.target)} | {_cell(_value(found))} | {_cell(row.floor_text(payload, found))} | "
                      f"{_cell(str(found['goal']))} | {'yes' if found['met'] else '**no**'} | {source}, "
                      f"{payload.get('when', '')[:10]} |")
+    high = results.get("load_high")
+    rates = _get(high, "highest_sustainable_rate") if high else None
+    if isinstance(rates, dict) and rates.get("main"):
+        lines += ["", *textwrap.wrap(
+            f"Above the sweep's top rate: `{high.get('command', 'bench.load --name load_high')}` "
+            f"({high.get('when', '')[:10]}, the same two trees at higher rates) found this tree sustaining "
+            f"{rates.get('new', float('nan')):g} Asks/s and main {rates['main']:g}: "
+            f"{rates.get('new', 0) / rates['main']:.1f}x (see [`load_high`](bench/results/load_high.md)).",
+            118, break_on_hyphens=False)]
     if (results_dir / "load.png").exists():
         lines += ["", "Latency against offered load (open loop, the mix; bench/load.py, this tree and today's main in "
                       "the same run):", "", "![TTFT and total latency against offered load](bench/results/load.png)"]
