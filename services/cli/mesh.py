@@ -184,9 +184,9 @@ class LocalMesh:
         metrics_port = self.metrics_ports.setdefault(name, free_port(self.host))
         log_path = self.log_dir / f"{name}.log"
         log = open(log_path, "ab")  # appended: a restart keeps the log of the run before it
-        process = subprocess.Popen([sys.executable, "-m", f"services.{name}"], env=self._env_for(name, metrics_port),
-                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                   preexec_fn=die_with_parent())
+        process = subprocess.Popen([sys.executable, "-m", f"services.{name}"],
+                                   env={**self._env_for(name, metrics_port), **die_with_parent()},
+                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.processes[name] = ServiceProcess(name, self.ports[name], metrics_port, process, log_path, log)
         return self.processes[name]
 

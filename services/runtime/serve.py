@@ -39,7 +39,7 @@ from services.runtime.errors import ConfigError
 from services.runtime.guard import Authenticator, GuardPolicy
 from services.runtime.interceptors import InFlight, RpcInterceptor
 from services.runtime.logs import setup_logging
-from services.runtime.workers import WorkerLink, supervise
+from services.runtime.workers import WorkerLink, arm_parent_death_signal, supervise
 
 log = logging.getLogger("ragfleet.serve")
 
@@ -265,6 +265,7 @@ def main(service: Service[ConfigT], build: Build[ConfigT], *, worker: WorkerLink
 
     With RAGFLEET_<SERVICE>_WORKERS > 1 this process supervises that many workers on the same port
     (services.runtime.workers), each of which runs this function with ``worker`` and reports to it."""
+    arm_parent_death_signal()  # started by `ragfleet up`, LocalMesh or a supervisor: end with it
     try:
         config = service.config.from_env()
     except ConfigError as exc:

@@ -70,28 +70,42 @@ def _cgroup_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
         return None
 
 
-def die_with_parent() -> Callable[[], None] | None:
-    """A `preexec_fn` that has Linux SIGTERM the child (a graceful drain) when this process dies, even by SIGKILL,
-    so a killed `ragfleet up`, supervisor or test run never leaves services holding ports and the data-dir lock.
+DIE_WITH_PARENT_ENV = "RAGFLEET_DIE_WITH_PARENT"
 
-    None elsewhere, and off the main thread: the kernel signals when the spawning *thread* exits, and a worker
+
+def die_with_parent() -> dict[str, str]:
+    """Environment for a child that Linux should SIGTERM (a graceful drain) when this process dies, even by SIGKILL,
+    so a killed `ragfleet up`, supervisor or test run never leaves services holding ports and the data-dir lock. The
+    child arms it itself as it starts (`arm_parent_death_signal`, called by `serve.main`).
+
+    Not a `preexec_fn`: that forces fork() where subprocess would vfork, so gRPC's fork handlers run in the child,
+    restart gRPC's poller thread there, and close_fds then closes the poller's epoll descriptor: now and then the
+    child aborted before exec ("epoll_wait error: Bad file descriptor", exit -6; grpc/grpc#43055).
+
+    Empty elsewhere, and off the main thread: the kernel signals when the spawning *thread* exits, and a worker
     thread (asyncio.to_thread) may end long before the mesh should.
     """
     if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
-        return None
+        return {}
+    return {DIE_WITH_PARENT_ENV: str(os.getpid())}
+
+
+def arm_parent_death_signal(environ: dict[str, str] | os._Environ = os.environ) -> bool:
+    """In a child started with `die_with_parent()`'s environment: ask Linux for SIGTERM when the parent dies, and
+    exit at once if it already has. The variable is removed, so this process's own children do not inherit it.
+    Returns whether the signal was armed."""
+    parent = environ.pop(DIE_WITH_PARENT_ENV, None)
+    if not parent or not sys.platform.startswith("linux"):
+        return False
     try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here: the child should only make the call
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
-        return None
+        return False
     prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-    parent = os.getpid()
-
-    def set_death_signal() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before prctl took effect: no signal will ever come
-            os._exit(1)
-
-    return set_death_signal
+    prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != int(parent):  # the parent died before prctl took effect: no signal will ever come
+        os._exit(1)
+    return True
 
 
 @dataclass(frozen=True)
@@ -221,8 +235,8 @@ async def _spawn(index: int, module: str, env: dict[str, str], hold_fd: int) -> 
     ours, theirs = socket.socketpair()
     try:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", WORKER_MODULE, module, str(index), str(theirs.fileno()), env=env,
-            pass_fds=(theirs.fileno(), hold_fd), preexec_fn=die_with_parent())
+            sys.executable, "-m", WORKER_MODULE, module, str(index), str(theirs.fileno()),
+            env={**env, **die_with_parent()}, pass_fds=(theirs.fileno(), hold_fd))
     except BaseException:
         ours.close()
         raise

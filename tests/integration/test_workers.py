@@ -44,9 +44,9 @@ class Service:
                    prefix + "PORT": str(self.port), prefix + "METRICS_PORT": str(self.metrics_port),
                    prefix + "HOST": "127.0.0.1", **env}
         with open(log, "wb") as out:
-            self.process = subprocess.Popen(argv or [sys.executable, "-m", f"services.{name}"], env=environ,
-                                            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                            preexec_fn=die_with_parent(), cwd=ROOT)
+            self.process = subprocess.Popen(argv or [sys.executable, "-m", f"services.{name}"],
+                                            env={**environ, **die_with_parent()}, stdout=out,
+                                            stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
 
     @property
     def address(self) -> str:

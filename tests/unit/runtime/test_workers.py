@@ -108,3 +108,22 @@ def test_the_sweep_leaves_running_runs_other_names_and_links_alone(tmp_path: Pat
         assert remove_stale_metrics_directories(str(tmp_path)) == [fresh]
     finally:
         os.close(lock)
+
+
+def test_the_death_signal_is_armed_by_the_child_after_exec_not_by_a_preexec_fn(tmp_path):
+    """A preexec_fn makes subprocess fork() instead of vfork, which runs gRPC's fork handlers in the child; now and
+    then the child then aborted before exec (epoll_wait: Bad file descriptor). The child arms the signal itself."""
+    import subprocess
+    import sys
+
+    from services.runtime.workers import DIE_WITH_PARENT_ENV, die_with_parent
+
+    assert die_with_parent() == {DIE_WITH_PARENT_ENV: str(os.getpid())}
+    probe = ("import os, sys; from services.runtime.workers import arm_parent_death_signal, DIE_WITH_PARENT_ENV as V;"
+             "armed = arm_parent_death_signal(); print(armed, V in os.environ)")
+    run = subprocess.run([sys.executable, "-c", probe], env={**os.environ, **die_with_parent()}, capture_output=True,
+                         text=True, timeout=60)
+    assert run.stdout.split() == ["True", "False"]  # armed, and not passed on to its own children
+    orphaned = subprocess.run([sys.executable, "-c", probe], env={**os.environ, DIE_WITH_PARENT_ENV: "1"},
+                              capture_output=True, text=True, timeout=60)
+    assert orphaned.returncode == 1 and orphaned.stdout == ""  # "its parent" is already gone: it exits at once
