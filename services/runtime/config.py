@@ -207,6 +207,9 @@ MAX_MESSAGE_MB = declare(f"RAGFLEET_{SERVICE}_MAX_MESSAGE_MB", int, 64,
 LOG_LEVEL = declare("RAGFLEET_LOG_LEVEL", str, "INFO", "log level of every service")
 LOG_FORMAT = declare("RAGFLEET_LOG_FORMAT", str, "json",
                      "`json` (one object per line, with trace and span ids) or `text`", choices=("json", "text"))
+DIE_WITH_PARENT = declare("RAGFLEET_DIE_WITH_PARENT", int, None,
+                          "set by whatever starts a service (`ragfleet up`, LocalMesh, a worker supervisor), not by "
+                          "hand: its pid; the service asks Linux for SIGTERM when that process dies", minimum=1)
 EVENT_LOOP = declare("RAGFLEET_EVENT_LOOP", str, "uvloop",
                      "`uvloop` or `asyncio`: the services' event loop (uvloop: ~17 % less CPU per RPC)",
                      choices=("uvloop", "asyncio"))

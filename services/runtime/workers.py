@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterable
 
-from services.runtime.config import METRICS_PORT, PORT, ServerConfig
+from services.runtime.config import DIE_WITH_PARENT, METRICS_PORT, PORT, ServerConfig
 
 log = logging.getLogger("ragfleet.workers")
 
@@ -70,7 +70,7 @@ def _cgroup_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
         return None
 
 
-DIE_WITH_PARENT_ENV = "RAGFLEET_DIE_WITH_PARENT"
+DIE_WITH_PARENT_ENV = DIE_WITH_PARENT.name
 
 
 def die_with_parent() -> dict[str, str]:
