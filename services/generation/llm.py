@@ -27,7 +27,7 @@ import hashlib
 import logging
 import math
 import ssl
-from typing import Any, AsyncGenerator, AsyncIterator, Sequence
+from typing import Any, AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 
 import anyio
 import httpx2
@@ -106,14 +106,13 @@ async def _aiohttp_chunks(response: httpx2.Response, content: Any) -> AsyncGener
     decoder = SSEDecoder()
     try:
         while raw := await read():
-            for event, data in decoder.feed(raw):
-                if is_done(data):
-                    if response.http_version == "HTTP/1.1":
-                        await _drain_aiohttp(read)
-                    return
-                chunk = decode_data(event, data)
-                if chunk is not None:
-                    yield chunk
+            chunks, done = _decode(decoder, raw)
+            for chunk in chunks:
+                yield chunk
+            if done:
+                if response.http_version == "HTTP/1.1":
+                    await _drain(read)
+                return
     except Exception as exc:  # noqa: BLE001 - re-raised as the transport, then the SDK, would raise it
         transport = _transport_error(exc)  # exc, or the httpx2 error the transport raises for it (from exc)
         mapped = _sdk_error(transport, response.request)
@@ -134,13 +133,16 @@ def _transport_error(exc: Exception) -> Exception:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-async def _drain_aiohttp(read: Any) -> None:
-    try:
-        async with asyncio.timeout(_DRAIN_TIMEOUT):
-            while await read():
-                pass
-    except Exception:  # noqa: BLE001 - the answer is complete; at worst the connection is not reused
-        pass
+def _decode(decoder: SSEDecoder, raw: bytes) -> tuple[list[dict[str, Any]], bool]:
+    """One read of the body: the chunks it completes, and whether [DONE] came (anything after it is ignored)."""
+    chunks = []
+    for event, data in decoder.feed(raw):
+        if is_done(data):
+            return chunks, True
+        chunk = decode_data(event, data)
+        if chunk is not None:
+            chunks.append(chunk)
+    return chunks, False
 
 
 async def _httpx_chunks(response: httpx2.Response) -> AsyncGenerator[dict[str, Any], None]:
@@ -149,14 +151,13 @@ async def _httpx_chunks(response: httpx2.Response) -> AsyncGenerator[dict[str, A
     try:
         try:
             async for raw in body:
-                for event, data in decoder.feed(raw):
-                    if is_done(data):
-                        if response.http_version == "HTTP/1.1":
-                            await _drain(body)
-                        return
-                    chunk = decode_data(event, data)
-                    if chunk is not None:
-                        yield chunk
+                chunks, done = _decode(decoder, raw)
+                for chunk in chunks:
+                    yield chunk
+                if done:
+                    if response.http_version == "HTTP/1.1":
+                        await _drain(body.__anext__)
+                    return
         except Exception as exc:  # noqa: BLE001 - re-raised as the SDK would raise it
             mapped = _sdk_error(exc, response.request)
             if mapped is exc:
@@ -166,10 +167,13 @@ async def _httpx_chunks(response: httpx2.Response) -> AsyncGenerator[dict[str, A
         await body.aclose()
 
 
-async def _drain(body: AsyncIterator[bytes]) -> None:
+async def _drain(read: Callable[[], Awaitable[bytes]]) -> None:
+    """Read the rest of a body after [DONE] so its HTTP/1.1 connection can be reused, within _DRAIN_TIMEOUT. `read`
+    ends with b"" (aiohttp's readany) or StopAsyncIteration (an iterator's __anext__, an Exception like any other
+    here)."""
     try:
         async with asyncio.timeout(_DRAIN_TIMEOUT):
-            async for _ in body:
+            while await read():
                 pass
     except Exception:  # noqa: BLE001 - the answer is complete; at worst the connection is not reused
         pass
