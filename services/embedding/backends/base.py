@@ -4,6 +4,7 @@
     await backend.start()
     items = backend.prepare(["a query"])        # token counts for batching; large requests call it off the loop
     vectors = await backend.embed(items)        # (len(items), backend.dimension) float32, L2-normalised
+    await backend.embed_each(take, put)         # per-text backends: texts taken one by one, each vector put at once
     await backend.close()
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -63,6 +64,22 @@ class EmbeddingBackend(abc.ABC):
     @abc.abstractmethod
     async def embed(self, items: Sequence[PreparedText]) -> np.ndarray:
         """One model batch. Raises services.runtime.errors.Unavailable when the model or endpoint fails."""
+
+    async def embed_each(self, take: Callable[[], PreparedText | None],
+                         put: Callable[[np.ndarray | Exception], None]) -> None:
+        """Embed texts one after another until `take` returns None, handing each text's vector (or its failure) to
+        `put` as soon as it is done, in the order taken; a failure fails only its own text. For backends whose
+        call costs just the sum of its texts (`shares_call_cost` False): the batcher then commits no text to a
+        call before the call is ready for it. An implementation may call `take` and `put` from its own thread
+        (they are thread-safe), so a run of texts costs one hand-off, not one per text. Default: one `embed` call
+        per text on the event loop."""
+        while (item := take()) is not None:
+            try:
+                vectors = await self.embed([item])
+            except Exception as exc:  # noqa: BLE001 - the text's caller gets it
+                put(exc)
+            else:
+                put(vectors[0])
 
     async def close(self) -> None:
         """Release threads and connections."""

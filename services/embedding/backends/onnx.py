@@ -5,7 +5,8 @@ Normalize), with int8 weights and no PyTorch, in one of two computes (`RAGFLEET_
 - `int8` (default): the MatMuls quantised at run time (see quantize.py), ~3x cheaper per query. Activation scales
   are per tensor, so each text runs alone (its vector never depends on its batch, and nothing is padded); up to
   `threads` texts run at once, one single-threaded run each, which on a small machine costs less CPU per text than
-  one run spread over several threads.
+  one run spread over several threads. Each of those runs takes its next text from the batcher's queue itself
+  (`embed_each`) when it is done, and hands each vector back at once.
 - `float32`: the packaged graph as is; a batch is padded to its own longest text (the batcher groups texts of
   similar length, so padding stays small) and runs once on `threads` intra-op threads.
 The session runs on dedicated threads (TEI's BackendThread) so the event loop keeps accepting RPCs meanwhile.
@@ -18,7 +19,7 @@ import hashlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -155,6 +156,23 @@ class OnnxBackend(EmbeddingBackend):
     async def embed(self, items: Sequence[PreparedText]) -> np.ndarray:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self.run_batch, items)
+
+    async def embed_each(self, take: Callable[[], PreparedText | None],
+                         put: Callable[[np.ndarray | Exception], None]) -> None:
+        """Runs on one model thread, which takes the next text itself when one is done: a hand-off to the event
+        loop per text left the core idle while a busy loop (gRPC, the other slot's results) got round to it."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._run_each, take, put)
+
+    def _run_each(self, take: Callable[[], PreparedText | None],
+                  put: Callable[[np.ndarray | Exception], None]) -> None:
+        while (item := take()) is not None:
+            try:
+                vector = self.run_batch([item])[0]
+            except Exception as exc:  # noqa: BLE001 - the text's caller gets it
+                put(exc)
+            else:
+                put(vector)
 
     async def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -247,26 +247,102 @@ def test_padding_limit_is_configured_and_remote_backends_do_not_pad():
     assert not int8.pads_batches and not int8.shares_call_cost  # each text runs alone: nothing to pad or share
 
 
-async def test_a_per_text_backend_spreads_a_burst_over_its_free_slots(scripted):
-    """The int8 model runs each text alone with 2 calls at once: 8 texts merged into one call ran on one core while
-    the other idled (a burst of callers coming back together got one core's throughput)."""
-    scripted.pads_batches = scripted.shares_call_cost = False
-    scripted.max_in_flight = 2
-    gate = scripted.gate = asyncio.Event()
-    batcher = Batcher(scripted, BatcherConfig(max_batch_size=32, max_wait_ms=2.0))
+class PerTextBackend(ScriptedBackend):
+    """Like the int8 model: each text runs alone, costing `per_word` seconds per word, 2 calls at once."""
+
+    pads_batches = shares_call_cost = False
+
+    def __init__(self, per_word: float) -> None:
+        super().__init__(max_in_flight=2)
+        self.per_word = per_word
+        self.running = self.peak = 0
+        self.started: list[str] = []
+
+    async def embed(self, items):
+        self.started += [i.text for i in items]
+        self.running += 1
+        self.peak = max(self.peak, self.running)
+        try:
+            await asyncio.sleep(self.per_word * sum(i.token_count for i in items))
+            return await super().embed(items)
+        finally:
+            self.running -= 1
+
+
+async def test_a_per_text_backend_answers_a_short_text_before_a_long_one_ends():
+    """A burst of one long text and three short ones on a 2-slot per-text backend: the old batcher cut it into two
+    calls of two ([long, short] and [short, short]), so a short text waited for the long one and got its answer
+    when that whole call ended. Now each slot takes the oldest text when it is free and each caller gets its
+    vector as soon as its own text is done: the short texts all finish on the other slot, long before the long one."""
+    backend = PerTextBackend(per_word=0.001)
+    batcher = Batcher(backend, BatcherConfig(max_batch_size=32, max_wait_ms=2.0))
     batcher.start()
-    futures = batcher.append(scripted.prepare([words(5, f"t{i}") for i in range(8)]))
-    for _ in range(20):
-        await asyncio.sleep(0)
-    assert sorted(len(batch) for batch in scripted.batches) == [4, 4]  # both slots busy at once, half each
-    later = batcher.append(scripted.prepare([words(5, "late")]))
-    for _ in range(20):
-        await asyncio.sleep(0)
-    assert len(scripted.batches) == 2  # no slot free: it queues
-    gate.set()
-    await asyncio.gather(*futures, *later)
-    await batcher.close()
-    assert [len(batch) for batch in scripted.batches][2:] == [1]
+    texts = [words(200, "long")] + [words(10, f"short{i}-") for i in range(3)]
+    finished: dict[str, float] = {}
+    futures = batcher.append(backend.prepare(texts))
+    for text, future in zip(texts, futures):
+        future.add_done_callback(lambda _f, t=text: finished.setdefault(t, time.perf_counter()))
+    try:
+        results = await asyncio.wait_for(asyncio.gather(*futures), 5)
+    finally:
+        await batcher.close()
+    # ~10 ms per short text on the free slot, 200 ms for the long one: every short answer comes >= 100 ms earlier.
+    long_done = finished[texts[0]]
+    assert all(finished[t] < long_done - 0.1 for t in texts[1:]), [long_done - finished[t] for t in texts[1:]]
+    assert backend.peak == 2  # both slots ran at once
+    assert [r.batch_size for r in results] == [1, 1, 1, 1]  # each ran alone
+    assert sorted(t for batch in backend.batches for t in batch) == sorted(texts)  # each text computed once
+
+
+async def test_a_per_text_backend_serves_first_come_first_served_on_every_free_slot():
+    """Texts start in arrival order, never more than max_in_flight at once, and a slot that frees takes the oldest
+    queued text: a later burst is not committed up front to a slot still busy with earlier texts."""
+    backend = PerTextBackend(per_word=0.0005)
+    batcher = Batcher(backend, BatcherConfig(max_batch_size=32, max_wait_ms=2.0))
+    batcher.start()
+    before_count, before_sum = batch_count(), batch_sum()
+    futures = []
+    try:
+        for i in range(40):
+            futures += batcher.append(backend.prepare([words(5 + (i * 37) % 60, f"t{i}-")]))
+            if i % 8 == 7:
+                await asyncio.sleep(0.01)
+        await asyncio.wait_for(asyncio.gather(*futures), 10)
+    finally:
+        await batcher.close()
+    assert backend.started == [words(5 + (i * 37) % 60, f"t{i}-") for i in range(40)]  # first come, first served
+    assert backend.peak == 2
+    assert batch_sum() - before_sum == 40  # the metric counts every text once, in few calls
+    assert batch_count() - before_count < 40
+
+
+async def test_a_per_text_backend_call_stops_at_max_batch_size_and_a_failure_fails_one_text():
+    backend = PerTextBackend(per_word=0.0)
+    calls = []
+    original = backend.embed_each
+
+    async def counted(take, put):
+        calls.append(1)
+        await original(take, put)
+
+    backend.embed_each = counted  # type: ignore[method-assign]
+    real_embed = backend.embed
+
+    async def embed(items):
+        if items[0].text == "bad":
+            raise InvalidArgument("bad text")
+        return await real_embed(items)
+
+    backend.embed = embed  # type: ignore[method-assign]
+    batcher = Batcher(backend, BatcherConfig(max_batch_size=3, max_wait_ms=0))
+    batcher.start()
+    texts = [f"text {i}" for i in range(5)] + ["bad"] + [f"text {i}" for i in range(5, 9)]
+    try:
+        results = await asyncio.gather(*batcher.append(backend.prepare(texts)), return_exceptions=True)
+    finally:
+        await batcher.close()
+    assert [isinstance(r, InvalidArgument) for r in results] == [t == "bad" for t in texts]
+    assert len(calls) >= 4  # 10 texts, at most 3 per call
 
 
 async def test_a_remote_backend_with_calls_in_flight_waits_instead_of_sending_single_texts(scripted):
