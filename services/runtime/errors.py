@@ -1,6 +1,6 @@
 """The domain error tree and its one mapping to gRPC status codes.
 
-Handlers raise these; the server interceptor (services.runtime.interceptors) turns them into statuses, so no
+Handlers raise these; the RPC wrapper (services.runtime.rpc_handlers) turns them into statuses, so no
 handler calls ``context.abort`` for an expected failure.
 
     RagfleetError

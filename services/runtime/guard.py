@@ -1,6 +1,6 @@
 """The front door of every RPC: authenticate from metadata, bound the request's size, then parse it.
 
-Every application method's handler is registered with ``request_deserializer=None`` (services.runtime.interceptors),
+Every application method's handler is registered with ``request_deserializer=None`` (services.runtime.rpc_handlers),
 so its request reaches this module as the raw bytes gRPC received. Before any handler code runs, and before a
 single field is parsed:
 

@@ -1,4 +1,4 @@
-"""gRPC server bootstrap shared by all services: the start-up contract, health, reflection, interceptors, metrics,
+"""gRPC server bootstrap shared by all services: the start-up contract, health, reflection, RPC wrappers, metrics,
 graceful shutdown.
 
 Every service's server.py declares ``SERVICE = Service(<proto service descriptor>, <config class>)`` and
@@ -37,7 +37,7 @@ from services.runtime import internal_auth
 from services.runtime.config import ServerConfig
 from services.runtime.errors import ConfigError
 from services.runtime.guard import Authenticator, GuardPolicy
-from services.runtime.interceptors import InFlight, RpcInterceptor
+from services.runtime.rpc_handlers import InFlight, RpcHandlers
 from services.runtime.logs import setup_logging
 from services.runtime.workers import WorkerLink, arm_parent_death_signal, supervise
 
@@ -154,12 +154,11 @@ class GrpcServer:
         self._stopping: asyncio.Event | None = None
         self._stopped = False
         self.port = 0
-        self.server = grpc.aio.server(
-            interceptors=[RpcInterceptor(self.in_flight, policy)],  # it opens the RPC spans too
-            options=server_options(config, self.receive_limit),
-        )
+        # No server interceptor: each application method's handler is wrapped once, here (guard, span, metrics).
+        self.server = grpc.aio.server(options=server_options(config, self.receive_limit))
+        handlers = RpcHandlers(self.in_flight, policy)
         for binding in self.bindings:
-            binding.add_to_server(binding.servicer, self.server)
+            handlers.register(binding.add_to_server, binding.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = [b.service_name for b in self.bindings]
         reflection.enable_server_reflection([*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,

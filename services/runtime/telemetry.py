@@ -1,4 +1,4 @@
-"""OpenTelemetry setup: one tracer provider per process, gRPC interceptors that carry W3C trace context.
+"""OpenTelemetry setup: one tracer provider per process, traced gRPC channels that carry W3C trace context.
 
 Spans are exported over OTLP/gRPC only when OTEL_EXPORTER_OTLP_ENDPOINT (or ..._TRACES_ENDPOINT) is set; otherwise
 tracing still runs (trace ids appear in logs and propagate downstream) but nothing leaves the process.
@@ -22,7 +22,7 @@ from services.runtime import rpc_tracing
 
 _provider: TracerProvider | None = None
 
-# Method-name prefixes of infrastructure RPCs: never traced here, nor counted by the RPC metrics (interceptors).
+# Method-name prefixes of infrastructure RPCs: never traced here, nor counted by the RPC metrics (rpc_handlers).
 INFRA_METHOD_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
 
 
@@ -64,11 +64,11 @@ def shutdown_tracing() -> None:
         _provider.shutdown()
 
 
-def client_interceptors(extra_metadata: Callable[[], rpc_tracing.Pairs] | None = None,
-                        ) -> list[grpc.aio.ClientInterceptor]:
-    """A CLIENT span and the trace context on every traced call, plus ``extra_metadata()`` (the service token) on
-    every call. The server span is opened by services.runtime.interceptors (rpc_tracing.ServerSpan)."""
-    return rpc_tracing.client_interceptors(traced, extra_metadata)
+def traced_channel(channel: grpc.aio.Channel, extra_metadata: Callable[[], rpc_tracing.Pairs] | None = None,
+                   ) -> rpc_tracing.TracedChannel:
+    """`channel` with a CLIENT span and the trace context on every traced call, plus ``extra_metadata()`` (the
+    service token) on every call. The server span is opened by services.runtime.rpc_handlers (ServerSpan)."""
+    return rpc_tracing.TracedChannel(channel, traced, extra_metadata)
 
 
 def tracer(name: str) -> trace.Tracer:

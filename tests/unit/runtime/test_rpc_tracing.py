@@ -15,7 +15,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from services.runtime import telemetry
 from services.runtime.errors import NotFound
 from services.runtime.guard import GuardPolicy
-from services.runtime.interceptors import InFlight, RpcInterceptor
+from services.runtime.rpc_handlers import InFlight, RpcHandlers
 
 SERVICE = "ragfleet.v1.TestService"
 
@@ -46,16 +46,15 @@ async def channel() -> AsyncIterator[grpc.aio.Channel]:
         for i in range(3):
             yield bytes([i])
 
-    handler = grpc.method_handlers_generic_handler(SERVICE, {
+    server = grpc.aio.server()
+    RpcHandlers(InFlight(), GuardPolicy()).add(server, SERVICE, {
         "Echo": grpc.unary_unary_rpc_method_handler(echo),
         "Missing": grpc.unary_unary_rpc_method_handler(missing),
         "Count": grpc.unary_stream_rpc_method_handler(count)})
-    server = grpc.aio.server(interceptors=[RpcInterceptor(InFlight(), GuardPolicy())])
-    server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    channel = grpc.aio.insecure_channel(
-        f"127.0.0.1:{port}", interceptors=telemetry.client_interceptors(lambda: (("authorization", "Bearer t"),)))
+    channel = telemetry.traced_channel(grpc.aio.insecure_channel(f"127.0.0.1:{port}"),
+                                       lambda: (("authorization", "Bearer t"),))
     channel.seen = seen  # type: ignore[attr-defined]
     try:
         yield channel
@@ -97,3 +96,53 @@ async def test_a_stream_span_ends_with_the_stream(channel, exporter) -> None:
     client, server = spans[trace.SpanKind.CLIENT], spans[trace.SpanKind.SERVER]
     assert server.parent.span_id == client.context.span_id
     assert client.end_time >= server.end_time
+
+
+async def test_a_stream_read_to_eof_ends_its_span_ok_and_a_cancelled_one_is_no_fault(channel, exporter) -> None:
+    call = channel.unary_stream(f"/{SERVICE}/Count")(b"", timeout=5)
+    assert [await call.read() for _ in range(3)] == [b"\0", b"\1", b"\2"]
+    assert not [s for s in exporter.get_finished_spans() if s.kind == trace.SpanKind.CLIENT]  # not over yet
+    assert await call.read() is grpc.aio.EOF
+    ended = [s for s in exporter.get_finished_spans() if s.kind == trace.SpanKind.CLIENT]
+    assert [s.attributes["rpc.grpc.status_code"] for s in ended] == [0]
+    exporter.clear()
+
+    call = channel.unary_stream(f"/{SERVICE}/Count")(b"", timeout=5)
+    assert await call.read() == b"\0"
+    assert call.cancel()
+    assert call.cancelled() or await call.code() == grpc.StatusCode.CANCELLED  # the rest is the real call's
+    client = [s for s in exporter.get_finished_spans() if s.kind == trace.SpanKind.CLIENT]
+    assert [s.attributes["rpc.grpc.status_code"] for s in client] == [grpc.StatusCode.CANCELLED.value[0]]
+    assert client[0].status.status_code == trace.StatusCode.UNSET  # the caller gave up: not the server's fault
+
+
+async def test_generated_stubs_register_wrapped_handlers_and_a_stale_stub_is_refused() -> None:
+    from services.runtime.errors import InvalidArgument
+    from services.runtime.pb.ragfleet.v1 import embedding_pb2, embedding_pb2_grpc
+
+    class Embedder(embedding_pb2_grpc.EmbeddingServiceServicer):
+        async def Embed(self, request, context):  # noqa: N802 - the proto's name
+            raise InvalidArgument(f"{len(request.texts)} texts")  # mapped to its status by the wrapper
+
+    server = grpc.aio.server()
+    RpcHandlers(InFlight(), GuardPolicy()).register(embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server,
+                                                    Embedder(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as plain:
+            stub = embedding_pb2_grpc.EmbeddingServiceStub(plain)
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                await stub.Embed(embedding_pb2.EmbedRequest(texts=["a", "b"]), timeout=5)
+            assert (failed.value.code(), failed.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, "2 texts")
+            with pytest.raises(grpc.aio.AioRpcError) as malformed:  # the guard parses the raw bytes
+                await plain.unary_unary("/ragfleet.v1.EmbeddingService/Embed")(b"\xff\xff", timeout=5)
+            assert malformed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        await server.stop(None)
+
+    def registers_nothing(servicer: object, server: object) -> None:
+        server.add_generic_rpc_handlers(())  # type: ignore[attr-defined] - what stubs before grpcio 1.63 did only
+
+    with pytest.raises(RuntimeError, match="registered no methods"):
+        RpcHandlers(InFlight(), GuardPolicy()).register(registers_nothing, object(), grpc.aio.server())

@@ -1,10 +1,10 @@
-"""Health checks and reflection are infrastructure: neither traced (telemetry) nor counted (interceptors)."""
+"""Health checks and reflection are infrastructure: neither traced (telemetry) nor counted (rpc_handlers)."""
 
 from __future__ import annotations
 
 import pytest
 
-from services.runtime import interceptors, telemetry
+from services.runtime import rpc_handlers, telemetry
 
 
 @pytest.mark.parametrize(("method", "traced"), [
@@ -19,4 +19,4 @@ def test_infrastructure_rpcs_are_not_traced(method: str | bytes, traced: bool) -
 
 
 def test_the_metrics_interceptor_skips_the_same_methods() -> None:
-    assert interceptors.INFRA_METHOD_PREFIXES is telemetry.INFRA_METHOD_PREFIXES
+    assert rpc_handlers.INFRA_METHOD_PREFIXES is telemetry.INFRA_METHOD_PREFIXES
