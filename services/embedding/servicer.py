@@ -11,6 +11,8 @@ from services.runtime.errors import InvalidArgument
 from services.runtime.pb.ragfleet.v1 import common_pb2, embedding_pb2, embedding_pb2_grpc
 
 SERVICE_NAME = embedding_pb2.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
+# Read once: InputType.values() builds a new list on every call.
+_INPUT_TYPES = frozenset(common_pb2.InputType.values())
 
 
 class EmbeddingServiceServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
@@ -25,7 +27,7 @@ class EmbeddingServiceServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
             raise InvalidArgument("texts: at least one text is required")
         if count > self.max_texts:
             raise InvalidArgument(f"texts: {count} texts in one request; the maximum is {self.max_texts}")
-        if request.input_type not in common_pb2.InputType.values():
+        if request.input_type not in _INPUT_TYPES:
             raise InvalidArgument(f"input_type: unknown value {request.input_type}")
         for index, text in enumerate(request.texts):
             if not text.strip():
@@ -51,11 +53,12 @@ class EmbeddingServiceServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
             "ragfleet.embedding.batch_size": result.max_batch_size,
             "ragfleet.embedding.queue_wait_ms": round(result.max_queue_wait * 1000, 3),
         })
-        vectors = np.stack([item.vector for item in result.items]).astype(np.float32, copy=False)
+        # Each vector straight to a list (no stacked copy of them all first: most requests hold one text).
         return embedding_pb2.EmbedResponse(
             model=self.embedder.model_id,
             dimension=self.embedder.dimension,
-            embeddings=[embedding_pb2.Embedding(values=row, cached=item.cached, token_count=item.token_count,
+            embeddings=[embedding_pb2.Embedding(values=np.asarray(item.vector, dtype=np.float32).tolist(),
+                                                cached=item.cached, token_count=item.token_count,
                                                 truncated=item.truncated)
-                        for row, item in zip(vectors.tolist(), result.items)],
+                        for item in result.items],
         )
