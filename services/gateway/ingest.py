@@ -135,7 +135,9 @@ class Ingestor:
             raise Unavailable(f"corpus version: {done}, but cached answers could not be invalidated (retrieval "
                               f"could not advance the corpus version); they may be stale until the request is "
                               f"retried (it is idempotent)")
-        return max(versions)
+        version = max(versions)
+        self.cache.note_version(tenant, version)  # this replica's next Asks see the write without waiting
+        return version
 
     # -- internals --------------------------------------------------------------------------------------------------
 

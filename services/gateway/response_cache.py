@@ -147,6 +147,9 @@ class ResponseCache:
                                   errors=_STORE_FAILED["error"]) if redis is not None else None
         self._fetch_script = redis.register_script(_FETCH_SCRIPT) if redis is not None else None
         self._local_versions: dict[str, int] = {}  # only without Redis
+        # With Redis: the versions, followed through retrieval's change messages (no round trip on an L1 hit).
+        self._versions = corpus_version.VersionMirror(redis, template=config.corpus_version_key) \
+            if redis is not None else None
         self._lookups = 0
         self._hits = 0
         self._writes: set[asyncio.Task[None]] = set()  # store_later's Redis writes in flight
@@ -164,9 +167,15 @@ class ResponseCache:
     # -- corpus version ---------------------------------------------------------------------------------------------
 
     async def current_version(self, tenant: str) -> int:
-        if self._redis is None:
+        if self._versions is None:
             return self._local_versions.get(tenant, 0)
-        return await corpus_version.read(self._redis, tenant, template=self.config.corpus_version_key)
+        return await self._versions.read(tenant)
+
+    def note_version(self, tenant: str, version: int) -> None:
+        """A version retrieval returned for a write this process sent: its own next lookups see the write at once,
+        whether or not the change message has arrived yet."""
+        if self._versions is not None and version > 0:
+            self._versions.observe(tenant, version)
 
     def note_write(self, tenant: str) -> None:
         """Call after each write this process sent for the tenant, acknowledged or not: drops the tenant's entries
@@ -176,7 +185,9 @@ class ResponseCache:
         ours = _tenant_keys(self.config.redis_prefix, tenant)
         self._l1.drop_where(lambda key, _: key.startswith(ours))  # may drop a tenant named "<tenant>:x" too: harmless
         self._semantic.drop_where(lambda _, entry: entry.tenant == tenant)
-        if self._redis is None:
+        if self._versions is not None:
+            self._versions.forget(tenant)  # read it from Redis next time (or from note_version's reply)
+        else:
             self._local_versions[tenant] = self._local_versions.get(tenant, 0) + 1
 
     # -- lookups ----------------------------------------------------------------------------------------------------
@@ -190,6 +201,8 @@ class ResponseCache:
         cache cannot be trusted right now (Redis error): the caller must then neither serve nor store."""
         local = self._l1.get(key)
         remaining = 0.0
+        if self._versions is not None:
+            self._versions.start()  # follow the versions from the first lookup on (a no-op once it runs)
         try:
             if self._redis is None or local is not None:
                 version = await self.current_version(tenant)
@@ -290,6 +303,12 @@ class ResponseCache:
         the Redis client closes, and in tests that read an answer through another replica."""
         while self._writes:
             await asyncio.gather(*list(self._writes), return_exceptions=True)
+
+    async def close(self) -> None:
+        """Flush, then stop following the corpus versions (before the Redis client closes)."""
+        await self.flush()
+        if self._versions is not None:
+            await self._versions.close()
 
     def _keep_local(self, tenant: str, key: str, entry: CachedAnswer, vector: Sequence[float] | None,
                     fingerprint: bytes) -> None:

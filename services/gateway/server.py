@@ -63,7 +63,7 @@ async def build(config: GatewayConfig) -> Started:
 
     async def close() -> None:
         await pool.close()
-        await cache.flush()  # the answers' Redis writes still in flight, each bounded by the cache budget
+        await cache.close()  # the answers' Redis writes still in flight (each bounded by the cache budget), the mirror
         if redis is not None:
             await redis.aclose()
 

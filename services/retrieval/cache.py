@@ -68,5 +68,6 @@ class ResultCache:
             await self._l2.put(key, value)
 
     async def close(self) -> None:
+        await self._versions.close()
         if self._redis is not None:
             await self._redis.aclose()

@@ -185,3 +185,45 @@ async def test_store_later_is_bounded_and_counts_what_it_skips(redis_client, red
     hung.store_later("a", keys[2], _entry(0), None, fingerprint=b"", timeout=0.05)
     await hung.flush()
     assert _store_failures("timeout") == timeouts + 1 and hung.pending_writes == 0
+
+
+async def test_with_the_versions_followed_an_l1_hit_costs_no_redis_command(redis_client, redis_prefix):
+    """The corpus version comes from the mirror (retrieval's change messages): a hot answer is served with no round
+    trip, another replica's bump still invalidates it within a message's delivery, and this replica's own write
+    (note_version, from retrieval's reply) at once."""
+    replica = ResponseCache(_config(redis_prefix), redis_client)
+    writer = CorpusVersions(redis_client, template=redis_prefix + "version:{tenant}")
+    key = replica.key("acme", "what is x", b"p")
+    try:
+        version, _ = await replica.lookup("acme", key)
+        await replica.store("acme", key, _entry(version), None, fingerprint=b"p")
+        await asyncio.wait_for(replica._versions.subscribed.wait(), 3)  # type: ignore[union-attr]
+        await replica.lookup("acme", key)  # the version, read once the subscription is live, is kept
+        commands = []
+        real = redis_client.execute_command
+
+        async def counted(*args, **kwargs):
+            commands.append(args[0])
+            return await real(*args, **kwargs)
+
+        redis_client.execute_command = counted
+        for _ in range(20):
+            assert (await replica.lookup("acme", key))[1] == _entry(version)
+        assert commands == [], "a hit on a followed version sends nothing to Redis"
+        redis_client.execute_command = real
+
+        new_version = await writer.bump("acme")  # an ingest through another gateway
+        deadline = asyncio.get_running_loop().time() + 1.0
+        while (await replica.lookup("acme", key))[1] is not None:
+            assert asyncio.get_running_loop().time() < deadline, "the bump's message never arrived"
+            await asyncio.sleep(0.001)
+        assert (await replica.lookup("acme", key))[0] == new_version
+
+        await replica.store("acme", key, _entry(new_version), None, fingerprint=b"p")
+        replica.note_write("acme")  # this gateway's own ingest...
+        own = await CorpusVersions(redis_client, template=redis_prefix + "version:{tenant}").bump("acme")
+        replica.note_version("acme", own)  # ...whose reply carries the version: seen before any message
+        assert await replica.current_version("acme") == own
+    finally:
+        await replica.close()
+        await writer.close()
