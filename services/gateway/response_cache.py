@@ -7,11 +7,13 @@ Invariants:
 - Every entry expires ``ttl_seconds`` after it was stored, in Redis and in this process (L1 and semantic) alike.
 - Every entry records the tenant's corpus version it was computed at; a lookup first reads the CURRENT version and
   serves an entry only if the two are equal. The current version lives in Redis (``runtime.corpus_version``), where
-  retrieval, its only writer, advances it after every write, so an ingest through any replica invalidates every
-  replica at once. The gateway only reads it. Without Redis this process counts the writes it sends instead.
-- Exact lookups cost one Redis command: the version and the entry (with its remaining TTL, so an L1 copy expires
-  with the Redis one) come back from one server-side script (the L1 copy saves only the payload; the version is
-  always read).
+  retrieval, its only writer, advances it after every write and publishes it; the gateway only reads it, through a
+  ``VersionMirror`` that follows those messages, so an ingest through any replica invalidates every replica with
+  its message (about a millisecond), and this replica's own ingest at once (``note_version``). Without Redis this
+  process counts the writes it sends instead.
+- An L1 hit costs no Redis command while the mirror is live (else one GET of the version). An L1 miss costs one:
+  the version and the entry (with its remaining TTL, so an L1 copy expires with the Redis one) come back from one
+  server-side script.
 - If Redis fails, the cache steps aside (miss, no store) rather than risk a stale answer.
 - An answer is kept in this process (L1, semantic index) before the Ask finishes; its Redis copy is written in the
   background (``store_later``), off the Ask's critical path: at most ``MAX_PENDING_WRITES`` at once, each within
