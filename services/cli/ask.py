@@ -8,9 +8,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import textwrap
-from typing import TextIO
+import threading
+from typing import Iterator, TextIO
 
 import grpc
 
@@ -19,6 +21,32 @@ from services.runtime.pb.ragfleet.v1 import common_pb2, gateway_pb2, gateway_pb2
 
 DEFAULT_TIMEOUT_SECONDS = 120.0
 SNIPPET_CHARS = 160
+
+
+# After Ctrl-C, how long the CLI waits for the channel to close before exiting anyway.
+CLOSE_AFTER_INTERRUPT_SECONDS = 2.0
+
+
+@contextlib.contextmanager
+def gateway_channel(address: str) -> Iterator[grpc.Channel]:
+    """A channel to the gateway, closed on the way out; after Ctrl-C within a bounded wait. The interrupt lands
+    wherever the main thread is, possibly inside grpc's own call bookkeeping, and a suite run once saw
+    ``Channel.close()`` wait forever for a cancelled call's state after it: the CLI must exit regardless (the process
+    exit then tears the connection down)."""
+    channel = grpc.insecure_channel(address)
+    interrupted = False
+    try:
+        yield channel
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
+    finally:
+        if interrupted:
+            closer = threading.Thread(target=channel.close, name="channel-close", daemon=True)
+            closer.start()
+            closer.join(CLOSE_AFTER_INTERRUPT_SECONDS)
+        else:
+            channel.close()
 
 
 def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,29 +95,32 @@ def ask(gateway_address: str, question: str, *, api_key: str | None = None, out:
     """Stream one answer to `out` (text as it arrives, then sources and a timing line); returns an exit code."""
     request = gateway_pb2.AskRequest(question=question, top_k=top_k, conversation_id=conversation_id,
                                      bypass_cache=bypass_cache, params=params)
-    with grpc.insecure_channel(gateway_address) as channel:
-        call = gateway_pb2_grpc.GatewayServiceStub(channel).Ask(request, timeout=timeout,
-                                                                metadata=auth_metadata(api_key))
-        sources: list[common_pb2.Passage] = []
-        finished: gateway_pb2.AskFinished | None = None
-        try:
-            for event in call:
-                kind = event.WhichOneof("event")
-                if kind == "sources":
-                    sources = list(event.sources.passages)
-                elif kind == "delta":
-                    out.write(event.delta.text)
-                    out.flush()
-                else:
-                    finished = event.finished
-        except KeyboardInterrupt:
-            call.cancel()
-            out.write("\n[cancelled]\n")
-            return 130
-        except grpc.RpcError as exc:
-            out.flush()
-            print(f"\nerror: {describe_error(exc)}", file=sys.stderr)
-            return 1
+    sources: list[common_pb2.Passage] = []
+    finished: gateway_pb2.AskFinished | None = None
+    try:
+        with gateway_channel(gateway_address) as channel:
+            call = gateway_pb2_grpc.GatewayServiceStub(channel).Ask(request, timeout=timeout,
+                                                                    metadata=auth_metadata(api_key))
+            try:
+                for event in call:
+                    kind = event.WhichOneof("event")
+                    if kind == "sources":
+                        sources = list(event.sources.passages)
+                    elif kind == "delta":
+                        out.write(event.delta.text)
+                        out.flush()
+                    else:
+                        finished = event.finished
+            except KeyboardInterrupt:
+                call.cancel()
+                raise
+    except KeyboardInterrupt:
+        out.write("\n[cancelled]\n")
+        return 130
+    except grpc.RpcError as exc:
+        out.flush()
+        print(f"\nerror: {describe_error(exc)}", file=sys.stderr)
+        return 1
     out.write("\n")
     _print_sources(sources, out)
     if finished is not None:

@@ -18,7 +18,7 @@ from typing import Iterator
 
 import grpc
 
-from services.cli.ask import add_connection_arguments, auth_metadata, describe_error
+from services.cli.ask import add_connection_arguments, auth_metadata, describe_error, gateway_channel
 from services.runtime.pb.ragfleet.v1 import gateway_pb2, gateway_pb2_grpc
 
 TEXT_SUFFIXES = (".txt", ".md", ".markdown")
@@ -66,7 +66,7 @@ def ingest_path(gateway_address: str, path: str, *, api_key: str | None = None,
     total = count_documents(root)
     metadata = auth_metadata(api_key)
     documents = chunks = 0
-    with grpc.insecure_channel(gateway_address) as channel, \
+    with gateway_channel(gateway_address) as channel, \
             tqdm(total=total, unit="doc", disable=not show_progress, desc="ingest") as bar:
         stub = gateway_pb2_grpc.GatewayServiceStub(channel)
         window: list[tuple[Future, int]] = []

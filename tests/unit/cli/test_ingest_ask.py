@@ -6,6 +6,7 @@ from __future__ import annotations
 import _thread
 import argparse
 import threading
+import time
 from concurrent import futures
 from pathlib import Path
 
@@ -202,3 +203,35 @@ def test_demo_reports_a_malformed_corpus_line_in_one_line(tmp_path: Path, capsys
     assert demo.run(args) == 2
     last = capsys.readouterr().err.splitlines()[-1]  # after the demo's progress bar
     assert last.startswith("ragfleet demo failed: ingest: ") and "corpus.jsonl:2: not a BEIR corpus line" in last
+
+
+def test_a_channel_that_will_not_close_after_ctrl_c_does_not_hold_the_cli(monkeypatch) -> None:
+    """grpc's Channel.close() once waited forever after an interrupt: the CLI exits after a bounded wait anyway,
+    and closes the channel normally on any other way out."""
+    closed = threading.Event()
+    never = threading.Event()
+
+    class Stuck:
+        def close(self) -> None:
+            closed.set()
+            never.wait(30)
+
+    monkeypatch.setattr(ask.grpc, "insecure_channel", lambda address: Stuck())
+    monkeypatch.setattr(ask, "CLOSE_AFTER_INTERRUPT_SECONDS", 0.2)
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        with ask.gateway_channel("127.0.0.1:1"):
+            raise KeyboardInterrupt
+    assert closed.is_set() and time.monotonic() - started < 2
+
+    class Plain:
+        closes = 0
+
+        def close(self) -> None:
+            Plain.closes += 1
+
+    monkeypatch.setattr(ask.grpc, "insecure_channel", lambda address: Plain())
+    with pytest.raises(RuntimeError):
+        with ask.gateway_channel("127.0.0.1:1"):
+            raise RuntimeError("an RPC error, say")
+    assert Plain.closes == 1
