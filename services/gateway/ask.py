@@ -128,8 +128,11 @@ class _Prefetch:
         steps: list[Callable[[], Awaitable[None]]] = []
         if self.plan.use_cache:
             if self._hot():
-                # The entry is in L1, so a hit is all but certain. Confirm its corpus version (one Redis GET) before
-                # starting an embedding RPC that would only be cancelled; a stale entry falls through.
+                # The entry is in L1, so a hit is all but certain. Confirm its corpus version before starting an
+                # embedding RPC that would only be cancelled: from the followed versions, with no I/O, or else one
+                # Redis GET; a stale entry falls through.
+                if self.lookup_hot():
+                    return self.out
                 await self.lookup_cache()
                 if self.answered():
                     return self.out
@@ -177,6 +180,15 @@ class _Prefetch:
             if self.answered():
                 return
             await step()
+
+    def lookup_hot(self) -> bool:
+        """The whole lookup when it needs no I/O (see ResponseCache.lookup_hot): True if it answered."""
+        with _Stage(self.timings, "cache"):
+            found = self.pipeline.cache.lookup_hot(self.tenant, self.plan.cache_key)  # type: ignore[arg-type]
+        if found is None:
+            return False
+        self.out.version, self.out.hit = found
+        return self.answered()
 
     async def lookup_cache(self) -> None:
         pipeline = self.pipeline

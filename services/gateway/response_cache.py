@@ -198,6 +198,17 @@ class ResponseCache:
         """Whether L1 holds an unexpired entry for the key (valid or not: only a lookup checks the corpus version)."""
         return key is not None and self._l1.get(key) is not None
 
+    def lookup_hot(self, tenant: str, key: str) -> tuple[int, CachedAnswer] | None:
+        """(version, entry) when L1 holds a valid entry and the version is known without I/O (the mirror is live and
+        fresh): the cached Ask's whole lookup, with no await. None: ask ``lookup``."""
+        if self._versions is None:
+            return None
+        version = self._versions.known(tenant)
+        if version is None:
+            return None
+        entry = self._l1.get(key)
+        return (version, entry) if entry is not None and entry.version == version else None
+
     async def lookup(self, tenant: str, key: str) -> tuple[int | None, CachedAnswer | None]:
         """Return (current corpus version, entry if one is valid at that version). The version is None when the
         cache cannot be trusted right now (Redis error): the caller must then neither serve nor store."""

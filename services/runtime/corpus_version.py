@@ -114,6 +114,14 @@ class VersionMirror:
             self._keep(tenant, version)
         return version
 
+    def known(self, tenant: str) -> int | None:
+        """The tenant's version if the copy can answer without Redis (subscription live, confirmed within max_age),
+        else None: a lookup that must not wait on I/O (a hot cache hit) asks this first."""
+        found = self._versions.get(tenant) if self._live else None
+        if found is not None and time.monotonic() - found[1] <= self._max_age:
+            return found[0]
+        return None
+
     def observe(self, tenant: str, version: int) -> None:
         """A version learnt from the writer itself (its bump, an Upsert reply): kept while the subscription is live,
         so this process reads its own writes at once."""

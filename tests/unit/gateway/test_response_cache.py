@@ -211,6 +211,9 @@ async def test_with_the_versions_followed_an_l1_hit_costs_no_redis_command(redis
             assert (await replica.lookup("acme", key))[1] == _entry(version)
         assert commands == [], "a hit on a followed version sends nothing to Redis"
         redis_client.execute_command = real
+        assert replica.lookup_hot("acme", key) == (version, _entry(version))  # the same, with no await at all
+        assert replica.lookup_hot("acme", replica.key("acme", "not asked", b"p")) is None
+        assert replica.lookup_hot("globex", key) is None, "a version never read is not known"
 
         new_version = await writer.bump("acme")  # an ingest through another gateway
         deadline = asyncio.get_running_loop().time() + 1.0
@@ -218,6 +221,7 @@ async def test_with_the_versions_followed_an_l1_hit_costs_no_redis_command(redis
             assert asyncio.get_running_loop().time() < deadline, "the bump's message never arrived"
             await asyncio.sleep(0.001)
         assert (await replica.lookup("acme", key))[0] == new_version
+        assert replica.lookup_hot("acme", key) is None, "the entry is of the old version"
 
         await replica.store("acme", key, _entry(new_version), None, fingerprint=b"p")
         replica.note_write("acme")  # this gateway's own ingest...
