@@ -38,13 +38,12 @@ from typing import Any
 
 import grpc
 
-from bench._common import SAMPLE_CORPUS, delete_keys, percentiles, target, write_results
+from bench._common import REDIS_URL, SAMPLE_CORPUS, delete_keys, percentiles, target, write_results
 from services.cli.mesh import SERVICES, LocalMesh
 from services.cli.sim_llm import SimLLMProcess
 from services.runtime.pb.ragfleet.v1 import gateway_pb2, gateway_pb2_grpc
 
 
-REDIS_URL = os.environ.get("RAGFLEET_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 TOPICS = ["swarming", "the waggle dance", "the round dance", "foraging", "pollination", "honey", "wax comb",
           "hive temperature", "bee senses", "colony threats", "the queen", "drones", "workers", "nectar", "pollen"]
 FORMS = ["What is known about {t}?", "Explain {t} in honeybee colonies.", "Why does {t} matter to bees?",
