@@ -27,16 +27,19 @@ Policy (TEI's queue, adapted to a CPU model whose cost grows with padded tokens)
   call costs just the sum of its texts) are served first come, first served over their call slots, never waiting:
   while a slot is free and a text is queued, a slot call starts with the oldest text, and when a text is done the
   call takes the next oldest one itself (`backend.embed_each`, on its model thread), up to `max_batch_size` texts,
-  until the queue is empty; each caller gets its vector as soon as its own text is done. Cutting batches up front
-  (ceil(queued / free slots) texts) committed a burst to a slot that was busy with it for long: with 6 texts queued
-  when one slot freed, all 6 went to that slot while the other found the queue empty, and a query behind a 256-token
-  chunk got its answer only when the whole call ended (8 callers: p99 2.4x p50, against 1.7x for plain FIFO over 2
-  slots at the same texts' costs). Taking in the model thread keeps the hand-offs to the event loop few: one per
-  text was slow under load (batch 1: 148 texts/s vs 188 at 64 callers). No text ever passes an older one here.
+  until the queue is empty; each caller gets its vector when its own text is done, not when the call ends (finished
+  vectors go back to the event loop together while the queue is deep, held at most `_HOLD_SHARE` of their wait).
+  Cutting batches up front (ceil(queued / free slots) texts) committed a burst to a slot that was busy with it for
+  long: with 6 texts queued when one slot freed, all 6 went to that slot while the other found the queue empty,
+  and a query behind a 256-token chunk got its answer only when the whole call ended (8 callers: p99 2.4x p50,
+  against 1.7x for plain FIFO over 2 slots at the same texts' costs). Taking in the model thread, and handing finished
+  vectors back in groups under load, keeps the hand-offs to the event loop few: one per text was slow under load
+  (batch 1: 148 texts/s vs 188 at 64 callers; each hand-off wakes the loop and writes to gRPC on the cores the model
+  uses). No text ever passes an older one here.
 - Work happens in `batching_task`; up to `backend.max_in_flight` calls run at once (1 for the float32 model, one
   per core for the int8 model, a few HTTP calls for a remote endpoint).
 - A text whose caller cancelled before its batch started is dropped; each caller's future resolves as soon as the
-  batch holding its text is done (a per-text backend's: as soon as its text is).
+  batch holding its text is done (a per-text backend's: when its text is, as above).
 - A batch the backend refuses as bad input (InvalidArgument, e.g. an endpoint's 400 for one over-long text) is
   split in halves and retried until the bad text is alone, so it fails only its own caller.
 """
@@ -62,6 +65,13 @@ from services.runtime.errors import InvalidArgument, Overloaded
 log = logging.getLogger("ragfleet.embedding.batcher")
 
 _BURST_WINDOW = 16
+# A per-text backend's finished vectors are held back (and go to the event loop together) for at most this share of
+# their latency so far: each hand-off costs a loop wake-up and a gRPC write on both ends, on the cores the model
+# uses. One per text cost 6 % of the texts/s at 64 callers (206 vs 219 on phase 2's mix, same run), held: 1.4 %.
+_HOLD_SHARE = 0.1
+# ...and only while this many texts wait: a shallow queue can run dry while answers are held, and a closed-loop
+# caller holding an answer sends no next text (8 callers: at most 6 wait; 64 callers: ~60).
+_HOLD_MIN_QUEUED = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +107,8 @@ class Batcher:
         self._live = 0  # queued texts whose callers are still waiting
         # Guards _queue, _live and each entry's `queued`: a per-text backend's model threads take texts themselves.
         self._lock = threading.Lock()
+        # Model seconds per token of a per-text backend (a running mean): the next text's expected run.
+        self._seconds_per_token = 0.0
         self._wakeup = asyncio.Event()
         self._in_flight = 0
         self._running: set[asyncio.Task] = set()
@@ -307,19 +319,37 @@ class Batcher:
 
     async def _run_each(self, first: _Entry) -> None:
         """One call of a per-text backend: `first`, then the oldest queued text each time one is done (taken on
-        the model thread), up to max_batch_size texts or until the queue is empty; each vector goes to its caller
-        as soon as it is done. Metrics count the call as one batch of the texts it ran."""
+        the model thread), up to max_batch_size texts or until the queue is empty. Finished vectors go back to the
+        event loop together, as soon as holding them longer would stretch one text's latency by more than
+        _HOLD_SHARE (counting the next text's expected run), fewer than _HOLD_MIN_QUEUED texts wait, or the call
+        ends. Metrics count the call as one batch of the texts it ran."""
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         upcoming = [first]
         running: deque[_Entry] = deque()  # taken, their results not put yet (put comes in the order taken)
         ran: list[_Entry] = []
+        held: list[tuple[_Entry, np.ndarray | Exception]] = []
+        hold_until = float("inf")
+
+        def flush() -> None:
+            nonlocal hold_until
+            if held:
+                loop.call_soon_threadsafe(self._deliver_all, held.copy())
+                held.clear()
+                hold_until = float("inf")
 
         def take() -> PreparedText | None:
             if upcoming:
-                entry = upcoming.pop()
-            elif len(ran) >= self.max_batch_size or (entry := self._take()) is None:
-                return None
+                entry: _Entry | None = upcoming.pop()
+            else:
+                entry = self._take() if len(ran) < self.max_batch_size else None
+                if entry is None:
+                    flush()
+                    return None
+                expected = self._seconds_per_token * entry.item.token_count
+                if self._live < _HOLD_MIN_QUEUED or time.perf_counter() + expected > hold_until:
+                    flush()
+            assert entry is not None
             entry.started = time.perf_counter()
             metrics.QUEUE_WAIT.observe(entry.started - entry.enqueued)
             ran.append(entry)
@@ -327,7 +357,13 @@ class Batcher:
             return entry.item
 
         def put(result: np.ndarray | Exception) -> None:
-            loop.call_soon_threadsafe(self._deliver, running.popleft(), result)
+            nonlocal hold_until
+            entry = running.popleft()
+            now = time.perf_counter()
+            run = now - entry.started
+            self._seconds_per_token += 0.2 * (run / max(1, entry.item.token_count) - self._seconds_per_token)
+            held.append((entry, result))
+            hold_until = min(hold_until, now + _HOLD_SHARE * (now - entry.enqueued))
 
         try:
             await self.backend.embed_each(take, put)
@@ -335,6 +371,7 @@ class Batcher:
             log.warning("embedding call failed: %s", exc)
             self._fail(list(running), exc)
         finally:
+            self._deliver_all(held)  # what a failed or cancelled call still held (its thread is done with it)
             metrics.MODEL_TIME.observe(time.perf_counter() - started)
             metrics.BATCH_SIZE.observe(len(ran))
             metrics.BATCH_TOKENS.observe(sum(e.item.token_count for e in ran))  # nothing padded: each runs alone
@@ -342,14 +379,15 @@ class Batcher:
             self._wakeup.set()
 
     @staticmethod
-    def _deliver(entry: _Entry, result: np.ndarray | Exception) -> None:
-        """On the event loop: one text's outcome to its caller (the model ran it alone: batch size 1)."""
-        if entry.future.done():
-            return
-        if isinstance(result, Exception):
-            entry.future.set_exception(result)
-        else:
-            entry.future.set_result(Embedded(result, 1, entry.started - entry.enqueued))
+    def _deliver_all(results: list[tuple[_Entry, np.ndarray | Exception]]) -> None:
+        """On the event loop: each text's outcome to its caller (the model ran it alone: batch size 1)."""
+        for entry, result in results:
+            if entry.future.done():
+                continue
+            if isinstance(result, Exception):
+                entry.future.set_exception(result)
+            else:
+                entry.future.set_result(Embedded(result, 1, entry.started - entry.enqueued))
 
     async def _embed(self, batch: list[_Entry], started: float) -> None:
         """One backend call whose outcome goes to every caller in `batch`, except a refusal of a batch of several:

@@ -44,8 +44,8 @@ class EmbeddingBackend(abc.ABC):
     pads_batches: bool = True
     #: True when an `embed` call carries a fixed cost worth sharing (an HTTP round trip, one padded model run), so
     #: the batcher merges texts into fewer calls; False when a call costs just the sum of its texts (a local model
-    #: running each text alone), so the batcher spreads a burst over every free call slot instead of piling it
-    #: into one call while another slot, and its core, sits idle.
+    #: running each text alone), so the batcher feeds every call slot the oldest queued text whenever it is free
+    #: (`embed_each`) instead of piling a burst into one call while another slot, and its core, sits idle.
     shares_call_cost: bool = True
 
     @property
