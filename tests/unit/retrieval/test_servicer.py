@@ -162,7 +162,7 @@ def test_limits_are_frozen():
         SETTINGS.max_top_k = 5  # type: ignore[misc]
 
 
-async def test_stage_spans_and_metrics_carry_candidate_counts(servicer):
+async def test_stage_attributes_and_metrics_carry_candidate_counts(servicer):
     from opentelemetry import trace
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -182,14 +182,18 @@ async def test_stage_spans_and_metrics_carry_candidate_counts(servicer):
     before = {s: count(s) for s in ("dense", "sparse", "fusion", "rerank", "mmr")}
     await servicer.Upsert(pb.UpsertRequest(tenant="acme", chunks=chunks("d", ["bees make honey", "bees dance",
                                                                               "wasps sting"])), None)
-    await search(servicer, query_text="bees", query_vector=unit(np.random.default_rng(5)), mmr_lambda=0.5, top_k=2)
-    spans = {s.name: s for s in exporter.get_finished_spans()}
-    assert {"retrieval.dense", "retrieval.sparse", "retrieval.fusion", "retrieval.rerank", "retrieval.mmr"} <= set(spans)
-    assert spans["retrieval.dense"].attributes["ragfleet.candidates_out"] == 3
-    assert spans["retrieval.sparse"].attributes["ragfleet.candidates_out"] == 2  # only 'bees' chunks match
-    assert spans["retrieval.fusion"].attributes["ragfleet.candidates_out"] == 3
-    assert spans["retrieval.mmr"].attributes["ragfleet.candidates_in"] == 3
-    assert spans["retrieval.mmr"].attributes["ragfleet.candidates_out"] == 2
+    with trace.get_tracer("test").start_as_current_span("/ragfleet.v1.RetrievalService/Search"):  # the RPC's span
+        await search(servicer, query_text="bees", query_vector=unit(np.random.default_rng(5)), mmr_lambda=0.5,
+                     top_k=2)
+    spans = [s for s in exporter.get_finished_spans() if s.name.startswith(("retrieval.", "/ragfleet"))]
+    assert [s.name for s in spans] == ["/ragfleet.v1.RetrievalService/Search"], "stages are attributes, not spans"
+    stages = spans[0].attributes
+    assert stages["ragfleet.stage.dense.candidates_out"] == 3 and stages["ragfleet.stage.dense.limit"] > 0
+    assert stages["ragfleet.stage.sparse.candidates_out"] == 2  # only 'bees' chunks match
+    assert stages["ragfleet.stage.fusion.candidates_out"] == 3
+    assert stages["ragfleet.stage.mmr.candidates_in"] == 3
+    assert stages["ragfleet.stage.mmr.candidates_out"] == 2
+    assert all(stages[f"ragfleet.stage.{s}_ms"] >= 0 for s in before)
     assert all(count(s) == before[s] + 1 for s in before)
 
 
