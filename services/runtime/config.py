@@ -246,6 +246,9 @@ OTEL_TRACES_ENDPOINT = declare("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", str, None,
                                "the traces endpoint, over `OTEL_EXPORTER_OTLP_ENDPOINT`")
 OTEL_INSECURE = declare("OTEL_EXPORTER_OTLP_INSECURE", bool, False,
                         "plaintext to an `https`-less endpoint (implied by an `http://` endpoint)")
+OTEL_BSP_SCHEDULE_DELAY = declare("OTEL_BSP_SCHEDULE_DELAY", int, 5000,
+                                  "ms between span exports (the SDK's batch span processor; each export is one "
+                                  "gRPC call, so shorter costs more CPU)")
 OTEL_SERVICE_NAME = declare("OTEL_SERVICE_NAME", str, None, "service name on the spans",
                             shown_default="ragfleet-<service>")
 OTEL_TRACES_SAMPLER = declare(

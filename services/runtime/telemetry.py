@@ -50,8 +50,10 @@ def setup_tracing(component: str) -> TracerProvider:
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
         insecure = endpoint.startswith("http://") or os.environ.get("OTEL_EXPORTER_OTLP_INSECURE", "").lower() == "true"
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint, insecure=insecure),
-                                                       schedule_delay_millis=500))
+        # The SDK's own batching settings (OTEL_BSP_SCHEDULE_DELAY, default 5 s; OTEL_BSP_MAX_EXPORT_BATCH_SIZE...):
+        # each export is a gRPC call with a fixed cost, and exporting every 500 ms cost more CPU per Ask than the
+        # spans themselves once the mesh was lean (bench/tracing_cost.py).
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint, insecure=insecure)))
     trace.set_tracer_provider(provider)
     _provider = provider
     return provider

@@ -80,7 +80,8 @@ async def traced_mesh(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator
     trace_service_pb2_grpc.add_TraceServiceServicer_to_server(collector, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}", "RAGFLEET_LOG_LEVEL": "WARNING",
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}", "OTEL_BSP_SCHEDULE_DELAY": "200",
+           "RAGFLEET_LOG_LEVEL": "WARNING",
            "RAGFLEET_REDIS_URL": "", "RAGFLEET_LLM_BASE_URL": "", "RAGFLEET_GATEWAY_API_KEYS": ""}
     mesh = LocalMesh(data_dir=Path(tmp_path_factory.mktemp("traced-mesh")), env=env)
     # LocalMesh blocks while it waits for health; keep this loop free to receive spans meanwhile.
