@@ -102,9 +102,11 @@ class ServerSpan:
 class _ClientSpans:
     """What every traced call of a channel shares: the span of each call and the metadata it carries."""
 
-    def __init__(self, traced: Callable[[str], bool], extra_metadata: Callable[[], Pairs] | None) -> None:
+    def __init__(self, traced: Callable[[str], bool], extra_metadata: Callable[[], Pairs] | None,
+                 client_spans: bool = True) -> None:
         self._traced = traced
         self._extra = extra_metadata
+        self._client_spans = client_spans
         self._tracer: trace.Tracer | None = None
 
     def method(self, method: str) -> tuple[str, Mapping[str, Any]] | None:
@@ -113,14 +115,20 @@ class _ClientSpans:
 
     def begin(self, known: tuple[str, Mapping[str, Any]] | None,
               metadata: Any) -> tuple[trace.Span | None, Any]:
-        """The call's span (None for untraced methods) and its metadata with traceparent and token added."""
+        """The call's span (None for untraced methods, or without client spans) and its metadata with traceparent
+        and token added. Without client spans the traceparent is the caller's current span: the callee's SERVER
+        span hangs under it."""
         added: list[tuple[str, str]] = list(self._extra()) if self._extra is not None else []
         span = None
-        if known is not None:
+        if known is not None and not self._client_spans:
+            carrier: dict[str, str] = {}
+            propagate.inject(carrier)
+            added.extend(carrier.items())
+        elif known is not None:
             if self._tracer is None:
                 self._tracer = trace.get_tracer(_SCOPE)  # on first call: after setup_tracing installed the provider
             span = self._tracer.start_span(known[0], kind=SpanKind.CLIENT, attributes=known[1])
-            carrier: dict[str, str] = {}
+            carrier = {}
             propagate.inject(carrier, context=trace.set_span_in_context(span))
             added.extend(carrier.items())
         if not added:
@@ -226,14 +234,14 @@ class _TracedUnaryStream:
 
 
 class TracedChannel:
-    """A grpc.aio channel whose unary and server-streaming calls get a CLIENT span when ``traced(method)``, its
-    traceparent, and ``extra_metadata()`` (the service token) on every call. Everything else (close, get_state,
-    channel_ready...) is the wrapped channel's."""
+    """A grpc.aio channel whose unary and server-streaming calls of a ``traced(method)`` carry the trace context
+    (and get a CLIENT span of their own with ``client_spans``), and ``extra_metadata()`` (the service token) on every
+    call. Everything else (close, get_state, channel_ready...) is the wrapped channel's."""
 
     def __init__(self, channel: grpc.aio.Channel, traced: Callable[[str], bool],
-                 extra_metadata: Callable[[], Pairs] | None = None) -> None:
+                 extra_metadata: Callable[[], Pairs] | None = None, *, client_spans: bool = True) -> None:
         self._channel = channel
-        self._spans = _ClientSpans(traced, extra_metadata)
+        self._spans = _ClientSpans(traced, extra_metadata, client_spans)
 
     def unary_unary(self, method: str, request_serializer: Any = None, response_deserializer: Any = None,
                     _registered_method: bool = False) -> _TracedUnaryUnary:

@@ -237,7 +237,7 @@ class GrpcServer:
 def bootstrap(config: ServerConfig) -> None:
     """Logging and tracing for a service process; call first in every service's main()."""
     setup_logging(config.component, level=config.log_level, fmt=config.log_format)
-    telemetry.setup_tracing(config.component)
+    telemetry.setup_tracing(config.component, client_spans=config.trace_client_spans)
 
 
 async def run_server(config: ServerConfig, start: Callable[[], Awaitable[Started]],

@@ -21,6 +21,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from services.runtime import rpc_tracing
 
 _provider: TracerProvider | None = None
+_client_spans = False  # RAGFLEET_TRACE_CLIENT_SPANS, installed by setup_tracing
 
 # Method-name prefixes of infrastructure RPCs: never traced here, nor counted by the RPC metrics (rpc_handlers).
 INFRA_METHOD_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
@@ -37,9 +38,11 @@ def otlp_endpoint() -> str | None:
     return os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
 
 
-def setup_tracing(component: str) -> TracerProvider:
-    """Install the process-wide tracer provider (idempotent)."""
-    global _provider
+def setup_tracing(component: str, *, client_spans: bool = False) -> TracerProvider:
+    """Install the process-wide tracer provider (idempotent). ``client_spans``: channels made after this record a
+    CLIENT span per call, not only the trace context (RAGFLEET_TRACE_CLIENT_SPANS)."""
+    global _provider, _client_spans
+    _client_spans = client_spans
     if _provider is not None:
         return _provider
     resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", f"ragfleet-{component}"),
@@ -66,11 +69,13 @@ def shutdown_tracing() -> None:
         _provider.shutdown()
 
 
-def traced_channel(channel: grpc.aio.Channel, extra_metadata: Callable[[], rpc_tracing.Pairs] | None = None,
-                   ) -> rpc_tracing.TracedChannel:
-    """`channel` with a CLIENT span and the trace context on every traced call, plus ``extra_metadata()`` (the
-    service token) on every call. The server span is opened by services.runtime.rpc_handlers (ServerSpan)."""
-    return rpc_tracing.TracedChannel(channel, traced, extra_metadata)
+def traced_channel(channel: grpc.aio.Channel, extra_metadata: Callable[[], rpc_tracing.Pairs] | None = None, *,
+                   client_spans: bool | None = None) -> rpc_tracing.TracedChannel:
+    """`channel` with the trace context on every traced call (and a CLIENT span when ``client_spans``, by default
+    as setup_tracing installed), plus ``extra_metadata()`` (the service token) on every call. The server span is
+    opened by services.runtime.rpc_handlers (ServerSpan)."""
+    return rpc_tracing.TracedChannel(channel, traced, extra_metadata,
+                                     client_spans=_client_spans if client_spans is None else client_spans)
 
 
 def tracer(name: str) -> trace.Tracer:

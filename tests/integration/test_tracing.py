@@ -81,6 +81,7 @@ async def traced_mesh(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}", "OTEL_BSP_SCHEDULE_DELAY": "200",
+           "RAGFLEET_TRACE_CLIENT_SPANS": "true",  # the whole shape; without them see the unit test in rpc_tracing
            "RAGFLEET_LOG_LEVEL": "WARNING",
            "RAGFLEET_REDIS_URL": "", "RAGFLEET_LLM_BASE_URL": "", "RAGFLEET_GATEWAY_API_KEYS": ""}
     mesh = LocalMesh(data_dir=Path(tmp_path_factory.mktemp("traced-mesh")), env=env)

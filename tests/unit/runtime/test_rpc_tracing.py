@@ -54,7 +54,8 @@ async def channel() -> AsyncIterator[grpc.aio.Channel]:
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     channel = telemetry.traced_channel(grpc.aio.insecure_channel(f"127.0.0.1:{port}"),
-                                       lambda: (("authorization", "Bearer t"),))
+                                       lambda: (("authorization", "Bearer t"),), client_spans=True)
+    channel.port = port  # type: ignore[attr-defined]
     channel.seen = seen  # type: ignore[attr-defined]
     try:
         yield channel
@@ -146,3 +147,23 @@ async def test_generated_stubs_register_wrapped_handlers_and_a_stale_stub_is_ref
 
     with pytest.raises(RuntimeError, match="registered no methods"):
         RpcHandlers(InFlight(), GuardPolicy()).register(registers_nothing, object(), grpc.aio.server())
+
+
+async def test_without_client_spans_the_server_span_hangs_under_the_callers_span(channel, exporter) -> None:
+    """RAGFLEET_TRACE_CLIENT_SPANS off (the default): the call carries the caller's own span as traceparent, so the
+    trace stays one piece with one span fewer per hop."""
+    lean = telemetry.traced_channel(grpc.aio.insecure_channel(f"127.0.0.1:{channel.port}"),
+                                    lambda: (("authorization", "Bearer t"),), client_spans=False)
+    try:
+        with trace.get_tracer("test").start_as_current_span("caller") as caller:
+            assert await lean.unary_unary(f"/{SERVICE}/Echo")(b"hi", timeout=5) == b"hi"
+            assert [m async for m in lean.unary_stream(f"/{SERVICE}/Count")(b"", timeout=5)] == [b"\0", b"\1", b"\2"]
+        spans = [s for s in exporter.get_finished_spans() if s.name.startswith(f"/{SERVICE}/")]
+        assert sorted((s.name, s.kind) for s in spans) == [(f"/{SERVICE}/Count", trace.SpanKind.SERVER),
+                                                            (f"/{SERVICE}/Echo", trace.SpanKind.SERVER)]
+        for span in spans:
+            assert span.parent.span_id == caller.get_span_context().span_id
+            assert span.context.trace_id == caller.get_span_context().trace_id
+        assert channel.seen == ["Bearer t"], "the token still rides on every call"
+    finally:
+        await lean.close()
