@@ -18,6 +18,7 @@ import time
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 import grpc
+from opentelemetry import trace
 from prometheus_client import Counter, Gauge, Histogram
 
 from services.runtime.errors import RagfleetError, from_rpc_error
@@ -162,65 +163,81 @@ class RpcHandlers:
 
     def _wrap_unary(self, behavior: Callable[..., Awaitable[Any]], guard: MethodGuard, metrics: _MethodMetrics,
                     server_span: ServerSpan) -> Callable[..., Awaitable[Any]]:
-        method = guard.method
+        rpc = _Rpc(guard, metrics, server_span, self._in_flight)
 
         async def unary(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
-            start = time.perf_counter()
-            span, token = server_span.begin(context)
-            self._in_flight.enter()
-            metrics.in_flight.inc()
+            started = rpc.begin(context)
             error: BaseException | None = None
             try:
-                request = guard.admit(raw, context.invocation_metadata())
-                return await behavior(request, context)
-            except BaseException as exc:  # noqa: BLE001 - mapped below, re-raised as an abort
+                return await behavior(guard.admit(raw, context.invocation_metadata()), context)
+            except BaseException as exc:  # noqa: BLE001 - mapped by fail(), re-raised as an abort
                 error = exc
-                if isinstance(exc, (asyncio.CancelledError, grpc.aio.AbortError)):
-                    raise
-                if isinstance(exc, Rejected):
-                    record_rejection(guard, exc, context.peer())
-                await _abort_for(exc, context, method)
+                await rpc.fail(exc, context)
                 raise
             finally:
-                metrics.in_flight.dec()
-                self._in_flight.exit()
-                metrics.latency.observe(time.perf_counter() - start)
-                code = _code_of(context, error)
-                metrics.requests(code).inc()
-                server_span.finish(span, token, code, None if code is grpc.StatusCode.OK else context.details(),
-                                   None if error is None else _unexpected(error))
+                rpc.end(context, started, error)
 
         return unary
 
     def _wrap_stream(self, behavior: Callable[..., AsyncIterator[Any]], guard: MethodGuard, metrics: _MethodMetrics,
                      server_span: ServerSpan) -> Callable[..., AsyncIterator[Any]]:
-        method = guard.method
+        rpc = _Rpc(guard, metrics, server_span, self._in_flight)
 
         async def stream(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            start = time.perf_counter()
-            span, token = server_span.begin(context)
-            self._in_flight.enter()
-            metrics.in_flight.inc()
+            started = rpc.begin(context)
             error: BaseException | None = None
             try:
-                request = guard.admit(raw, context.invocation_metadata())
-                async for item in behavior(request, context):
+                async for item in behavior(guard.admit(raw, context.invocation_metadata()), context):
                     yield item
             except BaseException as exc:  # noqa: BLE001
                 error = exc
-                if isinstance(exc, (asyncio.CancelledError, grpc.aio.AbortError, GeneratorExit)):
-                    raise
-                if isinstance(exc, Rejected):
-                    record_rejection(guard, exc, context.peer())
-                await _abort_for(exc, context, method)
+                await rpc.fail(exc, context)
                 raise
             finally:
-                metrics.in_flight.dec()
-                self._in_flight.exit()
-                metrics.latency.observe(time.perf_counter() - start)
-                code = _code_of(context, error)
-                metrics.requests(code).inc()
-                server_span.finish(span, token, code, None if code is grpc.StatusCode.OK else context.details(),
-                                   None if error is None else _unexpected(error))
+                rpc.end(context, started, error)
 
         return stream
+
+
+# Exceptions that end an RPC without an error of ours to map: the caller went away, or the handler already aborted.
+_PASS_THROUGH = (asyncio.CancelledError, grpc.aio.AbortError, GeneratorExit)
+
+
+class _Rpc:
+    """What the unary and the streaming wrapper of one method do around each call: open the span and count the
+    call in flight (``begin``), map a failure to its status (``fail``), then record the metrics and close the span
+    with the final status (``end``)."""
+
+    __slots__ = ("guard", "_metrics", "_span", "_in_flight")
+
+    def __init__(self, guard: MethodGuard, metrics: _MethodMetrics, span: ServerSpan, in_flight: InFlight) -> None:
+        self.guard = guard
+        self._metrics = metrics
+        self._span = span
+        self._in_flight = in_flight
+
+    def begin(self, context: grpc.aio.ServicerContext) -> tuple[float, trace.Span, object]:
+        started = time.perf_counter()
+        span, token = self._span.begin(context)
+        self._in_flight.enter()
+        self._metrics.in_flight.inc()
+        return started, span, token
+
+    async def fail(self, error: BaseException, context: grpc.aio.ServicerContext) -> None:
+        """Abort with the status `error` maps to (a guard's refusal is counted and logged on one line first)."""
+        if isinstance(error, _PASS_THROUGH):
+            return
+        if isinstance(error, Rejected):
+            record_rejection(self.guard, error, context.peer())
+        await _abort_for(error, context, self.guard.method)
+
+    def end(self, context: grpc.aio.ServicerContext, started: tuple[float, trace.Span, object],
+            error: BaseException | None) -> None:
+        start, span, token = started
+        self._metrics.in_flight.dec()
+        self._in_flight.exit()
+        self._metrics.latency.observe(time.perf_counter() - start)
+        code = _code_of(context, error)
+        self._metrics.requests(code).inc()
+        self._span.finish(span, token, code, None if code is grpc.StatusCode.OK else context.details(),
+                          None if error is None else _unexpected(error))
