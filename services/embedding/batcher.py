@@ -248,13 +248,13 @@ class Batcher:
             except asyncio.TimeoutError:
                 return
 
-    def next_batch(self, limit: int | None = None) -> list[_Entry]:
-        """Cut one batch of at most `limit` texts (default: max_batch_size): start at the oldest text, grow in
+    def next_batch(self) -> list[_Entry]:
+        """Cut one batch of at most max_batch_size texts: start at the oldest text, grow in
         token-count order by least added padding."""
         with self._lock:
-            return self._cut(limit)
+            return self._cut()
 
-    def _cut(self, limit: int | None) -> list[_Entry]:
+    def _cut(self) -> list[_Entry]:
         for entry in self._queue:
             if entry.queued and entry.future.done():
                 # Cancelled in this loop turn, before its done-callback ran: never batch it, free its slot now.
@@ -273,7 +273,7 @@ class Batcher:
         longest = anchor.item.token_count
         budget = self.config.max_batch_tokens
         max_waste = self._max_added_padding
-        size, most = 1, min(limit or self.max_batch_size, self.max_batch_size)
+        size, most = 1, self.max_batch_size
         while size < most:
             best, best_waste = None, None
             if lo > 0:

@@ -3,9 +3,9 @@
 Correctness rests on the corpus version (``runtime.corpus_version``, owned here: retrieval is its only writer), not
 on expiry: every upsert/delete bumps the tenant's version *after* the engine accepted the write, and every lookup
 reads the current version first (from the mirror that follows the bumps' messages: another replica's bump arrives
-with its message, about a millisecond after it). A result computed before a write can only ever be stored under an older version,
-which no later lookup asks for. Without Redis the versions live in this process (one replica) and L2 is skipped.
-If Redis fails the cache steps aside (no version: no read, no write) rather than risk a stale answer.
+with its message, about a millisecond after it). A result computed before a write can only ever be stored under an
+older version, which no later lookup asks for. Without Redis the versions live in this process (one replica) and L2
+is skipped. If Redis fails the cache steps aside (no version: no read, no write) rather than risk a stale answer.
 
     version = await cache.version(tenant)
     hit = await cache.get(key_for(tenant, version, request))

@@ -103,11 +103,10 @@ class VersionMirror:
 
     async def read(self, tenant: str) -> int:
         """The tenant's current version; a Redis failure raises (the caller decides what it means)."""
-        if self._task is None:
-            self.start()
-        known = self._versions.get(tenant)
-        if known is not None and time.monotonic() - known[1] <= self._max_age:
-            return known[0]
+        self.start()
+        known = self.known(tenant)
+        if known is not None:
+            return known
         epoch, live = self._epoch, self._live
         version = await read(self._client, tenant, template=self._template)
         if live and self._live and epoch == self._epoch:
@@ -117,7 +116,7 @@ class VersionMirror:
     def known(self, tenant: str) -> int | None:
         """The tenant's version if the copy can answer without Redis (subscription live, confirmed within max_age),
         else None: a lookup that must not wait on I/O (a hot cache hit) asks this first."""
-        found = self._versions.get(tenant) if self._live else None
+        found = self._versions.get(tenant)  # empty unless live: every way out of live clears it (_drop)
         if found is not None and time.monotonic() - found[1] <= self._max_age:
             return found[0]
         return None
@@ -137,6 +136,7 @@ class VersionMirror:
         self._versions[tenant] = (max(version, known[0]) if known is not None else version, time.monotonic())
 
     def start(self) -> None:
+        """Follow the versions from now on (a no-op once following)."""
         if self._task is None:
             self._task = asyncio.create_task(self._follow(), name="corpus-version-mirror")
 

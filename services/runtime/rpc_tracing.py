@@ -120,16 +120,15 @@ class _ClientSpans:
         span hangs under it."""
         added: list[tuple[str, str]] = list(self._extra()) if self._extra is not None else []
         span = None
-        if known is not None and not self._client_spans:
+        if known is not None:
+            context = None  # the current one
+            if self._client_spans:
+                if self._tracer is None:
+                    self._tracer = trace.get_tracer(_SCOPE)  # on first call: after setup_tracing installed it
+                span = self._tracer.start_span(known[0], kind=SpanKind.CLIENT, attributes=known[1])
+                context = trace.set_span_in_context(span)
             carrier: dict[str, str] = {}
-            propagate.inject(carrier)
-            added.extend(carrier.items())
-        elif known is not None:
-            if self._tracer is None:
-                self._tracer = trace.get_tracer(_SCOPE)  # on first call: after setup_tracing installed the provider
-            span = self._tracer.start_span(known[0], kind=SpanKind.CLIENT, attributes=known[1])
-            carrier = {}
-            propagate.inject(carrier, context=trace.set_span_in_context(span))
+            propagate.inject(carrier, context=context)
             added.extend(carrier.items())
         if not added:
             return span, metadata
@@ -144,21 +143,32 @@ class _ClientSpans:
         span.end()
 
 
-class _TracedUnaryUnary:
-    """A unary method: awaiting the call gives the response, as with grpc.aio's own multicallable."""
+class _TracedMultiCallable:
+    """What both kinds of traced multicallable share: the method's span settings, decided once, and starting a
+    call with the span begun and the metadata added."""
 
     __slots__ = ("_callable", "_known", "_spans")
 
-    def __init__(self, multicallable: grpc.aio.UnaryUnaryMultiCallable, method: str, spans: _ClientSpans) -> None:
+    def __init__(self, multicallable: Any, method: str, spans: _ClientSpans) -> None:
         self._callable = multicallable
         self._known = spans.method(method)
         self._spans = spans
 
+    def _start(self, request: Any, timeout: float | None, metadata: Any, **options: Any) -> tuple[Any, Any]:
+        """(the call's span or None, the call)."""
+        span, metadata = self._spans.begin(self._known, metadata)
+        return span, self._callable(request, timeout=timeout, metadata=metadata, **options)
+
+
+class _TracedUnaryUnary(_TracedMultiCallable):
+    """A unary method: awaiting the call gives the response, as with grpc.aio's own multicallable."""
+
+    __slots__ = ()
+
     def __call__(self, request: Any, *, timeout: float | None = None, metadata: Any = None, credentials: Any = None,
                  wait_for_ready: bool | None = None, compression: Any = None) -> Awaitable[Any]:
-        span, metadata = self._spans.begin(self._known, metadata)
-        call = self._callable(request, timeout=timeout, metadata=metadata, credentials=credentials,
-                              wait_for_ready=wait_for_ready, compression=compression)
+        span, call = self._start(request, timeout, metadata, credentials=credentials, wait_for_ready=wait_for_ready,
+                                 compression=compression)
         return call if span is None else self._traced(call, span)
 
     async def _traced(self, call: Awaitable[Any], span: trace.Span) -> Any:
@@ -217,19 +227,15 @@ class _TracedStreamCall:
         return getattr(self._call, name)
 
 
-class _TracedUnaryStream:
-    __slots__ = ("_callable", "_known", "_spans")
+class _TracedUnaryStream(_TracedMultiCallable):
+    """A server-streaming method: the call is read or iterated as grpc.aio's own (see _TracedStreamCall)."""
 
-    def __init__(self, multicallable: grpc.aio.UnaryStreamMultiCallable, method: str, spans: _ClientSpans) -> None:
-        self._callable = multicallable
-        self._known = spans.method(method)
-        self._spans = spans
+    __slots__ = ()
 
     def __call__(self, request: Any, *, timeout: float | None = None, metadata: Any = None, credentials: Any = None,
                  wait_for_ready: bool | None = None, compression: Any = None) -> Any:
-        span, metadata = self._spans.begin(self._known, metadata)
-        call = self._callable(request, timeout=timeout, metadata=metadata, credentials=credentials,
-                              wait_for_ready=wait_for_ready, compression=compression)
+        span, call = self._start(request, timeout, metadata, credentials=credentials, wait_for_ready=wait_for_ready,
+                                 compression=compression)
         return call if span is None else _TracedStreamCall(call, span, self._spans)
 
 
