@@ -152,6 +152,7 @@ class Tree:
     ingest_docs: list[gateway_pb2.Document] = field(default_factory=list)
     steps: dict[str, dict[str, Any]] = field(default_factory=dict)
     gave_up_at: float | None = None
+    profiled: dict[str, Any] | None = None
 
     @property
     def pids(self) -> dict[str, int]:
@@ -410,9 +411,37 @@ async def sweep(args: argparse.Namespace, trees: list[Tree], started: float) -> 
                     tree.gave_up_at = rate
                     print(f"[{tree.label}] stops at {rate:g}/s: far past sustainable", flush=True)
                 await asyncio.sleep(args.pause)
+        if args.profile_rate:
+            for tree in trees:
+                tree.profiled = await profile_step(tree, stubs[tree.label], args)
     finally:
         for channel in channels.values():
             await channel.close()
+
+
+async def profile_step(tree: Tree, stub: gateway_pb2_grpc.GatewayServiceStub,
+                       args: argparse.Namespace) -> dict[str, Any]:
+    """One more step at --profile-rate, after the sweep, with py-spy recording every service (issue 12, item 3).
+
+    Apart from the sweep because py-spy's sampling takes CPU from the same 2 cores: the sweep's figures stay clean,
+    and this step's own figures (kept beside the profiles) show what the profiled load was.
+    """
+    out = Path(args.profile_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    py_spy = str(Path(sys.executable).with_name("py-spy"))
+    rate, ext = args.profile_rate, "svg" if args.profile_format == "flamegraph" else "txt"
+    spies = {name: await asyncio.create_subprocess_exec(
+        py_spy, "record", "-p", str(pid), "-d", f"{args.seconds:g}", "-r", "100", "-f", args.profile_format,
+        "--nonblocking", "-o", str(out / f"{name}-{tree.label}-load{rate:g}.{ext}"),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL) for name, pid in tree.pids.items()}
+    step = await run_step(tree, stub, rate, args.seconds, args.deadline)
+    codes = {name: await spy.wait() for name, spy in spies.items()}
+    t = step["ttft_ms"]["all"]
+    print(f"[{tree.label}] profiled {rate:g}/s: ok {step['ok']}/{step['sent']} TTFT p50 {t['p50']:.0f} "
+          f"p99 {t['p99']:.0f} ms, CPU ms/Ask {step['cpu_ms_per_ask']}; py-spy exits {codes}; profiles in {out}",
+          flush=True)
+    return step | {"profiles": {name: f"{name}-{tree.label}-load{rate:g}.{ext}" for name in spies},
+                   "py_spy_exit_codes": codes}
 
 
 # -- report ---------------------------------------------------------------------------------------------------------
@@ -545,8 +574,8 @@ async def run(args: argparse.Namespace) -> int:
                                     data_dir))
             print(f"[{label}] mesh from {path} up in {time.perf_counter() - t0:.1f}s", flush=True)
         await sweep(args, trees, started)
-        figures["trees"] = {t.label: {"path": str(t.path), "steps": t.steps, "gave_up_at": t.gave_up_at}
-                            for t in trees}
+        figures["trees"] = {t.label: {"path": str(t.path), "steps": t.steps, "gave_up_at": t.gave_up_at,
+                                      "profiled_step": t.profiled} for t in trees}
         figures["services_exited"] = {t.label: getattr(t.mesh.exited(), "name", None) for t in trees}
     finally:
         for tree in trees:
@@ -603,6 +632,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--floor-asks", type=int, default=300, help="sequential Asks per bare CPU measurement")
     parser.add_argument("--floor-streams", type=int, default=100, help="streams for the bare relay cost (0: skip)")
     parser.add_argument("--name", default="load", help="results name under bench/results/")
+    parser.add_argument("--profile-rate", type=float, default=None,
+                        help="after the sweep, one more step per tree at this rate with py-spy on every service")
+    parser.add_argument("--profile-dir", default=str(ROOT / "bench" / "results" / "profiles"),
+                        help="where --profile-rate writes <service>-<tree>-load<rate>.svg")
+    parser.add_argument("--profile-format", choices=("flamegraph", "raw"), default="flamegraph",
+                        help="raw: collapsed stacks (.txt) for a text summary")
     args = parser.parse_args(argv)
     args.seconds = min(max(args.seconds, 1.0), 60.0)
     args.target_seconds = min(max(args.target_seconds, 1.0), 120.0)
