@@ -11,6 +11,7 @@ sentences from more relevant passages; the best few sentences form the answer, s
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -74,26 +75,39 @@ class Candidate:
     prior: float  # passage-rank bonus over length penalty
 
 
+@dataclass(frozen=True)
+class _Analysis:
+    sentences: tuple[tuple[str, frozenset[str]], ...]  # each sentence with its content terms
+    terms: frozenset[str]  # the content terms of title and text together
+
+
+@functools.lru_cache(maxsize=4096)
+def _analyse(title: str, text: str) -> _Analysis:
+    """A passage's sentences and terms, the same whatever the question: passages recur across questions, and
+    splitting and stemming them on every Ask was ~20 % of generation's CPU under load (bench/load.py
+    --profile-rate)."""
+    return _Analysis(tuple((s, frozenset(content_terms(s))) for s in split_sentences(text)),
+                     frozenset(content_terms(f"{title} {text}")))
+
+
 def candidates(question: str, passages: Sequence[common_pb2.Passage]) -> tuple[list[Candidate], dict[str, float]]:
     """Sentences that share a content word with the question, and the IDF weight of each question term."""
     wanted = content_terms(question)
-    sentences = [(s, p.number, (rank, i)) for rank, p in enumerate(passages)
-                 for i, s in enumerate(split_sentences(p.text))]
+    analyses = [_analyse(p.title, p.text) for p in passages]
+    sentences = [(s, terms, p.number, (rank, i)) for rank, (p, a) in enumerate(zip(passages, analyses))
+                 for i, (s, terms) in enumerate(a.sentences)]
     if not wanted or not sentences:
         return [], {}
-    term_sets = [content_terms(s) for s, _, _ in sentences]
     # IDF over passages, not sentences: the passage's own topic word recurs in its sentences and must not lose
     # weight for it; a word found in every passage still says little about which one answers.
-    passage_terms = [content_terms(f"{p.title} {p.text}") for p in passages]
     n = len(passages)
-    idf = {t: math.log(1 + (n + 1) / (1 + sum(1 for terms in passage_terms if t in terms))) for t in wanted}
+    idf = {t: math.log(1 + (n + 1) / (1 + sum(1 for a in analyses if t in a.terms))) for t in wanted}
     out: list[Candidate] = []
     seen: set[frozenset[str]] = set()
-    for (sentence, number, order), terms in zip(sentences, term_sets):
-        key = frozenset(terms)
-        if not wanted & terms or key in seen:
+    for sentence, terms, number, order in sentences:
+        if not wanted & terms or terms in seen:
             continue
-        seen.add(key)  # the same sentence twice (overlapping chunks) counts once
+        seen.add(terms)  # the same sentence twice (overlapping chunks) counts once
         # Retrieval rank matters (the caller ranked passages), and a passage's first sentence often states its point.
         prior = (1 + 1 / (1 + order[0])) * (1.25 if order[1] == 0 else 1.0) / math.sqrt(1 + 0.05 * len(terms))
         out.append(Candidate(sentence, number, order, frozenset(wanted & terms), prior))

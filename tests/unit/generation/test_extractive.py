@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from services.generation.base import Delta, Done
 from services.generation.config import GenerationConfig
-from services.generation.extractive import NO_ANSWER, NO_SOURCES, ExtractiveAnswerer, compose, split_sentences
+from services.generation.extractive import (NO_ANSWER, NO_SOURCES, ExtractiveAnswerer, candidates, compose,
+                                           split_sentences)
 from services.generation.prompt import PromptBuilder, TokenCounter
 from services.runtime.config import ServerConfig
 from services.runtime.pb.ragfleet.v1 import common_pb2, generation_pb2
@@ -76,3 +82,41 @@ def test_covers_each_part_of_the_question_in_reading_order():
     assert "The duration of the run gives the distance to the food [4]." in answer
     assert "changes with the sun" not in answer
     assert answer.index("angle") < answer.index("duration")  # reading order
+
+
+def _candidates_uncached(question, passages):
+    """The analysis per Ask, as before passages' analyses were cached: the reference candidates() must match."""
+    from services.generation.extractive import content_terms
+    wanted = content_terms(question)
+    sentences = [(s, p.number, (rank, i)) for rank, p in enumerate(passages)
+                 for i, s in enumerate(split_sentences(p.text))]
+    if not wanted or not sentences:
+        return [], {}
+    term_sets = [content_terms(s) for s, _, _ in sentences]
+    passage_terms = [content_terms(f"{p.title} {p.text}") for p in passages]
+    n = len(passages)
+    idf = {t: math.log(1 + (n + 1) / (1 + sum(1 for terms in passage_terms if t in terms))) for t in wanted}
+    out, seen = [], set()
+    for (sentence, number, order), terms in zip(sentences, term_sets):
+        if not wanted & terms or frozenset(terms) in seen:
+            continue
+        seen.add(frozenset(terms))
+        prior = (1 + 1 / (1 + order[0])) * (1.25 if order[1] == 0 else 1.0) / math.sqrt(1 + 0.05 * len(terms))
+        out.append((sentence, number, order, frozenset(wanted & terms), prior))
+    return out, idf
+
+
+_WORDS = st.sampled_from(["bees", "colony", "Colonies", "swarming", "the", "dance.", "Honey", "wax!", "hive?",
+                          "winter", "warm", "of", "and", "\n\n", "A", "7"])
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.lists(_WORDS, max_size=4).map(" ".join), st.lists(_WORDS, max_size=40).map(" ".join)),
+                max_size=5),
+       st.lists(_WORDS, min_size=1, max_size=6).map(" ".join))
+def test_cached_passage_analyses_give_the_same_candidates_as_analysing_every_time(parts, question):
+    passages = [common_pb2.Passage(number=i + 1, title=t, text=x) for i, (t, x) in enumerate(parts)]
+    for _ in range(2):  # cold, then from the cache
+        got, idf = candidates(question, passages)
+        want, want_idf = _candidates_uncached(question, passages)
+        assert [(c.sentence, c.number, c.order, c.terms, c.prior) for c in got] == want and idf == want_idf

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from services.generation.config import GenerationConfig, ModelConfig, PromptBudget
 from services.generation.prompt import SUMMARY_PREFIX, PromptBuilder, TokenCounter, render_passage
@@ -43,6 +45,25 @@ async def test_packs_by_relevance_within_budget_and_keeps_numbers():
     assert "[1] Doc 1" not in user and user.endswith("Question: What does the evidence say?")
     assert prompt.messages[0]["role"] == "system"
     assert prompt.prompt_tokens == sum(COUNTER.count(m["content"]) + 4 for m in prompt.messages) + 3
+
+
+_TEXT = st.text(alphabet=st.sampled_from(list("ab Zé中7.,:;'\"[]()-\n\r\t ")) | st.characters(), max_size=160)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(_TEXT, _TEXT), max_size=4), _TEXT.filter(str.strip),
+       st.sampled_from(["cl100k_base", "o200k_base"]))
+async def test_prompt_tokens_are_the_whole_messages_count_whatever_the_text(parts, question, encoding):
+    """The user message is counted in cached parts (before each "[n]" and "Question"): the sum must be exactly the
+    count of the whole message, the message itself unchanged."""
+    ps = [common_pb2.Passage(number=i + 1, title=title, text=text, score=1.0) for i, (title, text) in enumerate(parts)]
+    builder = PromptBuilder(config(defaults=ModelConfig(encoding=encoding)), COUNTER)
+    prompt = await builder.build(generation_pb2.GenerateRequest(question=question, passages=ps))
+    rendered = "\n\n".join(render_passage(p) for p in prompt.passages)
+    q = question.strip()
+    assert prompt.messages[-1]["content"] == (f"Sources:\n\n{rendered}\n\nQuestion: {q}" if prompt.passages
+                                              else f"Question: {q}")
+    assert prompt.prompt_tokens == sum(COUNTER.count(m["content"], encoding) + 4 for m in prompt.messages) + 3
 
 
 async def test_context_window_limits_passages_too():
