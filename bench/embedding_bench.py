@@ -29,9 +29,13 @@ Phases:
    plus one call at a time at batch 1 for reference. The ceiling of the targets is the best arrival-order figure,
    re-measured after the sweep (the higher one counts).
 2. local sweep: N = 1, 8, 64, 256 concurrent gRPC callers, one text per call, each text once, against two services
-   (batching on, batching off) with L1 off and no Redis, so the model is measured, not the cache. Both services are
-   up for the whole phase; at N = 1 calls alternate between them text by text (paired p99), larger N run one
-   service at a time.
+   (batching on, batching off) with L1 off and no Redis, so the model is measured, not the cache, and against the
+   bare floor (bench/_embedding_floor.py): a bare grpc.aio server, no interceptors, auth, metrics, tracing, cache or
+   batcher, doing the service's model work (its tokenizer and OnnxBackend, from the same environment) per request.
+   It is what gRPC plus the model reach on this machine with the load generator beside them, so the gap from the
+   ceiling splits into the floor's (Python gRPC, the load generator) and the service's own. All three are up for
+   the whole phase; at N = 1 calls alternate between them text by text (paired p99), larger N run one at a time in
+   turn, each after its own warm-up.
 3. cache: two replicas with L1 and Redis L2 (own key prefix, deleted afterwards); per text, a miss on replica A,
    the L1 hit on A, the L2 hit on B (a replica that never saw it), then B's promoted L1 hit; one caller. Then the
    gRPC capacity: 64 callers of cached texts (no model, no HTTP), the most any backend can get through gRPC here.
@@ -53,6 +57,7 @@ import os
 import random
 import re
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -67,7 +72,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench._common import REDIS_URL, ROOT, percentiles, target, write_results
 from bench._sim import SimProcess
-from services.cli.mesh import LocalMesh
+from services.cli.mesh import LocalMesh, free_port
 from services.runtime.pb.ragfleet.v1 import common_pb2, embedding_pb2, embedding_pb2_grpc
 
 SCIFACT = ROOT.parent / "shared" / "data" / "scifact" / "corpus.jsonl"
@@ -80,6 +85,9 @@ SIM_CALL_MS = 10.0
 SIM_PER_TEXT_MS = 0.2
 # The unbatched baseline: every text its own model batch, with no wait for company.
 UNBATCHED = {"RAGFLEET_EMBEDDING_MAX_BATCH_SIZE": "1", "RAGFLEET_EMBEDDING_MAX_WAIT_MS": "0"}
+# The local sweep's third server: bench/_embedding_floor.py, bare gRPC plus the service's model work.
+FLOOR = "bare_floor"
+MODE_LABELS = {"batched": "batched", "unbatched": "unbatched", FLOOR: "bare floor"}
 RPC_TIMEOUT = 300.0
 QUERY = common_pb2.INPUT_TYPE_QUERY
 _SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
@@ -298,6 +306,71 @@ def start_service(workdir: Path, name: str, env: dict[str, str]) -> LocalMesh:
     return mesh
 
 
+class FloorServer:
+    """bench/_embedding_floor.py as a process: a bare grpc.aio Embed (no interceptors, auth, metrics, tracing, cache
+    or batcher) doing the service's model work (its OnnxBackend, built from the same environment as the services of
+    the sweep). Its CPU is read from /proc, as it has no metrics port."""
+
+    def __init__(self, workdir: Path, env: dict[str, str], timeout: float = 120.0) -> None:
+        from services.runtime.workers import die_with_parent
+
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.log_path = workdir / "bare-floor.log"
+        workdir.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "ab")
+        self.process = subprocess.Popen([sys.executable, "-m", "bench._embedding_floor", str(self.port)], cwd=ROOT,
+                                        env={**os.environ, **env, **die_with_parent()}, stdout=self._log,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            self._wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_ready(self, timeout: float) -> None:
+        """It listens only once its model is loaded and warmed: a ready channel means ready to embed."""
+        deadline = time.monotonic() + timeout
+        with grpc.insecure_channel(self.address) as channel:
+            while True:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"bare floor exited with code {self.process.returncode} during start-up:\n"
+                                       + self.log_path.read_text(errors="replace")[-2000:])
+                try:
+                    grpc.channel_ready_future(channel).result(timeout=1.0)
+                    return
+                except grpc.FutureTimeoutError:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"bare floor not listening after {timeout:.0f}s") from None
+
+    def channel(self) -> grpc.aio.Channel:
+        return grpc.aio.insecure_channel(self.address)
+
+    def cpu_seconds(self) -> float:
+        """utime + stime of the process (all its threads), from /proc/<pid>/stat."""
+        stat = Path(f"/proc/{self.process.pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2:].split()  # after the command name, which may hold spaces
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+
+def floor_view(cpu_before: float, cpu_after: float, texts: int, wall: float) -> dict[str, Any]:
+    """The bare floor's row in the service columns: one model run per text (no batcher), its process CPU from /proc;
+    no metrics, so no model busy share."""
+    return {"batches": float(texts), "mean_batch_size": 1.0, "padded_tokens": None, "model_busy_share": None,
+            "mean_queue_wait_ms": None, "overloaded": 0.0,
+            "service_cpu_cores": (cpu_after - cpu_before) / wall if wall else 0.0}
+
+
 def scrape(mesh: LocalMesh) -> dict[str, float]:
     """The embedding service's own counters (sums and counts of its histograms), from its metrics port."""
     url = f"http://127.0.0.1:{mesh.metrics_ports['embedding']}/metrics"
@@ -391,19 +464,28 @@ async def warm_up(stub: Any, texts: Sequence[str], callers: int) -> None:
 
 
 async def sweep(meshes: dict[str, LocalMesh], texts: Sequence[str], warm: Sequence[str], callers: Sequence[int],
-                sim: SimProcess | None = None) -> dict[str, dict[str, Any]]:
-    """The N sweep against each service ("batched", "unbatched"): N = 1 paired, larger N one service at a time.
-    With `sim`, each setting also records the endpoint's own count of HTTP calls."""
-    results: dict[str, dict[str, Any]] = {name: {} for name in meshes}
+                sim: SimProcess | None = None, floor: FloorServer | None = None) -> dict[str, dict[str, Any]]:
+    """The N sweep against each service ("batched", "unbatched") and, with `floor`, the bare floor server
+    ("bare_floor"), interleaved: N = 1 paired (calls alternate between all of them text by text), larger N one at a
+    time in turn, each after its own warm-up. With `sim`, each setting also records the endpoint's own count of HTTP
+    calls."""
+    names = [*meshes, *([FLOOR] if floor is not None else [])]
+    results: dict[str, dict[str, Any]] = {name: {} for name in names}
     channels = {name: mesh.internal_channel("embedding", aio=True) for name, mesh in meshes.items()}
+    if floor is not None:
+        channels[FLOOR] = floor.channel()
+
+    def snapshot(name: str) -> Any:
+        return floor.cpu_seconds() if name == FLOOR else scrape(meshes[name])  # type: ignore[union-attr]
+
     try:
         stubs = {name: embedding_pb2_grpc.EmbeddingServiceStub(ch) for name, ch in channels.items()}
         for n in callers:
-            groups = [list(meshes)] if n == 1 else [[name] for name in meshes]
+            groups = [names] if n == 1 else [[name] for name in names]
             for group in groups:
                 for name in group:
                     await warm_up(stubs[name], warm, n)
-                before = {name: scrape(meshes[name]) for name in group}
+                before = {name: snapshot(name) for name in group}
                 if sim is not None:
                     sim.control("/_sim/reset", {})
                 if n == 1:
@@ -413,16 +495,20 @@ async def sweep(meshes: dict[str, LocalMesh], texts: Sequence[str], warm: Sequen
                 stats = sim.control("/_sim/stats") if sim is not None else None
                 for name, row in rows.items():
                     row.pop("latencies_ms", None)
-                    row["service"] = service_view(before[name], scrape(meshes[name]), row["wall_seconds"])
+                    if name == FLOOR:
+                        row["service"] = floor_view(before[name], snapshot(name), row["codes"].get("OK", 0),
+                                                    row["wall_seconds"])
+                    else:
+                        row["service"] = service_view(before[name], scrape(meshes[name]), row["wall_seconds"])
                     if stats is not None:
                         # Paired runs share the sim: its counters cover both services then.
                         row["sim"] = {k: stats[k] for k in ("embedding_requests", "embedding_inputs",
                                                             "max_embedding_batch")} | {"services": len(group)}
                     results[name][str(n)] = row
-            for name in meshes:
+            for name in names:
                 row = results[name][str(n)]
                 lat = row["latency_ms"]
-                print(f"  {name:9s} N={n:3d}: {row['texts_per_s']:7.1f} texts/s  p50 {lat['p50']:8.1f}  "
+                print(f"  {name:10s} N={n:3d}: {row['texts_per_s']:7.1f} texts/s  p50 {lat['p50']:8.1f}  "
                       f"p95 {lat['p95']:8.1f}  p99 {lat['p99']:8.1f} ms  batches {row['service']['batches']:.0f} "
                       f"(mean {row['service']['mean_batch_size']:.1f})  service CPU "
                       f"{row['service']['service_cpu_cores']:.2f} cores  {row['codes']}", flush=True)
@@ -730,14 +816,17 @@ def _sweep_rows(sweep_result: dict[str, dict[str, Any]], callers: Sequence[int],
              + "backend busy | service CPU | errors |", "|---|---|---|---|---|---|---|" + ("---|" if pad else "")
              + "---|---|---|"]
     for n in callers:
-        for mode in ("batched", "unbatched"):
+        for mode in sweep_result:
             r = sweep_result[mode][str(n)]
             lat, svc = r["latency_ms"], r["service"]
             errors = sum(v for k, v in r["codes"].items() if k != "OK")
-            padding = f"x{svc['padded_tokens'] / real_tokens:.2f} | " if real_tokens else ""
-            lines.append(f"| {n} | {mode} | {r['texts_per_s']:.1f} | {lat['p50']:.1f} | {lat['p95']:.1f} | "
-                         f"{lat['p99']:.1f} | {svc['mean_batch_size']:.1f} | {padding}"
-                         f"{100 * svc['model_busy_share']:.0f} % | {svc['service_cpu_cores']:.2f} cores | {errors} |")
+            # The bare floor has no metrics: one model run per text (batch 1, nothing padded), busy share unknown.
+            padding = ("" if not real_tokens else "x1.00 | " if svc["padded_tokens"] is None
+                       else f"x{svc['padded_tokens'] / real_tokens:.2f} | ")
+            busy = "-" if svc["model_busy_share"] is None else f"{100 * svc['model_busy_share']:.0f} %"
+            lines.append(f"| {n} | {MODE_LABELS.get(mode, mode)} | {r['texts_per_s']:.1f} | {lat['p50']:.1f} | "
+                         f"{lat['p95']:.1f} | {lat['p99']:.1f} | {svc['mean_batch_size']:.1f} | {padding}{busy} | "
+                         f"{svc['service_cpu_cores']:.2f} cores | {errors} |")
     return lines
 
 
@@ -760,8 +849,21 @@ def report(figures: dict[str, Any], callers: Sequence[int]) -> tuple[list[dict[s
                             local64 / ceiling_tps, ">= 0.95", local64 / ceiling_tps >= 0.95)
     ceiling_target["floor"] = (f"in-process ceiling {ceiling_tps:.1f} texts/s ({compute}: {how}, batch "
                                f"{recheck['ceiling_batch_size']})")
+    floor_targets = []
+    if FLOOR in local:
+        floor64 = local[FLOOR][top]["texts_per_s"]
+        ceiling_target["floor"] += (f"; bare gRPC+model floor {floor64:.1f} texts/s = {floor64 / ceiling_tps:.3f} of "
+                                    f"it, the service {local64 / floor64:.3f} of the floor")
+        floor_targets = [
+            target(f"local: {top} callers, bare gRPC+model floor / ceiling (same run; {floor64:.1f} texts/s)",
+                   floor64 / ceiling_tps, "informational (>= 0.95)",
+                   floor64 / ceiling_tps >= 0.95),
+            target(f"local: {top} callers, service batched / bare gRPC+model floor", local64 / floor64, ">= 0.95",
+                   local64 / floor64 >= 0.95),
+        ]
     targets = [
         ceiling_target,
+        *floor_targets,
         target(f"local: {top} callers / in-process batch-1 ({compute}, {batch1_tps:.1f} texts/s)",
                local64 / batch1_tps, "> 1", local64 / batch1_tps > 1),
         target(f"remote: {top} callers batched / unbatched throughput", remote_ratio, ">= 8", remote_ratio >= 8),
@@ -783,7 +885,21 @@ def report(figures: dict[str, Any], callers: Sequence[int]) -> tuple[list[dict[s
         for o, label in ((f"sorted_window{WINDOW}", "window-sorted"), ("sorted_global", "globally sorted"))
         if o in orders)
     lines += ["", f"{top} callers, batched: {local64:.1f} texts/s = {100 * local64 / ceiling_tps:.0f} % of the "
-              f"arrival-order ceiling{sorted_bests}; {local64 / batch1_tps:.2f}x in-process batch 1.", "",
+              f"arrival-order ceiling{sorted_bests}; {local64 / batch1_tps:.2f}x in-process batch 1."]
+    if FLOOR in local:
+        lines += ["", "Bare floor = bench/_embedding_floor.py: a bare grpc.aio server (no interceptors, auth, "
+                  "metrics, tracing, validation, cache or batcher) doing the service's model work, i.e. the same "
+                  f"tokenizer and OnnxBackend ({compute}, up to {lanes} texts at once) from the same environment, on "
+                  "the same event loop; driven by the same callers, interleaved with the two services. What it "
+                  "loses to the ceiling is Python gRPC's and the load generator's share of the same cores; what the "
+                  "service loses to it is the service's own. " + "; ".join(
+                      f"{n} callers: floor {local[FLOOR][str(n)]['texts_per_s']:.1f} texts/s = "
+                      f"{100 * local[FLOOR][str(n)]['texts_per_s'] / ceiling_tps:.0f} % of the ceiling, batched "
+                      f"{100 * local['batched'][str(n)]['texts_per_s'] / local[FLOOR][str(n)]['texts_per_s']:.0f} % "
+                      f"of the floor, unbatched "
+                      f"{100 * local['unbatched'][str(n)]['texts_per_s'] / local[FLOOR][str(n)]['texts_per_s']:.0f} %"
+                      for n in callers if n > 1) + "."]
+    lines += ["",
               f"## Ceiling: ONNX backend in process, compute {compute} ({ceiling['texts']} texts, mean "
               f"{ceiling['real_tokens_mean']:.0f} real tokens, {ceiling['truncated']} truncated at 256; {how})", "",
               "texts/s by batch size (padded / real tokens in brackets; * = pass stopped after "
@@ -842,9 +958,10 @@ def plot(figures: dict[str, Any], callers: Sequence[int]):  # type: ignore[no-un
         recheck, orders = figures["ceiling_recheck"], figures["ceiling"]["orders"]
         for ax, backend, title in ((axes[0][0], "local", f"local ONNX ({recheck['compute']}) through gRPC"),
                                    (axes[0][1], "remote", "remote (sim 10 ms/call) through gRPC")):
-            for mode, style in (("batched", "o-"), ("unbatched", "s--")):
-                ax.plot(callers, [figures[backend][mode][str(n)]["texts_per_s"] for n in callers], style,
-                        label=mode)
+            for mode, style in (("batched", "o-"), ("unbatched", "s--"), (FLOOR, "^:")):
+                if mode in figures[backend]:
+                    ax.plot(callers, [figures[backend][mode][str(n)]["texts_per_s"] for n in callers], style,
+                            label=MODE_LABELS[mode] + (" (bare gRPC + the model)" if mode == FLOOR else ""))
             if backend == "local":
                 ax.axhline(recheck["ceiling_texts_per_s"], color="red", lw=1,
                            label=f"ceiling ({recheck['compute']}, {recheck['lanes']} at once, arrival order, batch "
@@ -877,9 +994,10 @@ def plot(figures: dict[str, Any], callers: Sequence[int]):  # type: ignore[no-un
         ax.legend(fontsize=8)
         ax = axes[1][1]
         for backend, color in (("local", "tab:blue"), ("remote", "tab:orange")):
-            for mode, style in (("batched", "o-"), ("unbatched", "s--")):
-                ax.plot(callers, [figures[backend][mode][str(n)]["latency_ms"]["p99"] for n in callers], style,
-                        color=color, label=f"{backend} {mode} p99")
+            for mode, style in (("batched", "o-"), ("unbatched", "s--"), (FLOOR, "^:")):
+                if mode in figures[backend]:
+                    ax.plot(callers, [figures[backend][mode][str(n)]["latency_ms"]["p99"] for n in callers], style,
+                            color=color, label=f"{backend} {MODE_LABELS[mode]} p99")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xticks(list(callers), [str(n) for n in callers])
@@ -1048,6 +1166,7 @@ async def run(args: argparse.Namespace) -> int:
     meter = CpuMeter()
     meshes: list[LocalMesh] = []
     sim: SimProcess | None = None
+    floor: FloorServer | None = None
     try:
         print(f"phase 1: in-process ceiling, compute {compute} ({n_local} texts)", flush=True)
         # The ceiling is the model at its best alone, run the way the service runs this compute. float32: one batch
@@ -1068,13 +1187,16 @@ async def run(args: argparse.Namespace) -> int:
         del backend
         meter.phase("ceiling")
 
-        print("phase 2: local sweep (batched vs unbatched)", flush=True)
+        print("phase 2: local sweep (batched vs unbatched vs the bare floor)", flush=True)
         local = {"batched": start_service(workdir, "local-batched", compute_env),
                  "unbatched": start_service(workdir, "local-unbatched", {**compute_env, **UNBATCHED})}
         meshes += local.values()
-        figures["local"] = await sweep(local, local_texts, warm, callers)
+        floor = FloorServer(workdir, compute_env)
+        figures["local"] = await sweep(local, local_texts, warm, callers, floor=floor)
         for mesh in local.values():
             mesh.stop()
+        floor.stop()
+        floor = None
         meter.phase("local_sweep")
 
         print("  ceiling re-check", flush=True)
@@ -1123,6 +1245,8 @@ async def run(args: argparse.Namespace) -> int:
     finally:
         for mesh in meshes:
             mesh.stop()
+        if floor is not None:
+            floor.stop()
         if sim is not None:
             sim.stop()
         figures["redis_keys_deleted"] = cleanup_redis(prefix)
@@ -1155,8 +1279,14 @@ async def run(args: argparse.Namespace) -> int:
         f"({b}); unbatched = RAGFLEET_EMBEDDING_MAX_BATCH_SIZE=1, MAX_WAIT_MS=0 (batches of one, no wait"
         + (f"; still up to {lanes} calls in flight" if lanes > 1 else "") + "). Each setting is preceded by a "
         "warm-up with the same caller count on other texts.",
-        "At 1 caller, calls alternate between the batched and unbatched service text by text (paired), so both "
-        "see the same texts under the same machine noise; throughput there = texts / sum of latencies.",
+        "At 1 caller, calls alternate between the batched and unbatched service and the bare floor text by text "
+        "(paired), so all see the same texts under the same machine noise; throughput there = texts / sum of "
+        "latencies.",
+        "Bare floor (local sweep): bench/_embedding_floor.py, a bare grpc.aio Embed server (no interceptors, auth, "
+        "metrics, tracing, validation, cache or batcher) doing the service's model work: the service's tokenizer and "
+        "OnnxBackend built from the same environment (compute, threads), each request's texts tokenized inline and "
+        "run on one of the backend's model threads, on the same event loop as the service. Its service CPU is its "
+        "process's utime + stime from /proc; it has no metrics, so no backend busy share.",
         "Ceiling = best in-process throughput of the ONNX backend over batch sizes "
         f"{'/'.join(map(str, batch_sizes))} in arrival order (naive batching), the higher of a pass before and after "
         "the sweep, "
