@@ -106,9 +106,11 @@ class TokenCounter:
     def count(self, text: str, encoding: str = "cl100k_base", limit: int | None = None) -> int:
         """Tokens in text; with a limit, any result above it only means "more than limit" (counted no further)."""
         enc = self._encoding(encoding)
+        if len(text) <= _CACHED_CHARS:  # cached whole, limit or not: passages recur, and are packed with a limit
+            return _count(enc, text)
         if limit is not None and len(text) > limit:  # a token is at least one character: else counting all is cheap
             return len(_encode(enc, text, limit))
-        return _count(enc, text) if len(text) <= _CACHED_CHARS else len(_encode(enc, text))
+        return len(_encode(enc, text))
 
     def truncate(self, text: str, tokens: int, encoding: str = "cl100k_base") -> str:
         enc = self._encoding(encoding)
