@@ -60,6 +60,7 @@ class Coalescer(Generic[E]):
         self._done = False
         self._error: BaseException | None = None
         self._lagging = False
+        self._lingering = False  # the consumer waits for a full merge, a final event or the end, not any delta
         self._last_sent = float("-inf")  # window mode: when the last message left
         self._pump: asyncio.Task[None] | None = None
         self._closed = False
@@ -100,7 +101,10 @@ class Coalescer(Generic[E]):
                 size = 0 if text is None else len(text.encode())
                 self._queue.append((event, text, loop.time(), size))
                 self._pending_bytes += size
-                self._changed.set()
+                # A lingering consumer needs no wake-up per delta, only when the merge is full or a final event
+                # came: a burst of N deltas (the offline answerer's words) woke it N times, each with a timer.
+                if not self._lingering or text is None or self._pending_bytes >= self._max_bytes:
+                    self._changed.set()
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - handed to the consumer after the deltas before it
@@ -153,11 +157,15 @@ class Coalescer(Generic[E]):
     async def _linger(self, deadline: float) -> None:
         """Let a merge fill up until the deadline (loop time), max_bytes, a non-delta event or the source's end."""
         loop = asyncio.get_running_loop()
-        while not self._done and self._fill() < self._max_bytes:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return
-            await self._wait_change(remaining)
+        self._lingering = True
+        try:
+            while not self._done and self._fill() < self._max_bytes:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return
+                await self._wait_change(remaining)
+        finally:
+            self._lingering = False
 
     def _fill(self) -> int:
         """Bytes of the deltas at the head of the queue that one merge could take."""

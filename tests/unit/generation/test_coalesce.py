@@ -167,3 +167,28 @@ async def test_full_buffer_stops_the_producer():
         assert produced <= 25  # one merged message plus ~100 bytes buffered, not all 10 kB
         rest = [e async for e in events]
     assert len(first.text) + sum(len(e.text) for e in rest) == 10000
+
+
+async def test_a_burst_inside_the_window_wakes_the_consumer_once_per_message_not_per_delta():
+    """The offline answerer yields its words in one burst: the held message fills while the consumer sleeps until
+    the window's end (or a full merge), instead of waking, re-arming a timer and re-checking for every word."""
+    waits = 0
+
+    class Counting(Coalescer):
+        async def _wait_change(self, timeout=None):
+            nonlocal waits
+            waits += 1
+            await super()._wait_change(timeout)
+
+    async def burst():
+        for i in range(200):
+            yield Delta(f" w{i:03d}")  # 5 bytes: 200 words, ~1000 bytes
+            await asyncio.sleep(0)
+        yield DONE
+
+    started = time.perf_counter()
+    out = await collect(Counting(burst(), max_bytes=4096, window=0.02))
+    assert "".join(e.text for e in out if isinstance(e, Delta)) == "".join(f" w{i:03d}" for i in range(200))
+    assert len(out) == 3 and out[-1] == DONE  # the first word alone, the rest as one message, the final event
+    assert waits <= 3, waits
+    assert time.perf_counter() - started < 0.5
