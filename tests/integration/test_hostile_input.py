@@ -135,8 +135,11 @@ def test_oversized_asks_without_a_key_do_not_grow_the_gateway(keyed_gateway) -> 
         errors = list(pool.map(lambda _: _ask_raw(address, payload), range(5)))
     grown = rss_bytes(pid) - before
     assert all(e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for e in errors), [e.details() for e in errors]
-    # One message is 60 MiB: the gateway may not have held even one of them (before: +950 MB).
-    assert grown < 30 * MiB, f"gateway RSS grew {grown / MiB:.0f} MiB"
+    # One message is 60 MiB: the gateway may not have held even one of them (before: +950 MB). What it may hold is
+    # transport buffers: each of the 5 connections can have taken in up to its HTTP/2 flow-control window (BDP
+    # probing grows it to several MiB) before gRPC core refuses the message, and freed memory stays in malloc's
+    # arenas. A full-suite run once measured more than the 30 MiB allowed here before (not reproduced in 16 runs).
+    assert grown < 48 * MiB, f"gateway RSS grew {grown / MiB:.0f} MiB"
     assert keyed_gateway.exited() is None
 
 
