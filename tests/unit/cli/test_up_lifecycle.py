@@ -36,7 +36,15 @@ def _env() -> dict[str, str]:
 
 
 def _up_command(data_dir: Path, port_base: int = 0) -> list[str]:
-    return [sys.executable, "-m", "services.cli", "up", "--port-base", str(port_base), "--data-dir", str(data_dir)]
+    """`up` as a terminal would start it, with SIGHUP at its default even when this test run was started under
+    `nohup` (an ignored SIGHUP is inherited through exec, and `up` rightly keeps ignoring it then): the SIGHUP
+    tests below would otherwise fail for how the suite was launched, not for `up`."""
+    return [sys.executable, "-c", _SIGHUP_DEFAULT_THEN_EXEC, "-m", "services.cli", "up", "--port-base", str(port_base),
+            "--data-dir", str(data_dir)]
+
+
+_SIGHUP_DEFAULT_THEN_EXEC = ("import os, signal, sys; signal.signal(signal.SIGHUP, signal.SIG_DFL); "
+                             "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])")
 
 
 def _mesh_pids(data_dir: Path) -> set[int]:
