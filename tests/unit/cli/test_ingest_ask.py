@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import _thread
 import argparse
+import signal
 import threading
 import time
 from concurrent import futures
 from pathlib import Path
+from typing import Iterator
 
 import grpc
 import pytest
@@ -64,11 +66,22 @@ def _ingest_args(path: Path | str, gateway: str = "127.0.0.1:1", api_key: str | 
 
 
 def _interrupt_when(event: threading.Event) -> None:
-    """Ctrl-C in the main thread (where the CLI waits on the call) once the server has the request."""
+    """Ctrl-C in the main thread (where the CLI waits on the call) once the server has the request. The test run may
+    have been started with SIGINT ignored (a background job of a non-interactive shell), and interrupt_main() does
+    nothing then: Python's own handler is installed for the test (the fixture below restores the previous one)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
     def fire() -> None:
         if event.wait(10):
             _thread.interrupt_main()
     threading.Thread(target=fire, daemon=True).start()
+
+
+@pytest.fixture(autouse=True)
+def _restore_sigint() -> Iterator[None]:
+    previous = signal.getsignal(signal.SIGINT)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 # -- ingest: local input problems are one line on stderr and exit 2, never a traceback -------------------------------
