@@ -35,7 +35,7 @@ import aiohttp
 import grpc
 import uvloop
 
-from bench._common import LOAD_SIM, ROOT, percentiles, write_results
+from bench._common import LOAD_SIM, ROOT, percentiles, stop_process, write_results
 from bench._sim import SimProcess, cpu_seconds
 from services.cli.mesh import free_port
 from services.generation.sse import SSEDecoder, decode_data, is_done
@@ -243,13 +243,9 @@ class BareMesh:
 
     def stop(self) -> None:
         for process in self.processes.values():
-            process.terminate()
+            process.terminate()  # all at once: they drain side by side
         for process in self.processes.values():
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop_process(process)
         self.processes.clear()
 
     async def __aenter__(self) -> "BareMesh":

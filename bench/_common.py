@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,6 +25,17 @@ RESULTS_DIR = ROOT / "bench" / "results"
 CACHE_DIR = ROOT / "bench" / ".cache"  # embeddings of benchmark data, keyed by model and text hash
 EMBED_BATCH = 32
 EMBED_CONCURRENCY = 4
+
+
+def stop_process(process: "subprocess.Popen[Any]", timeout: float = 10.0) -> None:
+    """SIGTERM (a graceful drain), then SIGKILL if it has not exited within `timeout`; reaped either way."""
+    if process.poll() is None:
+        process.terminate()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def machine_info() -> dict[str, Any]:

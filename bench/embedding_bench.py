@@ -70,8 +70,8 @@ from typing import Any, Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench._common import REDIS_URL, ROOT, percentiles, target, write_results
-from bench._sim import SimProcess
+from bench._common import REDIS_URL, ROOT, percentiles, stop_process, target, write_results
+from bench._sim import SimProcess, cpu_seconds
 from services.cli.mesh import LocalMesh, free_port
 from services.runtime.pb.ragfleet.v1 import common_pb2, embedding_pb2, embedding_pb2_grpc
 
@@ -347,19 +347,10 @@ class FloorServer:
         return grpc.aio.insecure_channel(self.address)
 
     def cpu_seconds(self) -> float:
-        """utime + stime of the process (all its threads), from /proc/<pid>/stat."""
-        stat = Path(f"/proc/{self.process.pid}/stat").read_text()
-        fields = stat[stat.rindex(")") + 2:].split()  # after the command name, which may hold spaces
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return cpu_seconds(self.process.pid)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
         self._log.close()
 
 

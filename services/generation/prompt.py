@@ -199,7 +199,9 @@ class PromptBuilder:
         sampling, settings = resolve_sampling(self._config, request.params)
         enc = settings.encoding
         question = request.question.strip()
-        fixed = self._cost(SYSTEM_PROMPT, enc) + self._cost("Sources:\n\nQuestion: " + question, enc) + _REPLY_PRIMER
+        # "Sources:\n\nQuestion: ..." with no passage yet, from the cached parts _user_cost counts the message from.
+        fixed = (self._cost(SYSTEM_PROMPT, enc) + self._counter.count(_SOURCES_HEAD, enc)
+                 + self._user_cost((), question, enc) + _REPLY_PRIMER)
         room = settings.context_tokens - sampling.max_tokens - fixed
         if room < 0:
             raise InvalidArgument(

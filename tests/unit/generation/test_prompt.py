@@ -64,6 +64,9 @@ async def test_prompt_tokens_are_the_whole_messages_count_whatever_the_text(part
     assert prompt.messages[-1]["content"] == (f"Sources:\n\n{rendered}\n\nQuestion: {q}" if prompt.passages
                                               else f"Question: {q}")
     assert prompt.prompt_tokens == sum(COUNTER.count(m["content"], encoding) + 4 for m in prompt.messages) + 3
+    # the budget's fixed part (the message before any passage) is counted from the same parts
+    assert COUNTER.count(f"Sources:\n\nQuestion: {q}", encoding) == (COUNTER.count("Sources:\n\n", encoding)
+                                                                      + COUNTER.count(f"Question: {q}", encoding))
 
 
 async def test_context_window_limits_passages_too():
