@@ -37,7 +37,7 @@ COMMANDS = {
     "ask_cost": f"{LOCK} bench.ask_cost",
     "coalescing": f"{LOCK} bench.coalescing",
     "gateway_bench": f"{LOCK} bench.gateway_bench --baseline-tree {BASELINE}",
-    "tracing_cost": f"{LOCK} bench.tracing_cost --rounds 4",  # 2 rounds drift as much as the effect
+    "tracing_cost": f"{LOCK} bench.tracing_cost",
     "embedding_bench": f"{LOCK} bench.embedding_bench",
     "workers": f"{LOCK} bench.workers",
 }

@@ -3,13 +3,18 @@
     flock /tmp/ragfleet-bench.lock .venv/bin/python -m bench.tracing_cost
 
 The mesh and load of bench/ask_cost.py phase 1 (sequential uncached one-token Asks, CPU of each service read from
-/proc), started once per mode and the modes interleaved over --rounds, so drift on a shared machine hits all alike:
+/proc), one mesh per mode:
   off       OTEL_SDK_DISABLED=true: the SDK hands out no-op tracers (interceptors still run, nothing is recorded);
   sampled   the default: parentbased_always_on, every span recorded, no exporter configured;
   exported  the same, plus OTLP/gRPC export to a collector in this process (BatchSpanProcessor, as in production).
+The three meshes run at the same time and take the Asks in turn, --block Asks each, in an order rotated every
+round. A mesh measured after another (the design until 2026-12-04) saw this machine's drift: two meshes of the same
+mode, one after the other, differed by as much as tracing's whole cost (off 8.9-10.1 ms per Ask over 4 rounds).
+Blocks of a few hundred milliseconds see the same machine, and a block long enough to warm the mesh's caches keeps
+the interleaving from charging cold caches to every Ask.
 The target: tracing on at 100 % sampling (exported) costs at most 15 % more mesh CPU per Ask than off.
-Spans leave each process in batches (the SDK's OTEL_BSP_SCHEDULE_DELAY, 5 s, or 512 spans), so every mode's CPU
-window runs on --settle seconds past its last Ask: the export of the last spans is counted, not left outside.
+Spans leave each process in batches (the SDK's OTEL_BSP_SCHEDULE_DELAY, 5 s, or 512 spans), so the CPU is read
+--settle seconds past the last Ask: the export of the last spans is counted, not left outside.
 Writes bench/results/tracing_cost.{json,md} (--name <name> writes <name>.* instead, for a smoke run).
 """
 
@@ -17,15 +22,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
-from statistics import median
+from statistics import median, quantiles
 
 import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from bench._common import cost_mesh, target, write_results
+from bench._common import QUESTIONS, ask_once, cost_mesh, target, write_results
 from bench._sim import SimProcess, cpu_seconds
-from bench._common import QUESTIONS, ask_once
 from bench.ask_cost import MESH, ONE_TOKEN_SIM, warm_up
 from services.runtime.pb.ragfleet.v1 import gateway_pb2_grpc
 
@@ -45,28 +50,58 @@ class _Collector(trace_service_pb2_grpc.TraceServiceServicer):
         return trace_service_pb2.ExportTraceServiceResponse()
 
 
-async def _cost_until_exported(stub: gateway_pb2_grpc.GatewayServiceStub, pids: dict[str, int], asks: int,
-                               settle: float) -> dict[str, float]:
-    """CPU ms per Ask of each service over `asks` uncached Asks and `settle` idle seconds after them."""
-    await warm_up(stub)
-    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-    for i in range(asks):
-        await ask_once(stub, QUESTIONS[i % len(QUESTIONS)], bypass_cache=True)
-    await asyncio.sleep(settle)
-    return {name: (cpu_seconds(pid) - before[name]) / asks * 1000 for name, pid in pids.items()}
-
-
-async def _one_mode(mode: str, sim: SimProcess, collector_address: str, asks: int,
-                    settle: float) -> dict[str, float]:
-    env: dict[str, str] = {}
+def _env(mode: str, collector_address: str) -> dict[str, str]:
     if mode == "off":
-        env["OTEL_SDK_DISABLED"] = "true"
-    elif mode == "exported":
-        env["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://{collector_address}"
-    with cost_mesh(sim.base_url, "tracing", env) as mesh:
-        pids = {name: mesh.processes[name].process.pid for name in MESH}
-        async with grpc.aio.insecure_channel(mesh.address("gateway")) as channel:
-            return await _cost_until_exported(gateway_pb2_grpc.GatewayServiceStub(channel), pids, asks, settle)
+        return {"OTEL_SDK_DISABLED": "true"}
+    if mode == "exported":
+        return {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{collector_address}"}
+    return {}
+
+
+def _order(round_: int) -> tuple[str, ...]:
+    """The order of round `round_`: rotated each round, reversed every other three rounds, so six rounds run all
+    six orders and no mode always goes first or follows the same one."""
+    shift = round_ % len(MODES)
+    order = MODES[shift:] + MODES[:shift]
+    return order[::-1] if (round_ // len(MODES)) % 2 else order
+
+
+class _Cpu:
+    """CPU seconds of each service of one mesh, read from /proc."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+
+    def read(self) -> dict[str, float]:
+        return {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+
+
+async def measure(stubs: dict[str, gateway_pb2_grpc.GatewayServiceStub], cpus: dict[str, _Cpu], rounds: int,
+                  block: int, settle: float) -> tuple[dict[str, dict[str, float]], dict[str, list[float]]]:
+    """(CPU ms per Ask of each service per mode over the whole run and the idle `settle` after it, each round's
+    mesh CPU ms per Ask per mode). The meshes are warmed first; each takes `block` sequential Asks per round."""
+    for stub in stubs.values():
+        await warm_up(stub)
+    start = {mode: cpu.read() for mode, cpu in cpus.items()}
+    by_round: dict[str, list[float]] = {mode: [] for mode in MODES}
+    asked = 0
+    for round_ in range(rounds):
+        for mode in _order(round_):
+            before = cpus[mode].read()
+            for i in range(block):
+                await ask_once(stubs[mode], QUESTIONS[(asked + i) % len(QUESTIONS)], bypass_cache=True)
+            after = cpus[mode].read()
+            by_round[mode].append(sum(after[n] - before[n] for n in MESH) / block * 1000)
+        asked += block
+    await asyncio.sleep(settle)
+    end = {mode: cpu.read() for mode, cpu in cpus.items()}
+    per_ask = {mode: {n: (end[mode][n] - start[mode][n]) / asked * 1000 for n in MESH} for mode in MODES}
+    return per_ask, by_round
+
+
+def _spread(values: list[float]) -> str:
+    q1, _, q3 = quantiles(values, n=4)
+    return f"{median(values):.2f} ({q1:.2f}-{q3:.2f})"
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -77,43 +112,58 @@ async def run(args: argparse.Namespace) -> int:
     trace_service_pb2_grpc.add_TraceServiceServicer_to_server(collector, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    samples: dict[str, list[dict[str, float]]] = {mode: [] for mode in MODES}
     try:
-        for round_ in range(args.rounds):
-            for mode in MODES if round_ % 2 == 0 else reversed(MODES):
-                samples[mode].append(await _one_mode(mode, sim, f"127.0.0.1:{port}", args.asks, args.settle))
-                print(f"round {round_ + 1} {mode}: {sum(samples[mode][-1].values()):.2f} ms per Ask", flush=True)
+        with contextlib.ExitStack() as meshes:
+            started = {mode: meshes.enter_context(cost_mesh(sim.base_url, f"tracing-{mode}",
+                                                            _env(mode, f"127.0.0.1:{port}"))) for mode in MODES}
+            channels = {mode: grpc.aio.insecure_channel(mesh.address("gateway")) for mode, mesh in started.items()}
+            try:
+                per_ask, by_round = await measure(
+                    {mode: gateway_pb2_grpc.GatewayServiceStub(ch) for mode, ch in channels.items()},
+                    {mode: _Cpu({n: mesh.processes[n].process.pid for n in MESH}) for mode, mesh in started.items()},
+                    args.rounds, args.block, args.settle)
+            finally:
+                for channel in channels.values():
+                    await channel.close()
     finally:
         await server.stop(None)
         sim.stop()
 
-    per_mode = {mode: {name: median(s[name] for s in samples[mode]) for name in MESH} for mode in MODES}
-    totals = {mode: sum(per_mode[mode].values()) for mode in MODES}
+    totals = {mode: sum(per_ask[mode].values()) for mode in MODES}
     overhead = {mode: totals[mode] / totals["off"] - 1 for mode in MODES}
-    rows = ["## Mesh CPU per uncached Ask (ms, median over rounds)", "",
-            "| mode | " + " | ".join(MESH) + " | mesh | vs off |", "|---" * (len(MESH) + 3) + "|"]
+    # The same ratio per round (each round's blocks ran within a few seconds of each other): how far it moves.
+    round_overhead = {mode: [on / off - 1 for on, off in zip(by_round[mode], by_round["off"])] for mode in MODES}
+    rows = ["## Mesh CPU per uncached Ask (ms; the three meshes live at once, Asks in interleaved blocks)", "",
+            "| mode | " + " | ".join(MESH) + " | mesh | vs off | per round: mesh, median (IQR) | per round: vs off |",
+            "|---" * (len(MESH) + 5) + "|"]
     for mode in MODES:
-        rows.append(f"| {mode} | " + " | ".join(f"{per_mode[mode][n]:.2f}" for n in MESH) +
-                    f" | {totals[mode]:.2f} | {overhead[mode]:+.1%} |")
-    rows += ["", f"{args.rounds} rounds x {args.asks} Asks per mode; {collector.spans} spans exported in all."]
+        rows.append(f"| {mode} | " + " | ".join(f"{per_ask[mode][n]:.2f}" for n in MESH) +
+                    f" | {totals[mode]:.2f} | {overhead[mode]:+.1%} | {_spread(by_round[mode])} | "
+                    f"{median(round_overhead[mode]):+.1%} |")
+    rows += ["", f"{args.rounds} rounds x {args.block} Asks per mode ({args.rounds * args.block} per mode); "
+                 f"{collector.spans} spans exported in all."]
     targets = [target("tracing on (100 % sampled, exported over OTLP): extra mesh CPU per Ask vs off",
                       overhead["exported"], f"<= {MAX_OVERHEAD:.0%}", overhead["exported"] <= MAX_OVERHEAD)]
-    write_results(args.name, figures={"per_mode_ms": per_mode, "totals_ms": totals, "overhead": overhead,
-                                           "samples": samples, "spans_exported": collector.spans},
+    write_results(args.name, figures={"per_mode_ms": per_ask, "totals_ms": totals, "overhead": overhead,
+                                      "by_round_ms": by_round, "round_overhead": round_overhead,
+                                      "spans_exported": collector.spans},
                   targets=targets, markdown="\n".join(rows),
-                  notes=["CPU of each service process from /proc (user + system) over the measured Asks and "
-                         f"{args.settle:g} idle seconds after them (every mode alike), so the export of the last "
-                         "spans is counted; the sim LLM, the collector and this load generator are not counted."])
+                  notes=["CPU of each service process from /proc (user + system) from the first measured Ask to "
+                         f"{args.settle:g} idle seconds after the last, so the export of the last spans is counted; "
+                         "each mesh idles while the others take their blocks (idle CPU is below /proc's 10 ms tick "
+                         "over seconds). The sim LLM, the collector and this load generator are not counted.",
+                         "Per round: one block of each mode within a few seconds, so the per-round ratio shows how "
+                         "far the figure moves without the drift between rounds."])
     print("\n".join(rows))
     return 0
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--asks", type=int, default=200, help="sequential one-token Asks per mode and round")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--block", type=int, default=40, help="sequential one-token Asks per mode and round")
+    parser.add_argument("--rounds", type=int, default=18, help="rounds (a multiple of 6 runs every order)")
     parser.add_argument("--settle", type=float, default=6.0,
-                        help="idle seconds counted after each mode's last Ask (past the 5 s export delay)")
+                        help="idle seconds counted after the last Ask (past the 5 s export delay)")
     parser.add_argument("--name", default="tracing_cost", help="results name (bench/results/<name>.*)")
     return asyncio.run(run(parser.parse_args()))
 
