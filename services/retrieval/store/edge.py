@@ -153,6 +153,7 @@ class EdgeStore(VectorStore):
                                            full_scan_threshold=self.index.indexing_threshold_kb),
             quantization_config=quantization,
             optimizers=qe.EdgeOptimizersConfig(indexing_threshold=self.index.indexing_threshold_kb),
+            max_search_threads=self.index.search_threads or None,
         )
 
     async def start(self) -> None:

@@ -354,3 +354,36 @@ async def test_a_point_the_engine_rejects_fails_alone(tmp_path, encoder):
         assert await store.count("acme") == 299
     finally:
         await store.close()
+
+
+def _engine_search_threads() -> set[str]:
+    """The OS threads of the engine's search pools in this process (the engine names them edge-search-N)."""
+    found = set()
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as comm:
+                if comm.read().startswith("edge-search"):
+                    found.add(tid)
+        except OSError:  # the thread ended meanwhile
+            pass
+    return found
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+async def test_the_engine_searches_on_as_many_threads_as_configured(tmp_path, encoder, threads):
+    before = _engine_search_threads()
+    store = EdgeStore(path=str(tmp_path / "s"), index=IndexConfig(dimension=DIM, optimize_idle_seconds=0,
+                                                                  search_threads=threads))
+    await store.start()
+    try:
+        data = records(encoder, 50)
+        await store.upsert(data)
+        assert (await store.dense("acme", data[3].vector, 1, ()))[0].point_id == data[3].point_id
+        assert len(_engine_search_threads() - before) == threads
+    finally:
+        await store.close()
+
+
+def test_search_threads_zero_leaves_the_pool_to_the_engine(tmp_path):
+    assert EdgeStore(path=str(tmp_path / "s"), index=IndexConfig(search_threads=0))._config().max_search_threads is None
+    assert EdgeStore(path=str(tmp_path / "t"), index=IndexConfig())._config().max_search_threads == 1
