@@ -28,6 +28,7 @@ _BEARER = "bearer "
 
 class ApiKeyAuth:
     span_attribute = "ragfleet.tenant"
+    mesh_callers = False
 
     def __init__(self, keys: Mapping[str, str]) -> None:
         # Compare fixed-length digests so differing key lengths do not leak through timing either.

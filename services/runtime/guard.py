@@ -61,6 +61,7 @@ class Authenticator(Protocol):
     log secrets: it runs on every call."""
 
     span_attribute: str  # where the caller's name goes on the RPC span, e.g. "ragfleet.caller"
+    mesh_callers: bool  # its callers are the mesh's own services (their gRPC user agent is not worth a span attribute)
 
     def authenticate(self, metadata: Metadata) -> str: ...
 

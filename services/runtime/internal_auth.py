@@ -145,6 +145,7 @@ class CallersAuthenticator:
     Digests are compared in constant time against every entry (no early exit)."""
 
     span_attribute = "ragfleet.caller"
+    mesh_callers = True
 
     def __init__(self, path: str) -> None:
         self._file = WatchedFile(path, CALLERS_FILE_VAR, _parse_callers)

@@ -6,8 +6,11 @@ three times, and one more client interceptor layer for the service token. Here e
 name, rpc.* attributes) is computed once, the server span is opened by services.runtime.rpc_handlers' own wrapper
 (no server interceptor), and the client span, the trace context and the caller's token are added where the call is
 made, by ``TracedChannel``'s multicallables: a grpc.aio client interceptor alone cost ~35 us of CPU a call.
-The spans carry the same names and attributes as the instrumentation's (semantic conventions for gRPC): the method
-path as the name, rpc.system/service/method, rpc.grpc.status_code, net.peer.* and rpc.user_agent on the server.
+The spans carry the names and the attributes that tell something of the instrumentation's (semantic conventions for
+gRPC): the method path as the name, rpc.system/service/method, rpc.grpc.status_code, and on the server net.peer.ip
+and, for callers from outside the mesh, rpc.user_agent. Not the caller's ephemeral port, not net.peer.name (it only
+said "localhost" for loopback), and not a mesh service's user agent (the grpc library of our own services; the guard
+names the calling service): each attribute costs every span a few microseconds to record and to export.
 
     channel = TracedChannel(grpc.aio.insecure_channel(target), traced=lambda method: True,
                             extra_metadata=lambda: (("authorization", "Bearer ..."),))
@@ -41,38 +44,37 @@ def _rpc_attributes(method: str) -> dict[str, Any]:
 
 
 def _peer_attributes(peer: str) -> dict[str, str]:
-    """'ipv4:10.2.1.1:57284' -> net.peer.ip/port (and net.peer.name for loopback), as the instrumentation did."""
+    """'ipv4:10.2.1.1:57284' -> net.peer.ip (which pod called; its ephemeral port tells nothing)."""
     if not peer or peer.startswith("unix:"):
         return {}
     try:
-        ip, port = peer.split(",")[0].split(":", 1)[1].rsplit(":", 1)
-    except (IndexError, ValueError):
+        ip = peer.split(",")[0].split(":", 1)[1].rsplit(":", 1)[0]
+    except IndexError:
         return {}
-    ip = unquote(ip)
-    found = {"net.peer.ip": ip, "net.peer.port": port}
-    if ip in ("[::1]", "127.0.0.1"):
-        found["net.peer.name"] = "localhost"
-    return found
+    return {"net.peer.ip": unquote(ip)}
 
 
 class ServerSpan:
     """The server span of one method: ``begin`` opens it as the current span, child of the caller's traceparent;
-    ``finish`` records the final status and closes it. Built once per method (services.runtime.rpc_handlers)."""
+    ``finish`` records the final status and closes it. Built once per method (services.runtime.rpc_handlers).
+    ``user_agent``: record the caller's; off for methods only the mesh's own services may call."""
 
     _peers: dict[str, dict[str, str]] = {}  # connections are long-lived: a peer's attributes are parsed once
 
-    def __init__(self, method: str) -> None:
+    def __init__(self, method: str, *, user_agent: bool = True) -> None:
         self.name = method
         self._attributes = _rpc_attributes(method)
+        self._user_agent = user_agent
         self._tracer = trace.get_tracer(_SCOPE)
 
     def begin(self, context: grpc.aio.ServicerContext) -> tuple[trace.Span, object]:
         carrier = dict(context.invocation_metadata() or ())
         parent = propagate.extract(carrier) if "traceparent" in carrier else None
         attributes = {**self._attributes, **self._peer(context.peer())}
-        agent = carrier.get("user-agent")
-        if agent is not None:
-            attributes["rpc.user_agent"] = agent
+        if self._user_agent:
+            agent = carrier.get("user-agent")
+            if agent is not None:
+                attributes["rpc.user_agent"] = agent
         span = self._tracer.start_span(self.name, context=parent, kind=SpanKind.SERVER, attributes=attributes)
         return span, otel_context.attach(trace.set_span_in_context(span, parent))
 

@@ -33,6 +33,7 @@ HOSTILE = {
 
 class KeyAuth:
     span_attribute = "ragfleet.caller"
+    mesh_callers = True
 
     def authenticate(self, metadata):
         for name, value in metadata or ():

@@ -77,6 +77,38 @@ async def test_a_call_is_a_client_span_parenting_the_server_span(channel, export
         assert span.attributes["rpc.method"] == "Echo"
         assert span.attributes["rpc.grpc.status_code"] == 0
     assert server.attributes["net.peer.ip"] == "127.0.0.1"
+    # What tells nothing is not recorded: the ephemeral port, a name that only said "localhost".
+    assert "net.peer.port" not in server.attributes and "net.peer.name" not in server.attributes
+    # A caller from outside the mesh (no mesh authenticator on this service): its user agent is kept.
+    assert server.attributes["rpc.user_agent"].startswith("grpc-python")
+
+
+class _MeshAuth:
+    span_attribute = "ragfleet.caller"
+    mesh_callers = True
+
+    def authenticate(self, metadata) -> str:  # type: ignore[no-untyped-def]
+        return "gateway"
+
+
+async def test_a_mesh_only_method_names_its_caller_without_the_user_agent(exporter) -> None:
+    async def echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return request
+
+    server = grpc.aio.server()
+    RpcHandlers(InFlight(), GuardPolicy(authenticators={SERVICE: _MeshAuth()})).add(
+        server, SERVICE, {"Echo": grpc.unary_unary_rpc_method_handler(echo)})
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as plain:
+            assert await plain.unary_unary(f"/{SERVICE}/Echo")(b"hi", timeout=5) == b"hi"
+    finally:
+        await server.stop(None)
+    (span,) = [s for s in exporter.get_finished_spans() if s.kind == trace.SpanKind.SERVER]
+    assert span.attributes["ragfleet.caller"] == "gateway"
+    assert span.attributes["net.peer.ip"] == "127.0.0.1"
+    assert "rpc.user_agent" not in span.attributes
 
 
 async def test_a_failed_call_carries_its_status_on_both_spans(channel, exporter) -> None:
