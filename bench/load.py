@@ -13,6 +13,8 @@ the offered load or hide its own queueing. The mix, per Ask:
 The mesh is started as bench/gateway_bench.py starts it: four LocalMesh processes, the default offline answerer,
 embedded Qdrant, Redis for the gateway; the corpus is the sample corpus plus --corpus-docs scifact abstracts.
 
+After the sweep, --refine bisection steps per tree (default 2, trees alternating) narrow each tree's limit between
+its highest sustainable step and the next one run, so a 40/s grid reads the limit to 10/s.
 Per step: TTFT and total p50/p95/p99 (all Asks and per kind), errors by status code, response/embedding/retrieval
 cache hit ratios (client statuses and each service's Prometheus counters), CPU per service from /proc (seconds per
 Ask answered), the load generator's own lag. A step is sustainable when TTFT p99 <= 500 ms with 0 errors; after a
@@ -375,6 +377,18 @@ def highest_sustainable(steps: dict[str, dict[str, Any]]) -> float:
     return max((s["offered_rate"] for s in steps.values() if s["sustainable"]), default=0.0)
 
 
+def next_refinement(steps: dict[str, dict[str, Any]], resolution: float) -> float | None:
+    """The rate halfway (to 5/s) between the highest sustainable step and the lowest step run above it, or None
+    when there is no such bracket or it is already `resolution` wide or narrower. On a sweep's grid of 40/s the
+    limit is only known to within a step; each refinement halves that."""
+    low = highest_sustainable(steps)
+    above = [s["offered_rate"] for s in steps.values() if s["offered_rate"] > low]
+    if low <= 0 or not above or min(above) - low <= resolution:
+        return None
+    middle = round((low + min(above)) / 2 / 5) * 5
+    return middle if low < middle < min(above) else None
+
+
 # -- the sweep ------------------------------------------------------------------------------------------------------
 
 async def sweep(args: argparse.Namespace, trees: list[Tree], started: float) -> None:
@@ -398,18 +412,18 @@ async def sweep(args: argparse.Namespace, trees: list[Tree], started: float) -> 
                     print(f"[{tree.label}] {rate:g}/s skipped: the {args.max_minutes:g} min budget is spent",
                           flush=True)
                     continue
-                step = await run_step(tree, stubs[tree.label], rate, seconds, args.deadline)
-                tree.steps[f"{rate:g}"] = step
-                t = step["ttft_ms"]["all"]
-                print(f"[{tree.label}] {rate:g}/s x {seconds:g}s: ok {step['ok']}/{step['sent']} codes {step['codes']} "
-                      f"TTFT p50 {t['p50']:.0f} p99 {t['p99']:.0f} ms, total p99 {step['total_ms']['p99']:.0f} ms, "
-                      f"mesh CPU {step['mesh_cpu_ms_per_ask']:.1f} ms/Ask, hits {step['hit_ratios']}, "
-                      f"{'sustainable' if step['sustainable'] else 'NOT sustainable'}", flush=True)
-                errors = step["errors"] / max(step["sent"], 1)
-                if tree.gave_up_at is None and (t["p99"] > GIVE_UP_TTFT_P99_MS or errors > GIVE_UP_ERROR_RATIO
-                                                or step["ok"] == 0):
-                    tree.gave_up_at = rate
-                    print(f"[{tree.label}] stops at {rate:g}/s: far past sustainable", flush=True)
+                await _step(tree, stubs[tree.label], rate, seconds, args)
+                await asyncio.sleep(args.pause)
+        # Bisect each tree's limit between its last sustainable step and the next one run, trees alternating.
+        for i in range(args.refine):
+            for tree in (trees if i % 2 == 0 else trees[::-1]):
+                rate = next_refinement(tree.steps, args.refine_resolution)
+                if rate is None:
+                    continue
+                if time.perf_counter() - started + args.seconds + args.deadline > budget:
+                    print(f"[{tree.label}] refinement at {rate:g}/s skipped: the budget is spent", flush=True)
+                    continue
+                await _step(tree, stubs[tree.label], rate, args.seconds, args)
                 await asyncio.sleep(args.pause)
         if args.profile_rate:
             for tree in trees:
@@ -417,6 +431,23 @@ async def sweep(args: argparse.Namespace, trees: list[Tree], started: float) -> 
     finally:
         for channel in channels.values():
             await channel.close()
+
+
+async def _step(tree: Tree, stub: gateway_pb2_grpc.GatewayServiceStub, rate: float, seconds: float,
+                args: argparse.Namespace) -> None:
+    """Run one step, keep it, print its line, and stop the tree's sweep once it is far past sustainable."""
+    step = await run_step(tree, stub, rate, seconds, args.deadline)
+    tree.steps[f"{rate:g}"] = step
+    t = step["ttft_ms"]["all"]
+    print(f"[{tree.label}] {rate:g}/s x {seconds:g}s: ok {step['ok']}/{step['sent']} codes {step['codes']} "
+          f"TTFT p50 {t['p50']:.0f} p99 {t['p99']:.0f} ms, total p99 {step['total_ms']['p99']:.0f} ms, "
+          f"mesh CPU {step['mesh_cpu_ms_per_ask']:.1f} ms/Ask, hits {step['hit_ratios']}, "
+          f"{'sustainable' if step['sustainable'] else 'NOT sustainable'}", flush=True)
+    errors = step["errors"] / max(step["sent"], 1)
+    if tree.gave_up_at is None and (t["p99"] > GIVE_UP_TTFT_P99_MS or errors > GIVE_UP_ERROR_RATIO
+                                    or step["ok"] == 0):
+        tree.gave_up_at = rate
+        print(f"[{tree.label}] stops at {rate:g}/s: far past sustainable", flush=True)
 
 
 async def profile_step(tree: Tree, stub: gateway_pb2_grpc.GatewayServiceStub,
@@ -632,6 +663,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--floor-asks", type=int, default=300, help="sequential Asks per bare CPU measurement")
     parser.add_argument("--floor-streams", type=int, default=100, help="streams for the bare relay cost (0: skip)")
     parser.add_argument("--name", default="load", help="results name under bench/results/")
+    parser.add_argument("--refine", type=int, default=2,
+                        help="after the sweep, bisection steps per tree between its highest sustainable rate and the "
+                             "next rate run (0: none)")
+    parser.add_argument("--refine-resolution", type=float, default=10.0,
+                        help="stop refining once the bracket is this narrow (Asks/s)")
     parser.add_argument("--profile-rate", type=float, default=None,
                         help="after the sweep, one more step per tree at this rate with py-spy on every service")
     parser.add_argument("--profile-dir", default=str(ROOT / "bench" / "results" / "profiles"),

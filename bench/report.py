@@ -29,10 +29,10 @@ LOCK = "flock /tmp/ragfleet-bench.lock .venv/bin/python -m"
 BASELINE = "/tmp/base"
 # The checkout the same-run comparisons were made against ("today's main" when issue 12 was filed).
 BASELINE_COMMIT = "2a1a619"
-LOAD_HIGH_RATES = "100,120,140,160,180,200,220,240,260,280,300"
+LOAD_HIGH_RATES = "100,160,200,240,280,320,360,400,440,480"  # past both trees' limits on 2026-12-04
 COMMANDS = {
     # The sweep that reaches both trees' limits (the default rates stop at 100/s, below either's).
-    "load_high": f"{LOCK} bench.load --baseline-tree {BASELINE} --rates {LOAD_HIGH_RATES} --max-minutes 18 "
+    "load_high": f"{LOCK} bench.load --baseline-tree {BASELINE} --rates {LOAD_HIGH_RATES} --max-minutes 20 "
                  "--name load_high --profile-rate 220",
     "ask_cost": f"{LOCK} bench.ask_cost",
     "coalescing": f"{LOCK} bench.coalescing",

@@ -56,6 +56,24 @@ def test_highest_sustainable_rate_and_the_floor_model() -> None:
     assert load.floor_per_ask(floor, step) == pytest.approx(0.5 * 1.0 + 0.5 * (5.0 + 10 * 0.5))
 
 
+def test_refinement_bisects_between_the_limit_and_the_next_rate_run() -> None:
+    def steps(**verdicts: bool) -> dict[str, dict[str, object]]:
+        return {rate[1:]: {"offered_rate": float(rate[1:]), "sustainable": ok} for rate, ok in verdicts.items()}
+
+    grid = steps(r100=True, r200=True, r240=False, r280=False)
+    assert load.next_refinement(grid, 10) == 220  # between 200 (the limit) and 240, not 280
+    grid |= steps(r220=True)
+    assert load.next_refinement(grid, 10) == 230
+    grid |= steps(r230=False)
+    assert load.next_refinement(grid, 10) is None  # 220..230: as narrow as asked
+    assert load.highest_sustainable(grid) == 220
+    assert load.next_refinement(steps(r100=True, r140=True), 10) is None  # nothing run above the limit
+    assert load.next_refinement(steps(r100=False, r140=False), 10) is None  # no limit to refine from
+    assert load.next_refinement(steps(r200=True, r240=False), 40) is None
+    # A sustainable step above an unsustainable one: the bracket starts at the highest sustainable.
+    assert load.next_refinement(steps(r200=True, r240=False, r280=True, r320=False), 10) == 300
+
+
 @pytest.mark.slow
 async def test_bare_mesh_answers_with_an_asks_shape() -> None:
     async with BareMesh() as mesh:  # canned deltas: no LLM behind generation
