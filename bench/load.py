@@ -392,7 +392,6 @@ def next_refinement(steps: dict[str, dict[str, Any]], resolution: float) -> floa
 # -- the sweep ------------------------------------------------------------------------------------------------------
 
 async def sweep(args: argparse.Namespace, trees: list[Tree], started: float) -> None:
-    budget = args.max_minutes * 60
     channels = {t.label: grpc.aio.insecure_channel(t.mesh.address("gateway")) for t in trees}
     try:
         stubs = {label: gateway_pb2_grpc.GatewayServiceStub(c) for label, c in channels.items()}
@@ -408,23 +407,14 @@ async def sweep(args: argparse.Namespace, trees: list[Tree], started: float) -> 
                 # target's values, however far off).
                 if tree.gave_up_at is not None and rate != TARGET_RATE:
                     continue
-                if time.perf_counter() - started + seconds + args.deadline > budget:
-                    print(f"[{tree.label}] {rate:g}/s skipped: the {args.max_minutes:g} min budget is spent",
-                          flush=True)
-                    continue
-                await _step(tree, stubs[tree.label], rate, seconds, args)
-                await asyncio.sleep(args.pause)
+                await _step(tree, stubs[tree.label], rate, seconds, args, started)
         # Bisect each tree's limit between its last sustainable step and the next one run, trees alternating.
         for i in range(args.refine):
             for tree in (trees if i % 2 == 0 else trees[::-1]):
                 rate = next_refinement(tree.steps, args.refine_resolution)
                 if rate is None:
                     continue
-                if time.perf_counter() - started + args.seconds + args.deadline > budget:
-                    print(f"[{tree.label}] refinement at {rate:g}/s skipped: the budget is spent", flush=True)
-                    continue
-                await _step(tree, stubs[tree.label], rate, args.seconds, args)
-                await asyncio.sleep(args.pause)
+                await _step(tree, stubs[tree.label], rate, args.seconds, args, started)
         if args.profile_rate:
             for tree in trees:
                 tree.profiled = await profile_step(tree, stubs[tree.label], args)
@@ -434,8 +424,12 @@ async def sweep(args: argparse.Namespace, trees: list[Tree], started: float) -> 
 
 
 async def _step(tree: Tree, stub: gateway_pb2_grpc.GatewayServiceStub, rate: float, seconds: float,
-                args: argparse.Namespace) -> None:
-    """Run one step, keep it, print its line, and stop the tree's sweep once it is far past sustainable."""
+                args: argparse.Namespace, started: float) -> None:
+    """Run one step (unless it would end past the --max-minutes budget), keep it, print its line, stop the tree's
+    sweep once it is far past sustainable, then pause."""
+    if time.perf_counter() - started + seconds + args.deadline > args.max_minutes * 60:
+        print(f"[{tree.label}] {rate:g}/s skipped: the {args.max_minutes:g} min budget is spent", flush=True)
+        return
     step = await run_step(tree, stub, rate, seconds, args.deadline)
     tree.steps[f"{rate:g}"] = step
     t = step["ttft_ms"]["all"]
@@ -448,6 +442,7 @@ async def _step(tree: Tree, stub: gateway_pb2_grpc.GatewayServiceStub, rate: flo
                                     or step["ok"] == 0):
         tree.gave_up_at = rate
         print(f"[{tree.label}] stops at {rate:g}/s: far past sustainable", flush=True)
+    await asyncio.sleep(args.pause)
 
 
 async def profile_step(tree: Tree, stub: gateway_pb2_grpc.GatewayServiceStub,

@@ -65,35 +65,31 @@ def _order(round_: int) -> tuple[str, ...]:
     return order[::-1] if (round_ // len(MODES)) % 2 else order
 
 
-class _Cpu:
+def _cpu(pids: dict[str, int]) -> dict[str, float]:
     """CPU seconds of each service of one mesh, read from /proc."""
-
-    def __init__(self, pids: dict[str, int]) -> None:
-        self.pids = pids
-
-    def read(self) -> dict[str, float]:
-        return {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+    return {name: cpu_seconds(pid) for name, pid in pids.items()}
 
 
-async def measure(stubs: dict[str, gateway_pb2_grpc.GatewayServiceStub], cpus: dict[str, _Cpu], rounds: int,
-                  block: int, settle: float) -> tuple[dict[str, dict[str, float]], dict[str, list[float]]]:
+async def measure(stubs: dict[str, gateway_pb2_grpc.GatewayServiceStub], pids: dict[str, dict[str, int]],
+                  rounds: int, block: int,
+                  settle: float) -> tuple[dict[str, dict[str, float]], dict[str, list[float]]]:
     """(CPU ms per Ask of each service per mode over the whole run and the idle `settle` after it, each round's
     mesh CPU ms per Ask per mode). The meshes are warmed first; each takes `block` sequential Asks per round."""
     for stub in stubs.values():
         await warm_up(stub)
-    start = {mode: cpu.read() for mode, cpu in cpus.items()}
+    start = {mode: _cpu(p) for mode, p in pids.items()}
     by_round: dict[str, list[float]] = {mode: [] for mode in MODES}
     asked = 0
     for round_ in range(rounds):
         for mode in _order(round_):
-            before = cpus[mode].read()
+            before = _cpu(pids[mode])
             for i in range(block):
                 await ask_once(stubs[mode], QUESTIONS[(asked + i) % len(QUESTIONS)], bypass_cache=True)
-            after = cpus[mode].read()
+            after = _cpu(pids[mode])
             by_round[mode].append(sum(after[n] - before[n] for n in MESH) / block * 1000)
         asked += block
     await asyncio.sleep(settle)
-    end = {mode: cpu.read() for mode, cpu in cpus.items()}
+    end = {mode: _cpu(p) for mode, p in pids.items()}
     per_ask = {mode: {n: (end[mode][n] - start[mode][n]) / asked * 1000 for n in MESH} for mode in MODES}
     return per_ask, by_round
 
@@ -114,7 +110,7 @@ async def run(args: argparse.Namespace) -> int:
             try:
                 per_ask, by_round = await measure(
                     {mode: gateway_pb2_grpc.GatewayServiceStub(ch) for mode, ch in channels.items()},
-                    {mode: _Cpu({n: mesh.processes[n].process.pid for n in MESH}) for mode, mesh in started.items()},
+                    {mode: {n: mesh.processes[n].process.pid for n in MESH} for mode, mesh in started.items()},
                     args.rounds, args.block, args.settle)
             finally:
                 for channel in channels.values():
@@ -129,7 +125,9 @@ async def run(args: argparse.Namespace) -> int:
     # for /proc's 10 ms tick), to show how far the figure moves within the run.
     thirds = [range(i * args.rounds // 3, (i + 1) * args.rounds // 3) for i in range(3)]
     by_third = {mode: [sum(by_round[mode][r] for r in part) / len(part) for part in thirds] for mode in MODES}
-    third_overhead = {mode: [on / off - 1 for on, off in zip(by_third[mode], by_third["off"])] for mode in MODES}
+    # (nan where a smoke run's third was too short for /proc to see any CPU)
+    third_overhead = {mode: [on / off - 1 if off else float("nan") for on, off in zip(by_third[mode], by_third["off"])]
+                      for mode in MODES}
     rows = ["## Mesh CPU per uncached Ask (ms; the three meshes live at once, Asks in interleaved blocks)", "",
             "| mode | " + " | ".join(MESH) + " | mesh | vs off | vs off in each third of the rounds |",
             "|---" * (len(MESH) + 4) + "|"]
