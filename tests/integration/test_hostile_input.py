@@ -105,9 +105,13 @@ def rss_bytes(pid: int, field: str = "VmRSS") -> int:
 
 
 def reset_peak_rss(pid: int) -> None:
-    """Linux resets VmHWM to the current RSS on "5" (proc(5), /proc/pid/clear_refs)."""
-    with open(f"/proc/{pid}/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")
+    """Linux resets VmHWM to the current RSS on "5" (proc(5), /proc/pid/clear_refs). Where the kernel refuses, VmHWM
+    keeps the peak of the gateway's whole life: a bound above the round's peak, so the test stays sound."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+    except OSError:
+        pass
 
 
 @pytest.fixture(scope="module")
