@@ -7,11 +7,15 @@ The mesh and load of bench/ask_cost.py phase 1 (sequential uncached one-token As
   off       OTEL_SDK_DISABLED=true: the SDK hands out no-op tracers (interceptors still run, nothing is recorded);
   sampled   the default: parentbased_always_on, every span recorded, no exporter configured;
   exported  the same, plus OTLP/gRPC export to a collector in this process (BatchSpanProcessor, as in production).
-The three meshes run at the same time and take the Asks in turn, --block Asks each, in an order rotated every
-round. A mesh measured after another (the design until 2026-12-04) saw this machine's drift: two meshes of the same
-mode, one after the other, differed by as much as tracing's whole cost (off 8.9-10.1 ms per Ask over 4 rounds).
-Blocks of a few hundred milliseconds see the same machine, and a block long enough to warm the mesh's caches keeps
-the interleaving from charging cold caches to every Ask.
+All meshes run at the same time and take the Asks in turn, --block Asks each, in an order rotated every round.
+A mesh measured after another (the design until 2026-12-04) saw this machine's drift: two meshes of the same mode,
+one after the other, differed by as much as tracing's whole cost (off 8.9-10.1 ms per Ask over 4 rounds). Blocks of
+a few hundred milliseconds see the same machine, and a block long enough to warm the mesh's caches keeps the
+interleaving from charging cold caches to every Ask.
+Each mode runs on --replicas meshes (default 2), and its figure is their mean: two identical meshes live at once,
+taking interleaved blocks, still differed by up to 5 % of CPU per Ask (2026-12-05: off 7.79 and 8.19 ms in one run,
+the processes' own placement in memory and caches), a third of tracing's cost. The report gives each mesh's figure
+and the spread between the replicas of each mode, so the noise is read beside the ratio.
 The target: tracing on at 100 % sampling (exported) costs at most 15 % more mesh CPU per Ask than off.
 Spans leave each process in batches (the SDK's OTEL_BSP_SCHEDULE_DELAY, 5 s, or 512 spans), so the CPU is read
 --settle seconds past the last Ask: the export of the last spans is counted, not left outside.
@@ -34,6 +38,7 @@ from bench.ask_cost import MESH, ONE_TOKEN_SIM, warm_up
 from services.runtime.pb.ragfleet.v1 import gateway_pb2_grpc
 
 MODES = ("off", "sampled", "exported")
+Mesh = tuple[str, int]  # (mode, replica)
 MAX_OVERHEAD = 0.15
 
 
@@ -70,28 +75,35 @@ def _cpu(pids: dict[str, int]) -> dict[str, float]:
     return {name: cpu_seconds(pid) for name, pid in pids.items()}
 
 
-async def measure(stubs: dict[str, gateway_pb2_grpc.GatewayServiceStub], pids: dict[str, dict[str, int]],
+async def measure(stubs: dict[Mesh, gateway_pb2_grpc.GatewayServiceStub], pids: dict[Mesh, dict[str, int]],
                   rounds: int, block: int,
-                  settle: float) -> tuple[dict[str, dict[str, float]], dict[str, list[float]]]:
-    """(CPU ms per Ask of each service per mode over the whole run and the idle `settle` after it, each round's
-    mesh CPU ms per Ask per mode). The meshes are warmed first; each takes `block` sequential Asks per round."""
+                  settle: float) -> tuple[dict[Mesh, dict[str, float]], dict[Mesh, list[float]]]:
+    """(CPU ms per Ask of each service per mesh over the whole run and the idle `settle` after it, each round's
+    mesh CPU ms per Ask per mesh). The meshes are warmed first; each takes `block` sequential Asks per round: the
+    modes in _order(round), each mode's replicas one after the other (in reverse every other round)."""
     for stub in stubs.values():
         await warm_up(stub)
-    start = {mode: _cpu(p) for mode, p in pids.items()}
-    by_round: dict[str, list[float]] = {mode: [] for mode in MODES}
+    start = {mesh: _cpu(p) for mesh, p in pids.items()}
+    by_round: dict[Mesh, list[float]] = {mesh: [] for mesh in pids}
     asked = 0
     for round_ in range(rounds):
         for mode in _order(round_):
-            before = _cpu(pids[mode])
-            for i in range(block):
-                await ask_once(stubs[mode], QUESTIONS[(asked + i) % len(QUESTIONS)], bypass_cache=True)
-            after = _cpu(pids[mode])
-            by_round[mode].append(sum(after[n] - before[n] for n in MESH) / block * 1000)
+            replicas = sorted(mesh for mesh in pids if mesh[0] == mode)
+            for mesh in (replicas[::-1] if round_ % 2 else replicas):
+                before = _cpu(pids[mesh])
+                for i in range(block):
+                    await ask_once(stubs[mesh], QUESTIONS[(asked + i) % len(QUESTIONS)], bypass_cache=True)
+                after = _cpu(pids[mesh])
+                by_round[mesh].append(sum(after[n] - before[n] for n in MESH) / block * 1000)
         asked += block
     await asyncio.sleep(settle)
-    end = {mode: _cpu(p) for mode, p in pids.items()}
-    per_ask = {mode: {n: (end[mode][n] - start[mode][n]) / asked * 1000 for n in MESH} for mode in MODES}
+    end = {mesh: _cpu(p) for mesh, p in pids.items()}
+    per_ask = {mesh: {n: (end[mesh][n] - start[mesh][n]) / asked * 1000 for n in MESH} for mesh in pids}
     return per_ask, by_round
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -104,13 +116,14 @@ async def run(args: argparse.Namespace) -> int:
     await server.start()
     try:
         with contextlib.ExitStack() as meshes:
-            started = {mode: meshes.enter_context(cost_mesh(sim.base_url, f"tracing-{mode}",
-                                                            _env(mode, f"127.0.0.1:{port}"))) for mode in MODES}
-            channels = {mode: grpc.aio.insecure_channel(mesh.address("gateway")) for mode, mesh in started.items()}
+            started = {(mode, r): meshes.enter_context(cost_mesh(sim.base_url, f"tracing-{mode}-{r}",
+                                                                 _env(mode, f"127.0.0.1:{port}")))
+                       for r in range(args.replicas) for mode in MODES}
+            channels = {key: grpc.aio.insecure_channel(mesh.address("gateway")) for key, mesh in started.items()}
             try:
-                per_ask, by_round = await measure(
-                    {mode: gateway_pb2_grpc.GatewayServiceStub(ch) for mode, ch in channels.items()},
-                    {mode: {n: mesh.processes[n].process.pid for n in MESH} for mode, mesh in started.items()},
+                per_mesh, by_round = await measure(
+                    {key: gateway_pb2_grpc.GatewayServiceStub(ch) for key, ch in channels.items()},
+                    {key: {n: mesh.processes[n].process.pid for n in MESH} for key, mesh in started.items()},
                     args.rounds, args.block, args.settle)
             finally:
                 for channel in channels.values():
@@ -119,29 +132,41 @@ async def run(args: argparse.Namespace) -> int:
         await server.stop(None)
         sim.stop()
 
+    replicas = {mode: sorted(key for key in per_mesh if key[0] == mode) for mode in MODES}
+    per_ask = {mode: {n: _mean([per_mesh[key][n] for key in replicas[mode]]) for n in MESH} for mode in MODES}
+    mesh_totals = {key: sum(per_mesh[key].values()) for key in per_mesh}
     totals = {mode: sum(per_ask[mode].values()) for mode in MODES}
     overhead = {mode: totals[mode] / totals["off"] - 1 for mode in MODES}
+    # Replicas of one mode are identical: their spread is this run's noise between meshes, to read the ratio by.
+    spread = {mode: max(mesh_totals[k] for k in replicas[mode]) / min(mesh_totals[k] for k in replicas[mode]) - 1
+              for mode in MODES}
     # The same ratio over each third of the rounds: three estimates a few minutes apart (one block is too short
     # for /proc's 10 ms tick), to show how far the figure moves within the run.
     thirds = [range(i * args.rounds // 3, (i + 1) * args.rounds // 3) for i in range(3)]
-    by_third = {mode: [sum(by_round[mode][r] for r in part) / len(part) for part in thirds] for mode in MODES}
-    # (nan where a smoke run's third was too short for /proc to see any CPU)
+    by_third = {mode: [_mean([sum(by_round[key][r] for r in part) / len(part) for key in replicas[mode]])
+                       if part else 0.0 for part in thirds] for mode in MODES}
+    # (nan where a smoke run's third was empty or too short for /proc to see any CPU)
     third_overhead = {mode: [on / off - 1 if off else float("nan") for on, off in zip(by_third[mode], by_third["off"])]
                       for mode in MODES}
-    rows = ["## Mesh CPU per uncached Ask (ms; the three meshes live at once, Asks in interleaved blocks)", "",
-            "| mode | " + " | ".join(MESH) + " | mesh | vs off | vs off in each third of the rounds |",
-            "|---" * (len(MESH) + 4) + "|"]
+    rows = [f"## Mesh CPU per uncached Ask (ms; {len(per_mesh)} meshes live at once, {args.replicas} per mode, Asks in "
+            "interleaved blocks)", "",
+            "| mode | " + " | ".join(MESH) + " | mesh | vs off | each replica's mesh | spread between replicas "
+            "| vs off in each third of the rounds |",
+            "|---" * (len(MESH) + 6) + "|"]
     for mode in MODES:
         rows.append(f"| {mode} | " + " | ".join(f"{per_ask[mode][n]:.2f}" for n in MESH) +
                     f" | {totals[mode]:.2f} | {overhead[mode]:+.1%} | "
+                    + ", ".join(f"{mesh_totals[k]:.2f}" for k in replicas[mode]) + f" | {spread[mode]:.1%} | "
                     + ", ".join(f"{x:+.1%}" for x in third_overhead[mode]) + " |")
-    rows += ["", f"{args.rounds} rounds x {args.block} Asks per mode ({args.rounds * args.block} per mode); "
-                 f"{collector.spans} spans exported in all."]
+    rows += ["", f"{args.rounds} rounds x {args.block} Asks per mesh ({args.rounds * args.block} per mesh, "
+                 f"{args.rounds * args.block * args.replicas} per mode); {collector.spans} spans exported in all."]
     targets = [target("tracing on (100 % sampled, exported over OTLP): extra mesh CPU per Ask vs off",
                       overhead["exported"], f"<= {MAX_OVERHEAD:.0%}", overhead["exported"] <= MAX_OVERHEAD)]
     write_results(args.name, figures={"per_mode_ms": per_ask, "totals_ms": totals, "overhead": overhead,
-                                      "by_round_ms": by_round, "third_overhead": third_overhead,
-                                      "spans_exported": collector.spans},
+                                      "per_mesh_ms": {f"{m}#{r}": v for (m, r), v in per_mesh.items()},
+                                      "replica_spread": spread,
+                                      "by_round_ms": {f"{m}#{r}": v for (m, r), v in by_round.items()},
+                                      "third_overhead": third_overhead, "spans_exported": collector.spans},
                   targets=targets, markdown="\n".join(rows),
                   notes=["CPU of each service process from /proc (user + system) from the first measured Ask to "
                          f"{args.settle:g} idle seconds after the last, so the export of the last spans is counted; "
@@ -157,6 +182,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--block", type=int, default=40, help="sequential one-token Asks per mode and round")
     parser.add_argument("--rounds", type=int, default=18, help="rounds (a multiple of 6 runs every order)")
+    parser.add_argument("--replicas", type=int, default=2, help="meshes per mode (their mean is the mode's figure)")
     parser.add_argument("--settle", type=float, default=6.0,
                         help="idle seconds counted after the last Ask (past the 5 s export delay)")
     parser.add_argument("--name", default="tracing_cost", help="results name (bench/results/<name>.*)")
