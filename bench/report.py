@@ -70,9 +70,21 @@ def _coalescing_floor(payload: Payload, found: Payload) -> str | None:
     return f"window off: {rows['off']['messages_per_token']:.2f} messages per token{on}"
 
 
+def _coalescing_delay_floor(payload: Payload, found: Payload) -> str | None:
+    rows = {row.get("mode"): row for row in _get(payload, "summary") or [] if row.get("rate") == 150.0}
+    if "off" not in rows or "on" not in rows:
+        return None
+    return (f"window off: p99 {rows['off']['added_delay_p99_ms']:.1f} ms (the path's own jitter), "
+            f"on {rows['on']['added_delay_p99_ms']:.1f} ms")
+
+
 def _tracing_floor(payload: Payload, found: Payload) -> str | None:
     off = _get(payload, "totals_ms", "off")
-    return f"tracing off: {off:.2f} ms of mesh CPU per Ask" if isinstance(off, (int, float)) else None
+    if not isinstance(off, (int, float)):
+        return None
+    spread = _get(payload, "replica_spread")
+    noise = f"; identical meshes differed by up to {max(spread.values()):.0%}" if isinstance(spread, dict) else ""
+    return f"tracing off: {off:.2f} ms of mesh CPU per Ask{noise}"
 
 
 def _ceiling_floor(payload: Payload, found: Payload) -> str | None:
@@ -124,6 +136,8 @@ ROWS = (
         None),
     Row("Coalescing at 150 tokens/s: >= 2x fewer messages per token", "coalescing",
         ("150 tokens/s: messages per token",), _coalescing_floor),
+    Row("Coalescing at 150 tokens/s: added delay per token p99 <= the window (20 ms), on minus off", "coalescing",
+        ("150 tokens/s: added delay per token p99",), _coalescing_delay_floor),
     Row("Cached Ask p50 <= 1.25x the bare 3-message stream", "gateway_bench", ("cached Ask p50 /",), None),
     Row("Mesh overhead on an uncached Ask <= 1.5x the bare four hops", "gateway_bench",
         ("mesh overhead on an uncached Ask",), None),
