@@ -6,7 +6,7 @@ import grpc
 import numpy as np
 from opentelemetry import trace
 
-from services.embedding.embedder import Embedder
+from services.embedding.embedder import EmbedResult, Embedder
 from services.runtime.errors import InvalidArgument
 from services.runtime.pb.ragfleet.v1 import common_pb2, embedding_pb2, embedding_pb2_grpc
 
@@ -43,16 +43,8 @@ class EmbeddingServiceServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
         input_type = request.input_type or common_pb2.INPUT_TYPE_QUERY
         result = await self.embedder.embed(request.texts, input_type, bypass_cache=request.bypass_cache)
         span = trace.get_current_span()
-        span.set_attributes({
-            "ragfleet.embedding.texts": len(request.texts),
-            "ragfleet.embedding.cache_hits": result.l1_hits + result.l2_hits,
-            "ragfleet.embedding.cache_hits_l1": result.l1_hits,
-            "ragfleet.embedding.cache_hits_l2": result.l2_hits,
-            "ragfleet.embedding.computed": result.computed,
-            "ragfleet.embedding.single_flight_joins": result.joined,
-            "ragfleet.embedding.batch_size": result.max_batch_size,
-            "ragfleet.embedding.queue_wait_ms": round(result.max_queue_wait * 1000, 3),
-        })
+        if span.is_recording():
+            span.set_attributes(_span_attributes(len(request.texts), result))
         # Each vector straight to a list (no stacked copy of them all first: most requests hold one text).
         return embedding_pb2.EmbedResponse(
             model=self.embedder.model_id,
@@ -62,3 +54,18 @@ class EmbeddingServiceServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
                                                 truncated=item.truncated)
                         for item in result.items],
         )
+
+
+def _span_attributes(texts: int, result: EmbedResult) -> dict[str, int | float]:
+    """What one Embed did, for its span: every attribute costs each span a few microseconds to record and more to
+    export, so a count that is zero is left out (absent means 0: the cache levels, single-flight joins) and so are
+    the sums a reader can add up (hits = l1 + l2); the batch figures only when this request computed something."""
+    attributes: dict[str, int | float] = {"ragfleet.embedding.texts": texts}
+    for name, count in (("cache_hits_l1", result.l1_hits), ("cache_hits_l2", result.l2_hits),
+                        ("single_flight_joins", result.joined), ("computed", result.computed)):
+        if count:
+            attributes[f"ragfleet.embedding.{name}"] = count
+    if result.max_batch_size:
+        attributes["ragfleet.embedding.batch_size"] = result.max_batch_size
+        attributes["ragfleet.embedding.queue_wait_ms"] = round(result.max_queue_wait * 1000, 3)
+    return attributes

@@ -76,7 +76,8 @@ class SearchPipeline:
         ``ragfleet.stage.<name>.candidates_out`` and the stage's own, e.g. ``ragfleet.stage.dense.limit``), not a
         span of its own, as the gateway records its Ask stages: the four spans of a hybrid Search were a third of
         the spans of an Ask, and with the mesh's own cost down to ~6 ms of CPU, 100 % exported tracing cost +21 %
-        of it (bench/tracing_cost.py)."""
+        of it (bench/tracing_cost.py). For the same reason a setting every Search shares (the fusion's k, the
+        reranker's name) is not an attribute: the service logs it once at start."""
         out: dict[str, int] = {}
         started = time.perf_counter()
         yield out
@@ -161,7 +162,7 @@ class SearchPipeline:
             sparse_hits = await self._sparse(query, limit, timings)
 
         if use_dense and use_sparse:
-            with self._stage("fusion", timings, **{"ragfleet.rrf_k": self.settings.rrf_k}) as out:
+            with self._stage("fusion", timings) as out:
                 ranked = rrf([dense_hits, sparse_hits], k=self.settings.rrf_k)
                 out["candidates"] = len(ranked)
         else:
@@ -185,8 +186,7 @@ class SearchPipeline:
             # The depth bounds the reranker's cost (a cross-encoder scores every pair); candidates below it keep
             # their fused order (and fused score) after the reranked ones.
             pool, tail = ranked[:self.settings.rerank_candidates], ranked[self.settings.rerank_candidates:]
-            with self._stage("rerank", timings, **{"ragfleet.reranker": self.reranker.name,
-                                                   "ragfleet.candidates_in": len(pool)}) as out:
+            with self._stage("rerank", timings, **{"ragfleet.candidates_in": len(pool)}) as out:
                 lexical = {c.point_id: c.score for c in sparse_hits}
                 ranked = await self.reranker.rerank(RerankQuery(query.text, vector, lexical, dense_scores),
                                                     pool) + tail

@@ -85,10 +85,11 @@ def tracer(name: str) -> trace.Tracer:
 def record_stages(timings: Message) -> None:
     """A request's stage timings as attributes of its current (server) span, ``ragfleet.stage.<field>``: the
     gateway's Ask records them instead of a span per stage: each span costs tens of microseconds to record and as
-    many to export, an attribute a few."""
+    many to export, an attribute a few. Not ``total_ms``: the span's own duration says it."""
     span = trace.get_current_span()
     if span.is_recording():
-        span.set_attributes({f"ragfleet.stage.{field.name}": value for field, value in timings.ListFields()})
+        span.set_attributes({f"ragfleet.stage.{field.name}": value for field, value in timings.ListFields()
+                             if field.name != "total_ms"})
 
 
 def current_trace_id() -> str | None:
