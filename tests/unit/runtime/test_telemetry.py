@@ -20,3 +20,38 @@ def test_infrastructure_rpcs_are_not_traced(method: str | bytes, traced: bool) -
 
 def test_the_metrics_interceptor_skips_the_same_methods() -> None:
     assert rpc_handlers.INFRA_METHOD_PREFIXES is telemetry.INFRA_METHOD_PREFIXES
+
+
+def _provider(sampler):
+    from opentelemetry.sdk.trace import TracerProvider
+
+    return TracerProvider(sampler=sampler).get_tracer("test")
+
+
+def _remote_parent(sampled: bool):
+    from opentelemetry import trace
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+    parent = SpanContext(0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331, is_remote=True,
+                         trace_flags=TraceFlags(TraceFlags.SAMPLED if sampled else TraceFlags.DEFAULT))
+    return trace.set_span_in_context(NonRecordingSpan(parent))
+
+
+def test_without_an_exporter_a_trace_started_here_is_not_recorded_but_has_ids(monkeypatch) -> None:
+    monkeypatch.delenv("OTEL_TRACES_SAMPLER", raising=False)
+    tracer = _provider(telemetry.default_sampler(None))
+    root = tracer.start_span("/ragfleet.v1.GatewayService/Ask")
+    assert not root.is_recording() and not root.get_span_context().trace_flags.sampled
+    assert root.get_span_context().is_valid  # logs, AskFinished.trace_id and the traceparent still carry it
+    # A caller's sampled trace is followed (its collector wants the spans); an unsampled one is not.
+    assert tracer.start_span("/ragfleet.v1.GatewayService/Ask", context=_remote_parent(True)).is_recording()
+    assert not tracer.start_span("/ragfleet.v1.GatewayService/Ask", context=_remote_parent(False)).is_recording()
+
+
+def test_with_an_exporter_or_a_chosen_sampler_every_trace_is_recorded(monkeypatch) -> None:
+    monkeypatch.delenv("OTEL_TRACES_SAMPLER", raising=False)
+    assert telemetry.default_sampler("http://127.0.0.1:4317") is None  # the SDK's own: parentbased_always_on
+    assert _provider(telemetry.default_sampler("http://127.0.0.1:4317")).start_span("root").is_recording()
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_on")
+    assert telemetry.default_sampler(None) is None
+    assert _provider(telemetry.default_sampler(None)).start_span("root").is_recording()
