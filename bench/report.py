@@ -62,8 +62,13 @@ def _rate_floor(payload: Payload, found: Payload) -> str | None:
     return f"main {rates['main']:g} Asks/s (this tree {rates.get('new', float('nan')):g})"
 
 
+def _coalescing_at_150(payload: Payload) -> dict[str, Payload]:
+    """The coalescing summary's rows at 150 tokens/s, by mode ("on", "off")."""
+    return {row.get("mode"): row for row in _get(payload, "summary") or [] if row.get("rate") == 150.0}
+
+
 def _coalescing_floor(payload: Payload, found: Payload) -> str | None:
-    rows = {row.get("mode"): row for row in _get(payload, "summary") or [] if row.get("rate") == 150.0}
+    rows = _coalescing_at_150(payload)
     if "off" not in rows:
         return None
     on = f", on {rows['on']['messages_per_token']:.2f}" if "on" in rows else ""
@@ -71,7 +76,7 @@ def _coalescing_floor(payload: Payload, found: Payload) -> str | None:
 
 
 def _coalescing_delay_floor(payload: Payload, found: Payload) -> str | None:
-    rows = {row.get("mode"): row for row in _get(payload, "summary") or [] if row.get("rate") == 150.0}
+    rows = _coalescing_at_150(payload)
     if "off" not in rows or "on" not in rows:
         return None
     return (f"window off: p99 {rows['off']['added_delay_p99_ms']:.1f} ms (the path's own jitter), "

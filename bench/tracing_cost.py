@@ -29,6 +29,8 @@ import argparse
 import asyncio
 import contextlib
 import sys
+from statistics import fmean
+from typing import Iterable
 
 import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
@@ -71,6 +73,11 @@ def _order(round_: int) -> tuple[str, ...]:
     return order[::-1] if (round_ // len(MODES)) % 2 else order
 
 
+def _replicas(meshes: Iterable[Mesh]) -> dict[str, list[Mesh]]:
+    """Each mode's meshes, in replica order."""
+    return {mode: sorted(mesh for mesh in meshes if mesh[0] == mode) for mode in MODES}
+
+
 def _cpu(pids: dict[str, int]) -> dict[str, float]:
     """CPU seconds of each service of one mesh, read from /proc."""
     return {name: cpu_seconds(pid) for name, pid in pids.items()}
@@ -87,10 +94,10 @@ async def measure(stubs: dict[Mesh, gateway_pb2_grpc.GatewayServiceStub], pids: 
     start = {mesh: _cpu(p) for mesh, p in pids.items()}
     by_round: dict[Mesh, list[float]] = {mesh: [] for mesh in pids}
     asked = 0
+    replicas = _replicas(pids)
     for round_ in range(rounds):
         for mode in _order(round_):
-            replicas = sorted(mesh for mesh in pids if mesh[0] == mode)
-            for mesh in (replicas[::-1] if round_ % 2 else replicas):
+            for mesh in (replicas[mode][::-1] if round_ % 2 else replicas[mode]):
                 before = _cpu(pids[mesh])
                 for i in range(block):
                     await ask_once(stubs[mesh], QUESTIONS[(asked + i) % len(QUESTIONS)], bypass_cache=True)
@@ -101,10 +108,6 @@ async def measure(stubs: dict[Mesh, gateway_pb2_grpc.GatewayServiceStub], pids: 
     end = {mesh: _cpu(p) for mesh, p in pids.items()}
     per_ask = {mesh: {n: (end[mesh][n] - start[mesh][n]) / asked * 1000 for n in MESH} for mesh in pids}
     return per_ask, by_round
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -133,8 +136,8 @@ async def run(args: argparse.Namespace) -> int:
         await server.stop(None)
         sim.stop()
 
-    replicas = {mode: sorted(key for key in per_mesh if key[0] == mode) for mode in MODES}
-    per_ask = {mode: {n: _mean([per_mesh[key][n] for key in replicas[mode]]) for n in MESH} for mode in MODES}
+    replicas = _replicas(per_mesh)
+    per_ask = {mode: {n: fmean([per_mesh[key][n] for key in replicas[mode]]) for n in MESH} for mode in MODES}
     mesh_totals = {key: sum(per_mesh[key].values()) for key in per_mesh}
     totals = {mode: sum(per_ask[mode].values()) for mode in MODES}
     overhead = {mode: totals[mode] / totals["off"] - 1 for mode in MODES}
@@ -144,7 +147,7 @@ async def run(args: argparse.Namespace) -> int:
     # The same ratio over each third of the rounds: three estimates a few minutes apart (one block is too short
     # for /proc's 10 ms tick), to show how far the figure moves within the run.
     thirds = [range(i * args.rounds // 3, (i + 1) * args.rounds // 3) for i in range(3)]
-    by_third = {mode: [_mean([sum(by_round[key][r] for r in part) / len(part) for key in replicas[mode]])
+    by_third = {mode: [fmean([sum(by_round[key][r] for r in part) / len(part) for key in replicas[mode]])
                        if part else 0.0 for part in thirds] for mode in MODES}
     # (nan where a smoke run's third was empty or too short for /proc to see any CPU)
     third_overhead = {mode: [on / off - 1 if off else float("nan") for on, off in zip(by_third[mode], by_third["off"])]
