@@ -40,8 +40,9 @@ QUERY_VARIANTS = declare("RAGFLEET_GATEWAY_QUERY_VARIANTS", int, 1,
 MAX_CONTEXT_TOKENS = declare("RAGFLEET_GATEWAY_MAX_CONTEXT_TOKENS", int, 0,
                              "passed to retrieval as max_context_tokens (0 = no cut)", minimum=0)
 COALESCE_WINDOW_MS = declare("RAGFLEET_GATEWAY_COALESCE_WINDOW_MS", float, 20.0,
-                             "at most one delta message per window to the client: deltas generation sends back to back "
-                             "leave merged, none held longer than this (the first never); 0 = forwarded one for one",
+                             "about one delta message per window to the client: deltas generation sends back to back "
+                             "leave merged, none held longer than this counting the event loop's own lateness (the "
+                             "first never); 0 = forwarded one for one",
                              minimum=0)
 EMBED_TIMEOUT = declare("RAGFLEET_GATEWAY_EMBED_TIMEOUT_SECONDS", float, 2.0,
                         "per-call budget for Embed on the Ask path", minimum=0.001,

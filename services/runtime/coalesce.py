@@ -5,11 +5,15 @@ A pump task reads the source into a bounded buffer while the consumer (a gRPC ha
 - ``window == 0`` (lag mode): each delta goes out alone and at once to a consumer that keeps up; only when the
   consumer comes back to a backlog (slow client, flow control) do the pending deltas leave as one message, and while
   lagging a merge may wait for more until its oldest delta is ``max_delay`` old.
-- ``window > 0`` (time-window mode, for fast LLMs): at most one message per ``window``. A delta that finds the last
+- ``window > 0`` (time-window mode, for fast LLMs): about one message per ``window``. A delta that finds the last
   message at least ``window`` old goes out at once, so the first token is never held, nor a token after a pause; one
   that arrives sooner is held until ``window`` after the last message, and every delta arriving meanwhile joins it.
   A held delta arrived after the last message left, so none waits more than ``window``; a source that already
-  spaces its messages ``window`` apart (an upstream coalescer) passes through unheld.
+  spaces its messages ``window`` apart (an upstream coalescer) passes through unheld. The event loop wakes a timer
+  late (epoll rounds a timeout up to the next millisecond, and other callbacks may be running), so a hold aims
+  that lateness early: ``TimerLateness`` estimates it as TCP estimates a retransmission timeout (RFC 6298: the mean
+  plus a multiple of the mean deviation), capped at a quarter of the window. The window bounds the added delay
+  including the loop's own lateness, at the price of messages a little under a window apart.
 
 In both modes a non-delta event (the final message) or the source's error flushes what is held at once, ``max_bytes``
 bounds a merge (a single bigger delta still goes out whole), and a full buffer (``max_pending_bytes``) stops the
@@ -34,6 +38,26 @@ E = TypeVar("E")
 DEFAULT_MAX_BYTES = 1024
 DEFAULT_MAX_DELAY = 0.005
 DEFAULT_MAX_PENDING_BYTES = 256 * 1024
+
+
+class TimerLateness:
+    """How late this process's event loop wakes a timed wait, smoothed over every coalescer's holds (they share
+    one loop): ``allowance()`` is how early a hold should aim to end by its deadline most of the time."""
+
+    GAIN = 0.125  # RFC 6298's alpha for the mean; beta (0.25) for the deviation
+    DEVIATIONS = 4  # RFC 6298's K: the allowance covers the mean plus K mean deviations
+
+    def __init__(self, initial: float = 0.0005) -> None:
+        self.mean = initial  # half of epoll's 1 ms rounding before anything is measured
+        self.deviation = initial / 2
+
+    def observe(self, late: float) -> None:
+        late = max(0.0, late)
+        self.deviation += 0.25 * (abs(late - self.mean) - self.deviation)
+        self.mean += self.GAIN * (late - self.mean)
+
+    def allowance(self, cap: float) -> float:
+        return min(cap, self.mean + self.DEVIATIONS * self.deviation)
 
 
 class Coalescer(Generic[E]):
@@ -64,6 +88,7 @@ class Coalescer(Generic[E]):
         self._last_sent = float("-inf")  # window mode: when the last message left
         self._pump: asyncio.Task[None] | None = None
         self._closed = False
+        self._lateness = _LATENESS
         self.messages = 0
         self.merged = 0  # deltas that travelled inside an earlier delta's message
 
@@ -142,8 +167,10 @@ class Coalescer(Generic[E]):
         if self._queue[0][1] is None:
             return self._pop()
         if self._window > 0:
-            # At most one message per window: hold until window after the last one (at once if that has passed).
-            await self._linger(self._last_sent + self._window)
+            # About one message per window: hold until window after the last one (at once if that has passed),
+            # aiming the loop's usual lateness early so that no delta waits longer than the window.
+            early = self._lateness.allowance(self._window / 4)
+            await self._linger(self._last_sent + self._window - early, timed=True)
             event = self._merge()
             self._last_sent = asyncio.get_running_loop().time()
             return event
@@ -154,15 +181,20 @@ class Coalescer(Generic[E]):
         self._lagging = True
         return self._merge()
 
-    async def _linger(self, deadline: float) -> None:
-        """Let a merge fill up until the deadline (loop time), max_bytes, a non-delta event or the source's end."""
+    async def _linger(self, deadline: float, *, timed: bool = False) -> None:
+        """Let a merge fill up until the deadline (loop time), max_bytes, a non-delta event or the source's end.
+        ``timed``: a hold that ran out its deadline tells TimerLateness how late the loop woke it."""
         loop = asyncio.get_running_loop()
         self._lingering = True
+        waited = False
         try:
             while not self._done and self._fill() < self._max_bytes:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
+                    if timed and waited:
+                        self._lateness.observe(-remaining)
                     return
+                waited = True
                 await self._wait_change(remaining)
         finally:
             self._lingering = False
@@ -204,6 +236,9 @@ class Coalescer(Generic[E]):
         self._pending_bytes -= size
         if self._pending_bytes < self._max_pending:
             self._space.set()
+
+
+_LATENESS = TimerLateness()  # one event loop per process: its timers' lateness is the same for every stream
 
 
 async def _close(source: AsyncIterator[object]) -> None:

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from services.runtime.coalesce import Coalescer
+from services.runtime.coalesce import Coalescer, TimerLateness
 
 DONE = "<done>"
 WINDOW = 0.03
@@ -163,3 +163,31 @@ async def test_aclosing_without_reading_closes_the_source():
     async with contextlib.aclosing(coalescer(events, window=WINDOW)):
         pass
     assert closed
+
+
+def test_timer_lateness_follows_the_loop_and_its_allowance_is_capped():
+    lateness = TimerLateness()
+    for _ in range(200):
+        lateness.observe(0.002)  # a loop that wakes every timer 2 ms late
+    assert lateness.mean == pytest.approx(0.002, rel=0.01) and lateness.deviation < 0.0001
+    assert lateness.allowance(cap=0.01) == pytest.approx(0.002, rel=0.05)
+    assert lateness.allowance(cap=0.001) == 0.001  # never more than the cap: messages stay most of a window apart
+    for late in (0.0, 0.004) * 100:  # jittery wake-ups: the allowance covers the spread, not only the mean
+        lateness.observe(late)
+    assert 0.004 < lateness.allowance(cap=1.0) < 0.012
+    lateness.observe(-0.001)  # woken early (cannot happen with asyncio): counted as on time
+    assert lateness.mean >= 0
+
+
+async def test_a_hold_aims_early_by_the_loops_lateness_and_learns_it():
+    lateness = TimerLateness(initial=0.0)
+    for _ in range(50):
+        lateness.observe(0.006)  # learned: this loop wakes timers 6 ms late
+    log: dict = {}
+    stream = coalescer(producer(tokens(3), gap=0.001, log=log, done=False), window=WINDOW)
+    stream._lateness = lateness
+    out = await timed(stream)
+    held = out[1][0] - log["t001 "]  # "t001 " arrived 1 ms after the first message left, and was held
+    assert [e for _, e in out] == ["t000 ", "t001 t002 "]
+    assert held < WINDOW - 0.004, f"held {held * 1000:.1f} ms: the hold did not end ~6 ms early"
+    assert lateness.mean != pytest.approx(0.006, abs=1e-9)  # this hold's own wake-up was measured
