@@ -55,3 +55,30 @@ def test_with_an_exporter_or_a_chosen_sampler_every_trace_is_recorded(monkeypatc
     monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_on")
     assert telemetry.default_sampler(None) is None
     assert _provider(telemetry.default_sampler(None)).start_span("root").is_recording()
+
+
+def test_a_hashed_resource_hashes_once_and_groups_spans_as_the_resource_it_wraps(monkeypatch) -> None:
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    plain = Resource.create({"service.name": "ragfleet-test", "service.namespace": "ragfleet"})
+    resource = telemetry.HashedResource(plain)
+    assert resource == plain and hash(resource) == hash(plain) and resource.attributes == plain.attributes
+    calls = []
+    monkeypatch.setattr(Resource, "__hash__", lambda self: calls.append(1) or 0)
+    hash(resource), hash(resource)
+    assert calls == [], "the JSON hash is not recomputed"
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(resource=resource)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    for name in ("a", "b", "c"):
+        provider.get_tracer("test").start_span(name).end()
+    request = encode_spans(exporter.get_finished_spans())
+    assert len(request.resource_spans) == 1  # one resource, all three spans under it
+    group = request.resource_spans[0]
+    assert [s.name for s in group.scope_spans[0].spans] == ["a", "b", "c"]
+    assert {a.key: a.value.string_value for a in group.resource.attributes}["service.name"] == "ragfleet-test"
