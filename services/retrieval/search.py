@@ -73,11 +73,12 @@ class SearchPipeline:
         """Times one stage; the body sets out["candidates"] so the histogram and the Search span record it.
 
         A stage is a few attributes of the RPC's server span (``ragfleet.stage.<name>_ms``,
-        ``ragfleet.stage.<name>.candidates_out`` and the stage's own, e.g. ``ragfleet.stage.dense.limit``), not a
-        span of its own, as the gateway records its Ask stages: the four spans of a hybrid Search were a third of
-        the spans of an Ask, and with the mesh's own cost down to ~6 ms of CPU, 100 % exported tracing cost +21 %
-        of it (bench/tracing_cost.py). For the same reason a setting every Search shares (the fusion's k, the
-        reranker's name) is not an attribute: the service logs it once at start."""
+        ``ragfleet.stage.<name>.candidates_out`` and the stage's own, e.g. ``ragfleet.stage.mmr.candidates_in``),
+        not a span of its own, as the gateway records its Ask stages: the four spans of a hybrid Search were a third
+        of the spans of an Ask, and with the mesh's own cost down to ~6 ms of CPU, 100 % exported tracing cost +21 %
+        of it (bench/tracing_cost.py). For the same reason a setting every Search shares (the fusion's k, the legs'
+        candidate limit max(candidates, top_k), the reranker's name) is not an attribute: the service logs it once
+        at start; nor is a count another attribute gives (the reranker's input is its output)."""
         out: dict[str, int] = {}
         started = time.perf_counter()
         yield out
@@ -111,14 +112,14 @@ class SearchPipeline:
 
     async def _dense(self, query: SearchQuery, vector: np.ndarray, limit: int,
                      timings: dict[str, float]) -> list[Candidate]:
-        with self._stage("dense", timings, **{"ragfleet.limit": limit}) as out:
+        with self._stage("dense", timings) as out:
             hits = await self.store.dense(query.tenant, vector.tolist(), limit, query.conditions,
                                           hnsw_ef=query.hnsw_ef)
             out["candidates"] = len(hits)
         return hits
 
     async def _sparse(self, query: SearchQuery, limit: int, timings: dict[str, float]) -> list[Candidate]:
-        with self._stage("sparse", timings, **{"ragfleet.limit": limit}) as out:
+        with self._stage("sparse", timings) as out:
             hits = await self.store.sparse(query.tenant, self.encoder.query(query.text), limit, query.conditions)
             out["candidates"] = len(hits)
         return hits
@@ -186,7 +187,7 @@ class SearchPipeline:
             # The depth bounds the reranker's cost (a cross-encoder scores every pair); candidates below it keep
             # their fused order (and fused score) after the reranked ones.
             pool, tail = ranked[:self.settings.rerank_candidates], ranked[self.settings.rerank_candidates:]
-            with self._stage("rerank", timings, **{"ragfleet.candidates_in": len(pool)}) as out:
+            with self._stage("rerank", timings) as out:
                 lexical = {c.point_id: c.score for c in sparse_hits}
                 ranked = await self.reranker.rerank(RerankQuery(query.text, vector, lexical, dense_scores),
                                                     pool) + tail

@@ -52,9 +52,12 @@ async def build(config: RetrievalConfig) -> Started:
     servicer = RetrievalServiceServicer(store=store, pipeline=pipeline, cache=cache, encoder=encoder,
                                         limits=Limits(config.index.dimension, config.search),
                                         rerank_default=config.search.rerank_default)
-    # The settings every Search shares (the reranker, the fusion's k) are told here once, not on each Search span.
+    # The settings every Search shares (the reranker, the fusion's k, the legs' candidate limit) are told here once,
+    # not on each Search span.
     log.info("store ready", extra={"fields": {"store": store.name, "embedding": config.embedding_address,
-                                              "reranker": config.rerank.kind, "rrf_k": config.search.rrf_k}})
+                                              "reranker": config.rerank.kind, "rrf_k": config.search.rrf_k,
+                                              "candidates": config.search.candidates,
+                                              "rerank_candidates": config.search.rerank_candidates}})
     status_task = asyncio.create_task(metrics.index_status_task(store, redis_url=config.cache.redis_url),
                                       name="index-status")
 
