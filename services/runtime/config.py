@@ -247,7 +247,8 @@ OTEL_TRACES_ENDPOINT = declare("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", str, None,
 OTEL_INSECURE = declare("OTEL_EXPORTER_OTLP_INSECURE", bool, False,
                         "plaintext to an `https`-less endpoint (implied by an `http://` endpoint)")
 TRACE_CLIENT_SPANS = declare("RAGFLEET_TRACE_CLIENT_SPANS", bool, False,
-                             "also record a CLIENT span for every call between the services; off, each hop's "
+                             "also record a CLIENT span for every call between the services and for generation's "
+                             "call to the LLM (`chat <model>`); off, each hop's "
                              "SERVER span hangs straight under its caller's span (still one trace per Ask) and "
                              "the gateway's `ragfleet.stage.*_ms` time the hops from its side: a span costs ~60 us "
                              "of CPU to record and export")
