@@ -143,15 +143,18 @@ class Coalescer(Generic[E]):
         return self
 
     async def _wait_change(self, timeout: float | None = None) -> None:
+        """Until the pump signals a change, or ``timeout`` seconds. The timeout is a timer that sets the same event,
+        not asyncio.timeout: that cancels the task and raises twice (CancelledError, then TimeoutError) each time a
+        hold runs out, which in window mode is about every message."""
         self._changed.clear()
         if timeout is None:
             await self._changed.wait()
             return
+        timer = asyncio.get_running_loop().call_later(timeout, self._changed.set)
         try:
-            async with asyncio.timeout(timeout):
-                await self._changed.wait()
-        except TimeoutError:
-            pass
+            await self._changed.wait()
+        finally:
+            timer.cancel()
 
     async def __anext__(self) -> E:
         self._start()
