@@ -42,7 +42,7 @@ MAX_CONTEXT_TOKENS = declare("RAGFLEET_GATEWAY_MAX_CONTEXT_TOKENS", int, 0,
 COALESCE_WINDOW_MS = declare("RAGFLEET_GATEWAY_COALESCE_WINDOW_MS", float, 20.0,
                              "about one delta message per window to the client: deltas generation sends back to back "
                              "leave merged, none held longer than this counting the event loop's own lateness (the "
-                             "first never); 0 = forwarded one for one",
+                             "first never, nor deltas coming less than two a window); 0 = forwarded one for one",
                              minimum=0)
 EMBED_TIMEOUT = declare("RAGFLEET_GATEWAY_EMBED_TIMEOUT_SECONDS", float, 2.0,
                         "per-call budget for Embed on the Ask path", minimum=0.001,

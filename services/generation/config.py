@@ -61,8 +61,8 @@ COALESCE_MAX_DELAY_MS = declare("RAGFLEET_GENERATION_COALESCE_MAX_DELAY_MS", flo
                                 "longest a delta waits to be merged while the consumer lags", minimum=0)
 COALESCE_WINDOW_MS = declare("RAGFLEET_GENERATION_COALESCE_WINDOW_MS", float, 20.0,
                              "about one delta message per window: a fast LLM's tokens leave merged, none held longer than "
-                             "this counting the event loop's own lateness (the first token never); 0 = merge only "
-                             "while the consumer lags", minimum=0)
+                             "this counting the event loop's own lateness (the first token never, nor tokens coming "
+                             "less than two a window); 0 = merge only while the consumer lags", minimum=0)
 MAX_QUESTION_CHARS = declare("RAGFLEET_GENERATION_MAX_QUESTION_CHARS", int, 8000, "longest accepted question",
                              minimum=1)
 MAX_PASSAGES = declare("RAGFLEET_GENERATION_MAX_PASSAGES", int, 100, "most passages per request", minimum=1)

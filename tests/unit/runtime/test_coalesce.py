@@ -191,3 +191,30 @@ async def test_a_hold_aims_early_by_the_loops_lateness_and_learns_it():
     assert [e for _, e in out] == ["t000 ", "t001 t002 "]
     assert held < WINDOW - 0.004, f"held {held * 1000:.1f} ms: the hold did not end ~6 ms early"
     assert lateness.mean != pytest.approx(0.006, abs=1e-9)  # this hold's own wake-up was measured
+
+
+async def test_deltas_less_than_two_a_window_are_not_held():
+    # 21 ms apart with a 30 ms window: a hold would delay each by up to 9 ms and merge almost none.
+    log: dict = {}
+    out = await timed(coalescer(producer(tokens(8), gap=WINDOW * 0.7, log=log), window=WINDOW))
+    deltas = [(left, e) for left, e in out if e != DONE]
+    assert [e for _, e in deltas] == tokens(8)  # one message each
+    assert max(left - log[e] for left, e in deltas) < 0.005
+
+
+async def test_a_stream_that_speeds_up_is_held_again():
+    log: dict = {}
+
+    async def speeding_up():
+        for i, text in enumerate(tokens(24)):
+            if i:
+                await asyncio.sleep(WINDOW * 0.8 if i < 6 else 0.002)
+            log[text] = time.perf_counter()
+            yield text
+        yield DONE
+
+    out = await timed(coalescer(speeding_up(), window=WINDOW))
+    deltas = [e for _, e in out if e != DONE]
+    assert deltas[:6] == tokens(6)  # slow: as they came
+    assert len(deltas) <= 6 + 6, deltas  # then 18 deltas 2 ms apart (36 ms): after a few, merged a window at a time
+    assert "".join(deltas) == "".join(tokens(24))
