@@ -7,8 +7,8 @@ name, rpc.* attributes) is computed once, the server span is opened by services.
 (no server interceptor), and the client span, the trace context and the caller's token are added where the call is
 made, by ``TracedChannel``'s multicallables: a grpc.aio client interceptor alone cost ~35 us of CPU a call.
 The spans carry the names and the attributes that tell something of the instrumentation's (semantic conventions for
-gRPC): the method path as the name, rpc.system/service/method, rpc.grpc.status_code, and on the server net.peer.ip
-and, for callers from outside the mesh, rpc.user_agent. Not the caller's ephemeral port, not net.peer.name (it only
+gRPC): the method path as the name, rpc.system, rpc.method (fully qualified), rpc.grpc.status_code, and on the
+server net.peer.ip and, for callers from outside the mesh, rpc.user_agent. Not the caller's ephemeral port, not net.peer.name (it only
 said "localhost" for loopback), and not a mesh service's user agent (the grpc library of our own services; the guard
 names the calling service): each attribute costs every span a few microseconds to record and to export.
 
@@ -39,8 +39,9 @@ _MAX_PEERS = 4096
 
 
 def _rpc_attributes(method: str) -> dict[str, Any]:
-    service, _, name = method.lstrip("/").partition("/")
-    return {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
+    """rpc.method is the fully qualified method, ``ragfleet.v1.EmbeddingService/Embed``: the RPC conventions merged
+    rpc.service into it (open-telemetry/semantic-conventions#3223), one attribute fewer on every span."""
+    return {"rpc.system": "grpc", "rpc.method": method.lstrip("/")}
 
 
 def _peer_attributes(peer: str) -> dict[str, str]:
