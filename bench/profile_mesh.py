@@ -9,6 +9,11 @@ to that tree, with this venv's python), ingests the sample corpus, warms up, the
 (--nonblocking, so the sampled process is never paused) for --seconds while --concurrency callers send uncached
 one-token Asks (the shape of bench/ask_cost.py phase 1: every Ask embeds, retrieves and generates). Writes
 <out>/<service>-<suffix>.svg (or .txt with --format raw: collapsed stacks for a text summary).
+--sim-ttft-ms, --sim-tokens-per-second and --sim-max-tokens give the sim LLM another shape: gateway_bench's
+concurrent-streams search (TTFT 200 ms, 20 tokens/s) is
+
+    flock /tmp/ragfleet-bench.lock .venv/bin/python -m bench.profile_mesh --out bench/results/profiles \
+        --suffix streams200 --concurrency 200 --sim-ttft-ms 200 --sim-tokens-per-second 20 --sim-max-tokens 100
 """
 
 from __future__ import annotations
@@ -64,11 +69,12 @@ def _child(args: argparse.Namespace) -> int:
         try:
             mesh.start()
             ingest_path(mesh.address("gateway"), str(Path("services/cli/sample_corpus")), show_progress=False)
-            sim.configure(ONE_TOKEN_SIM)
+            sim.configure({"ttft_ms": args.sim_ttft_ms, "tokens_per_second": args.sim_tokens_per_second,
+                           "max_tokens": args.sim_max_tokens})
             async with grpc.aio.insecure_channel(mesh.address("gateway")) as channel:
                 stub = gateway_pb2_grpc.GatewayServiceStub(channel)
-                for i in range(30):  # warm-up: connections, caches, first-call paths
-                    await ask(stub, i)
+                # warm-up: connections, caches, first-call paths (at once: a streaming sim's Ask lasts seconds)
+                await asyncio.gather(*(ask(stub, i) for i in range(30)))
                 spies = [subprocess.Popen(
                     [py_spy, "record", "-p", str(mesh.processes[name].process.pid), "-d", str(args.seconds),
                      "-r", str(args.rate), "-f", args.format, "--nonblocking",
@@ -104,6 +110,9 @@ def main() -> int:
     parser.add_argument("--rate", type=int, default=100, help="py-spy samples per second")
     parser.add_argument("--concurrency", type=int, default=1, help="Asks in flight")
     parser.add_argument("--format", choices=("flamegraph", "raw"), default="flamegraph")
+    parser.add_argument("--sim-ttft-ms", type=float, default=ONE_TOKEN_SIM["ttft_ms"])
+    parser.add_argument("--sim-tokens-per-second", type=float, default=ONE_TOKEN_SIM["tokens_per_second"])
+    parser.add_argument("--sim-max-tokens", type=int, default=ONE_TOKEN_SIM["max_tokens"])
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -111,7 +120,9 @@ def main() -> int:
     tree = Path(args.tree).resolve()
     argv = [sys.executable, str(Path(__file__).resolve()), "--child", "--out", str(Path(args.out).resolve()),
             "--suffix", args.suffix, "--seconds", str(args.seconds), "--rate", str(args.rate),
-            "--concurrency", str(args.concurrency), "--format", args.format]
+            "--concurrency", str(args.concurrency), "--format", args.format,
+            "--sim-ttft-ms", str(args.sim_ttft_ms), "--sim-tokens-per-second", str(args.sim_tokens_per_second),
+            "--sim-max-tokens", str(args.sim_max_tokens)]
     return subprocess.run(argv, cwd=tree, env=os.environ | {"PYTHONPATH": str(tree)}).returncode
 
 
