@@ -151,7 +151,7 @@ class RpcHandlers:
         # The request arrives as bytes (no deserializer): the guard authenticates, bounds and parses it.
         guard = self._policy.guard(method, handler.request_deserializer)
         mesh_only = guard.authenticator is not None and guard.authenticator.mesh_callers
-        span = ServerSpan(method, user_agent=not mesh_only)
+        span = ServerSpan(method, external=not mesh_only)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
                 self._wrap_unary(handler.unary_unary, guard, metrics, span),

@@ -8,9 +8,11 @@ name, rpc.* attributes) is computed once, the server span is opened by services.
 made, by ``TracedChannel``'s multicallables: a grpc.aio client interceptor alone cost ~35 us of CPU a call.
 The spans carry the names and the attributes that tell something of the instrumentation's (semantic conventions for
 gRPC): the method path as the name, rpc.system, rpc.method (fully qualified), rpc.grpc.status_code, and on the
-server net.peer.ip and, for callers from outside the mesh, rpc.user_agent. Not the caller's ephemeral port, not net.peer.name (it only
-said "localhost" for loopback), and not a mesh service's user agent (the grpc library of our own services; the guard
-names the calling service): each attribute costs every span a few microseconds to record and to export.
+server, for callers from outside the mesh, net.peer.ip and rpc.user_agent. Not the caller's ephemeral port, not
+net.peer.name (it only said "localhost" for loopback), and for a method only the mesh's own services may call neither
+the peer's address nor its user agent: the guard names the calling service (ragfleet.caller), the caller's span is
+this span's parent, and its process's resource names the replica (host.name, services.runtime.telemetry). Each
+attribute costs every span a few microseconds to record and to export.
 
     channel = TracedChannel(grpc.aio.insecure_channel(target), traced=lambda method: True,
                             extra_metadata=lambda: (("authorization", "Bearer ..."),))
@@ -58,21 +60,23 @@ def _peer_attributes(peer: str) -> dict[str, str]:
 class ServerSpan:
     """The server span of one method: ``begin`` opens it as the current span, child of the caller's traceparent;
     ``finish`` records the final status and closes it. Built once per method (services.runtime.rpc_handlers).
-    ``user_agent``: record the caller's; off for methods only the mesh's own services may call."""
+    ``external``: outside callers may call it, so record the caller's address and user agent; off for methods only
+    the mesh's own services may call."""
 
     _peers: dict[str, dict[str, str]] = {}  # connections are long-lived: a peer's attributes are parsed once
 
-    def __init__(self, method: str, *, user_agent: bool = True) -> None:
+    def __init__(self, method: str, *, external: bool = True) -> None:
         self.name = method
         self._attributes = _rpc_attributes(method)
-        self._user_agent = user_agent
+        self._external = external
         self._tracer = trace.get_tracer(_SCOPE)
 
     def begin(self, context: grpc.aio.ServicerContext) -> tuple[trace.Span, object]:
         carrier = dict(context.invocation_metadata() or ())
         parent = propagate.extract(carrier) if "traceparent" in carrier else None
-        attributes = {**self._attributes, **self._peer(context.peer())}
-        if self._user_agent:
+        attributes = self._attributes
+        if self._external:
+            attributes = {**attributes, **self._peer(context.peer())}
             agent = carrier.get("user-agent")
             if agent is not None:
                 attributes["rpc.user_agent"] = agent

@@ -11,6 +11,7 @@ Health checks and reflection are never traced: they would drown the real traffic
 from __future__ import annotations
 
 import os
+import socket
 
 from typing import Callable
 
@@ -49,8 +50,7 @@ def setup_tracing(component: str, *, client_spans: bool = False) -> TracerProvid
     _client_spans = client_spans
     if _provider is not None:
         return _provider
-    resource = HashedResource(Resource.create({
-        "service.name": os.environ.get("OTEL_SERVICE_NAME", f"ragfleet-{component}"), "service.namespace": "ragfleet"}))
+    resource = process_resource(component)
     endpoint = otlp_endpoint()
     provider = TracerProvider(resource=resource, sampler=default_sampler(endpoint))
     if endpoint:
@@ -64,6 +64,18 @@ def setup_tracing(component: str, *, client_spans: bool = False) -> TracerProvid
     trace.set_tracer_provider(provider)
     _provider = provider
     return provider
+
+
+def process_resource(component: str) -> "HashedResource":
+    """service.name (OTEL_SERVICE_NAME or ragfleet-<component>), service.namespace and host.name (a pod's name in
+    Kubernetes), over OTEL_RESOURCE_ATTRIBUTES. host.name says which replica: the server spans of calls inside the
+    mesh name their caller's replica through their parent span's resource, not a peer address of their own
+    (services.runtime.rpc_tracing); OTEL_RESOURCE_ATTRIBUTES may set it instead."""
+    attributes = {"service.name": os.environ.get("OTEL_SERVICE_NAME", f"ragfleet-{component}"),
+                  "service.namespace": "ragfleet"}
+    if "host.name=" not in os.environ.get("OTEL_RESOURCE_ATTRIBUTES", ""):
+        attributes["host.name"] = socket.gethostname()
+    return HashedResource(Resource.create(attributes))
 
 
 class HashedResource(Resource):

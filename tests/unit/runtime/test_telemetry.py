@@ -82,3 +82,16 @@ def test_a_hashed_resource_hashes_once_and_groups_spans_as_the_resource_it_wraps
     group = request.resource_spans[0]
     assert [s.name for s in group.scope_spans[0].spans] == ["a", "b", "c"]
     assert {a.key: a.value.string_value for a in group.resource.attributes}["service.name"] == "ragfleet-test"
+
+
+def test_the_process_resource_names_the_service_and_its_replica(monkeypatch) -> None:
+    import socket
+
+    monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
+    monkeypatch.delenv("OTEL_RESOURCE_ATTRIBUTES", raising=False)
+    attributes = telemetry.process_resource("retrieval").attributes
+    assert attributes["service.name"] == "ragfleet-retrieval" and attributes["service.namespace"] == "ragfleet"
+    assert attributes["host.name"] == socket.gethostname()  # the pod, in Kubernetes
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "host.name=node-7,deployment.environment=prod")
+    attributes = telemetry.process_resource("retrieval").attributes
+    assert attributes["host.name"] == "node-7" and attributes["deployment.environment"] == "prod"
