@@ -17,7 +17,8 @@ Each mode runs on --replicas meshes (default 2), and its figure is their mean: t
 taking interleaved blocks, still differed by up to 5 % of CPU per Ask (2026-12-05: off 7.79 and 8.19 ms in one run,
 the processes' own placement in memory and caches), a third of tracing's cost. The report gives each mesh's figure
 and the spread between the replicas of each mode, so the noise is read beside the ratio.
-The target: tracing on at 100 % sampling (exported) costs at most 15 % more mesh CPU per Ask than off.
+The target: tracing on at 100 % sampling (exported) costs at most 15 % more mesh CPU per Ask than off, counted as
+met only when the figure plus the run's noise (the widest gap between identical meshes of one mode) is within it.
 Spans leave each process in batches (the SDK's OTEL_BSP_SCHEDULE_DELAY, 5 s, or 512 spans), so the CPU is read
 --settle seconds past the last Ask: the export of the last spans is counted, not left outside.
 Writes bench/results/tracing_cost.{json,md} (--name <name> writes <name>.* instead, for a smoke run).
@@ -164,8 +165,13 @@ async def run(args: argparse.Namespace) -> int:
                     + ", ".join(f"{x:+.1%}" for x in third_overhead[mode]) + " |")
     rows += ["", f"{args.rounds} rounds x {args.block} Asks per mesh ({args.rounds * args.block} per mesh, "
                  f"{args.rounds * args.block * args.replicas} per mode); {collector.spans} spans exported in all."]
+    # Met only when the figure clears the goal by more than this run's own noise, the widest gap between identical
+    # meshes of one mode: on 2026-12-05 five runs of nearly the same code read +12.0 to +17.7 %, each with replicas
+    # up to 5 % apart, so a single run a point or two under 15 % did not show the goal was met.
+    noise = max(spread.values())
     targets = [target("tracing on (100 % sampled, exported over OTLP): extra mesh CPU per Ask vs off",
-                      overhead["exported"], f"<= {MAX_OVERHEAD:.0%}", overhead["exported"] <= MAX_OVERHEAD)]
+                      overhead["exported"], f"<= {MAX_OVERHEAD:.0%} with the run's noise ({noise:.1%}) added",
+                      overhead["exported"] + noise <= MAX_OVERHEAD)]
     write_results(args.name, figures={"per_mode_ms": per_ask, "totals_ms": totals, "overhead": overhead,
                                       "per_mesh_ms": {f"{m}#{r}": v for (m, r), v in per_mesh.items()},
                                       "replica_spread": spread,
