@@ -404,15 +404,17 @@ async def embed_one(stub: Any, text: str) -> tuple[float, embedding_pb2.EmbedRes
     return elapsed, reply
 
 
-async def drive(stub: Any, texts: Sequence[str], callers: int) -> dict[str, Any]:
-    """`callers` closed-loop callers share the texts (each sent once, one per call) until all are done."""
+async def drive(stub: Any, texts: Sequence[str], callers: int, seconds: float | None = None) -> dict[str, Any]:
+    """`callers` closed-loop callers share the texts (each sent once, one per call) until all are done, or no new
+    call starts after `seconds`."""
     latencies: list[float] = []
     codes: Counter = Counter()
     cursor = 0
+    stop = None if seconds is None else time.monotonic() + seconds
 
     async def caller() -> None:
         nonlocal cursor
-        while cursor < len(texts):
+        while cursor < len(texts) and (stop is None or time.monotonic() < stop):
             text = texts[cursor]
             cursor += 1
             try:

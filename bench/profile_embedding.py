@@ -17,30 +17,13 @@ import asyncio
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from bench.embedding_bench import FloorServer, TextPool, embed_one, start_service, warm_up
+from bench.embedding_bench import FloorServer, TextPool, drive, start_service, warm_up
 from services.runtime.pb.ragfleet.v1 import embedding_pb2_grpc
 
 COMPUTE_ENV = {"RAGFLEET_EMBEDDING_ONNX_COMPUTE": "int8"}
 TEXTS_PER_SECOND_BOUND = 350  # more texts than either can embed in --seconds: the load lasts the whole recording
-
-
-async def _load(stub, texts: list[str], callers: int, seconds: float) -> float:
-    """Texts per second that `callers` closed-loop callers get through in `seconds`, one fresh text per Embed."""
-    done, cursor, stop = 0, 0, time.monotonic() + seconds
-
-    async def caller() -> None:
-        nonlocal done, cursor
-        while time.monotonic() < stop and cursor < len(texts):
-            text, cursor = texts[cursor], cursor + 1
-            await embed_one(stub, text)
-            done += 1
-
-    started = time.monotonic()
-    await asyncio.gather(*(caller() for _ in range(callers)))
-    return done / (time.monotonic() - started)
 
 
 async def _profile(name: str, channel, pid: int, texts: list[str], args: argparse.Namespace, out: Path) -> None:
@@ -50,7 +33,7 @@ async def _profile(name: str, channel, pid: int, texts: list[str], args: argpars
                             "-d", str(args.seconds), "-r", str(args.rate), "--nonblocking",
                             "-o", str(out / f"embedding-64callers-{name}.svg")],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    rate = await _load(stub, texts[200:], args.callers, args.seconds)
+    rate = (await drive(stub, texts[200:], args.callers, seconds=args.seconds))["texts_per_s"]
     spy.wait()
     print(f"{name}: {rate:.1f} texts/s under {args.callers} callers, profiled for {args.seconds} s", flush=True)
 

@@ -13,6 +13,24 @@ REDIS_URL = os.environ.get("RAGFLEET_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"
 
 
 @pytest.fixture
+def span_exporter():
+    """Spans the process's SDK tracer provider records from now on (installed here when no test did before); the
+    exporter is detached at teardown, so later tests' spans do not reach it."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    if not isinstance(trace.get_tracer_provider(), TracerProvider):
+        trace.set_tracer_provider(TracerProvider())
+    exporter = InMemorySpanExporter()
+    processor = SimpleSpanProcessor(exporter)
+    trace.get_tracer_provider().add_span_processor(processor)  # type: ignore[attr-defined]
+    yield exporter
+    processor.shutdown()
+
+
+@pytest.fixture
 def redis_prefix() -> str:
     """A key prefix unique to one test; tests that write Redis keys delete everything under it afterwards."""
     return f"ragfleet-test:{uuid.uuid4().hex[:12]}:"

@@ -49,7 +49,8 @@ class TimerLateness:
     """How late this process's event loop wakes a timed wait, smoothed over every coalescer's holds (they share
     one loop): ``allowance()`` is how early a hold should aim to end by its deadline most of the time."""
 
-    GAIN = 0.125  # RFC 6298's alpha for the mean; beta (0.25) for the deviation
+    GAIN = 0.125  # RFC 6298's alpha, for the mean
+    DEVIATION_GAIN = 0.25  # RFC 6298's beta, for the mean deviation
     DEVIATIONS = 4  # RFC 6298's K: the allowance covers the mean plus K mean deviations
 
     def __init__(self, initial: float = 0.0005) -> None:
@@ -58,7 +59,7 @@ class TimerLateness:
 
     def observe(self, late: float) -> None:
         late = max(0.0, late)
-        self.deviation += 0.25 * (abs(late - self.mean) - self.deviation)
+        self.deviation += self.DEVIATION_GAIN * (abs(late - self.mean) - self.deviation)
         self.mean += self.GAIN * (late - self.mean)
 
     def allowance(self, cap: float) -> float:
@@ -192,7 +193,7 @@ class Coalescer(Generic[E]):
             # deltas come less than two a window (what is queued leaves now: a burst still leaves as one).
             if self._gap is None or self._gap <= self._window / 2:
                 early = self._lateness.allowance(self._window / 4)
-                await self._linger(self._last_sent + self._window - early, timed=True)
+                await self._linger(self._last_sent + self._window - early)
             event = self._merge()
             self._last_sent = asyncio.get_running_loop().time()
             return event
@@ -203,9 +204,9 @@ class Coalescer(Generic[E]):
         self._lagging = True
         return self._merge()
 
-    async def _linger(self, deadline: float, *, timed: bool = False) -> None:
-        """Let a merge fill up until the deadline (loop time), max_bytes, a non-delta event or the source's end.
-        ``timed``: a hold that ran out its deadline tells TimerLateness how late the loop woke it."""
+    async def _linger(self, deadline: float) -> None:
+        """Let a merge fill up until the deadline (loop time), max_bytes, a non-delta event or the source's end. A
+        wait that ran out its deadline tells TimerLateness how late the loop woke it."""
         loop = asyncio.get_running_loop()
         self._lingering = True
         waited = False
@@ -213,7 +214,7 @@ class Coalescer(Generic[E]):
             while not self._done and self._fill() < self._max_bytes:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
-                    if timed and waited:
+                    if waited:
                         self._lateness.observe(-remaining)
                     return
                 waited = True

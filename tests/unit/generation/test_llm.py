@@ -408,23 +408,6 @@ async def test_the_sdk_aiohttp_transport_body_is_read_directly(sim, monkeypatch)
     assert taken and len(events) == 4 and isinstance(events[-1], Done)
 
 
-@pytest.fixture
-def spans():
-    """Spans recorded by the process's SDK provider (installed here when no test did before)."""
-    from opentelemetry import trace
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
-    if not isinstance(trace.get_tracer_provider(), TracerProvider):
-        trace.set_tracer_provider(TracerProvider())
-    exporter = InMemorySpanExporter()
-    processor = SimpleSpanProcessor(exporter)
-    trace.get_tracer_provider().add_span_processor(processor)  # type: ignore[attr-defined]
-    yield exporter
-    processor.shutdown()  # later tests' spans no longer reach this exporter
-
-
 async def _generate_under_a_server_span(sim) -> None:
     from opentelemetry import trace
     from opentelemetry.trace import SpanKind
@@ -439,11 +422,11 @@ async def _generate_under_a_server_span(sim) -> None:
     assert isinstance(events[-1], Done)
 
 
-async def test_without_client_spans_the_llm_call_is_told_on_the_generate_span(sim, spans, monkeypatch):
+async def test_without_client_spans_the_llm_call_is_told_on_the_generate_span(sim, span_exporter, monkeypatch):
     from services.runtime import telemetry
     monkeypatch.setattr(telemetry, "_client_spans", False)
     await _generate_under_a_server_span(sim)
-    recorded = spans.get_finished_spans()
+    recorded = span_exporter.get_finished_spans()
     assert [s.name for s in recorded] == ["Generate"], "no span of its own for the chat call"
     attributes = recorded[0].attributes
     assert attributes["gen_ai.request.model"] == "sim-model"
@@ -451,12 +434,12 @@ async def test_without_client_spans_the_llm_call_is_told_on_the_generate_span(si
     assert tuple(attributes["gen_ai.response.finish_reasons"]) == ("length",)
 
 
-async def test_with_client_spans_the_llm_call_has_its_chat_span(sim, spans, monkeypatch):
+async def test_with_client_spans_the_llm_call_has_its_chat_span(sim, span_exporter, monkeypatch):
     from opentelemetry.trace import SpanKind
     from services.runtime import telemetry
     monkeypatch.setattr(telemetry, "_client_spans", True)
     await _generate_under_a_server_span(sim)
-    chat, parent = spans.get_finished_spans()
+    chat, parent = span_exporter.get_finished_spans()
     assert (chat.name, chat.kind, parent.name) == ("chat sim-model", SpanKind.CLIENT, "Generate")
     assert chat.parent.span_id == parent.context.span_id
     assert chat.attributes["gen_ai.usage.output_tokens"] == 4 and chat.attributes["server.address"] == sim.llm_url

@@ -162,19 +162,11 @@ def test_limits_are_frozen():
         SETTINGS.max_top_k = 5  # type: ignore[misc]
 
 
-async def test_stage_attributes_and_metrics_carry_candidate_counts(servicer):
+async def test_stage_attributes_and_metrics_carry_candidate_counts(servicer, span_exporter):
     from opentelemetry import trace
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
     from prometheus_client import REGISTRY
 
-    provider = trace.get_tracer_provider()
-    if not isinstance(provider, TracerProvider):
-        trace.set_tracer_provider(TracerProvider())
-        provider = trace.get_tracer_provider()
-    exporter = InMemorySpanExporter()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    exporter = span_exporter
 
     def count(stage: str) -> float:
         return REGISTRY.get_sample_value("ragfleet_retrieval_stage_seconds_count", {"stage": stage}) or 0.0

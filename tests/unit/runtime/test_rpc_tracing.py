@@ -8,9 +8,6 @@ from typing import AsyncIterator
 import grpc
 import pytest
 from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from services.runtime import telemetry
 from services.runtime.errors import NotFound
@@ -18,17 +15,6 @@ from services.runtime.guard import GuardPolicy
 from services.runtime.rpc_handlers import InFlight, RpcHandlers
 
 SERVICE = "ragfleet.v1.TestService"
-
-
-@pytest.fixture
-def exporter() -> InMemorySpanExporter:
-    provider = trace.get_tracer_provider()
-    if not isinstance(provider, TracerProvider):
-        trace.set_tracer_provider(TracerProvider())
-        provider = trace.get_tracer_provider()
-    exporter = InMemorySpanExporter()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))  # type: ignore[attr-defined]
-    return exporter
 
 
 @pytest.fixture
@@ -64,10 +50,10 @@ async def channel() -> AsyncIterator[grpc.aio.Channel]:
         await server.stop(None)
 
 
-async def test_a_call_is_a_client_span_parenting_the_server_span(channel, exporter) -> None:
+async def test_a_call_is_a_client_span_parenting_the_server_span(channel, span_exporter) -> None:
     assert await channel.unary_unary(f"/{SERVICE}/Echo")(b"hi", timeout=5) == b"hi"
     assert channel.seen == ["Bearer t"]  # the token rides with the trace context
-    spans = {s.kind: s for s in exporter.get_finished_spans() if s.name == f"/{SERVICE}/Echo"}
+    spans = {s.kind: s for s in span_exporter.get_finished_spans() if s.name == f"/{SERVICE}/Echo"}
     client, server = spans[trace.SpanKind.CLIENT], spans[trace.SpanKind.SERVER]
     assert server.parent is not None and server.parent.span_id == client.context.span_id
     assert server.context.trace_id == client.context.trace_id
@@ -90,7 +76,7 @@ class _MeshAuth:
         return "gateway"
 
 
-async def test_a_mesh_only_method_names_its_caller_without_its_address_or_user_agent(exporter) -> None:
+async def test_a_mesh_only_method_names_its_caller_without_its_address_or_user_agent(span_exporter) -> None:
     async def echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         return request
 
@@ -104,17 +90,17 @@ async def test_a_mesh_only_method_names_its_caller_without_its_address_or_user_a
             assert await plain.unary_unary(f"/{SERVICE}/Echo")(b"hi", timeout=5) == b"hi"
     finally:
         await server.stop(None)
-    (span,) = [s for s in exporter.get_finished_spans() if s.kind == trace.SpanKind.SERVER]
+    (span,) = [s for s in span_exporter.get_finished_spans() if s.kind == trace.SpanKind.SERVER]
     assert span.attributes["ragfleet.caller"] == "gateway"
     # The caller's replica is its own span's resource (host.name), this span's parent: no peer address here.
     assert "net.peer.ip" not in span.attributes and "rpc.user_agent" not in span.attributes
 
 
-async def test_a_failed_call_carries_its_status_on_both_spans(channel, exporter) -> None:
+async def test_a_failed_call_carries_its_status_on_both_spans(channel, span_exporter) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as failed:
         await channel.unary_unary(f"/{SERVICE}/Missing")(b"", timeout=5)
     assert failed.value.code() == grpc.StatusCode.NOT_FOUND
-    spans = {s.kind: s for s in exporter.get_finished_spans() if s.name == f"/{SERVICE}/Missing"}
+    spans = {s.kind: s for s in span_exporter.get_finished_spans() if s.name == f"/{SERVICE}/Missing"}
     client, server = spans[trace.SpanKind.CLIENT], spans[trace.SpanKind.SERVER]
     assert client.attributes["rpc.grpc.status_code"] == server.attributes["rpc.grpc.status_code"] == 5
     assert client.status.status_code == trace.StatusCode.ERROR
@@ -122,28 +108,28 @@ async def test_a_failed_call_carries_its_status_on_both_spans(channel, exporter)
     assert server.status.status_code == trace.StatusCode.UNSET
 
 
-async def test_a_stream_span_ends_with_the_stream(channel, exporter) -> None:
+async def test_a_stream_span_ends_with_the_stream(channel, span_exporter) -> None:
     assert [m async for m in channel.unary_stream(f"/{SERVICE}/Count")(b"", timeout=5)] == [b"\0", b"\1", b"\2"]
-    spans = {s.kind: s for s in exporter.get_finished_spans() if s.name == f"/{SERVICE}/Count"}
+    spans = {s.kind: s for s in span_exporter.get_finished_spans() if s.name == f"/{SERVICE}/Count"}
     client, server = spans[trace.SpanKind.CLIENT], spans[trace.SpanKind.SERVER]
     assert server.parent.span_id == client.context.span_id
     assert client.end_time >= server.end_time
 
 
-async def test_a_stream_read_to_eof_ends_its_span_ok_and_a_cancelled_one_is_no_fault(channel, exporter) -> None:
+async def test_a_stream_read_to_eof_ends_its_span_ok_and_a_cancelled_one_is_no_fault(channel, span_exporter) -> None:
     call = channel.unary_stream(f"/{SERVICE}/Count")(b"", timeout=5)
     assert [await call.read() for _ in range(3)] == [b"\0", b"\1", b"\2"]
-    assert not [s for s in exporter.get_finished_spans() if s.kind == trace.SpanKind.CLIENT]  # not over yet
+    assert not [s for s in span_exporter.get_finished_spans() if s.kind == trace.SpanKind.CLIENT]  # not over yet
     assert await call.read() is grpc.aio.EOF
-    ended = [s for s in exporter.get_finished_spans() if s.kind == trace.SpanKind.CLIENT]
+    ended = [s for s in span_exporter.get_finished_spans() if s.kind == trace.SpanKind.CLIENT]
     assert [s.attributes["rpc.grpc.status_code"] for s in ended] == [0]
-    exporter.clear()
+    span_exporter.clear()
 
     call = channel.unary_stream(f"/{SERVICE}/Count")(b"", timeout=5)
     assert await call.read() == b"\0"
     assert call.cancel()
     assert call.cancelled() or await call.code() == grpc.StatusCode.CANCELLED  # the rest is the real call's
-    client = [s for s in exporter.get_finished_spans() if s.kind == trace.SpanKind.CLIENT]
+    client = [s for s in span_exporter.get_finished_spans() if s.kind == trace.SpanKind.CLIENT]
     assert [s.attributes["rpc.grpc.status_code"] for s in client] == [grpc.StatusCode.CANCELLED.value[0]]
     assert client[0].status.status_code == trace.StatusCode.UNSET  # the caller gave up: not the server's fault
 
@@ -180,7 +166,7 @@ async def test_generated_stubs_register_wrapped_handlers_and_a_stale_stub_is_ref
         RpcHandlers(InFlight(), GuardPolicy()).register(registers_nothing, object(), grpc.aio.server())
 
 
-async def test_without_client_spans_the_server_span_hangs_under_the_callers_span(channel, exporter) -> None:
+async def test_without_client_spans_the_server_span_hangs_under_the_callers_span(channel, span_exporter) -> None:
     """RAGFLEET_TRACE_CLIENT_SPANS off (the default): the call carries the caller's own span as traceparent, so the
     trace stays one piece with one span fewer per hop."""
     lean = telemetry.traced_channel(grpc.aio.insecure_channel(f"127.0.0.1:{channel.port}"),
@@ -189,7 +175,7 @@ async def test_without_client_spans_the_server_span_hangs_under_the_callers_span
         with trace.get_tracer("test").start_as_current_span("caller") as caller:
             assert await lean.unary_unary(f"/{SERVICE}/Echo")(b"hi", timeout=5) == b"hi"
             assert [m async for m in lean.unary_stream(f"/{SERVICE}/Count")(b"", timeout=5)] == [b"\0", b"\1", b"\2"]
-        spans = [s for s in exporter.get_finished_spans() if s.name.startswith(f"/{SERVICE}/")]
+        spans = [s for s in span_exporter.get_finished_spans() if s.name.startswith(f"/{SERVICE}/")]
         assert sorted((s.name, s.kind) for s in spans) == [(f"/{SERVICE}/Count", trace.SpanKind.SERVER),
                                                             (f"/{SERVICE}/Echo", trace.SpanKind.SERVER)]
         for span in spans:
