@@ -54,13 +54,13 @@ def setup_tracing(component: str, *, client_spans: bool = False) -> TracerProvid
     endpoint = otlp_endpoint()
     provider = TracerProvider(resource=resource, sampler=default_sampler(endpoint))
     if endpoint:
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        from services.runtime.span_exporter import WireSpanExporter
 
         insecure = endpoint.startswith("http://") or os.environ.get("OTEL_EXPORTER_OTLP_INSECURE", "").lower() == "true"
         # The SDK's own batching settings (OTEL_BSP_SCHEDULE_DELAY, default 5 s; OTEL_BSP_MAX_EXPORT_BATCH_SIZE...):
         # each export is a gRPC call with a fixed cost, and exporting every 500 ms cost more CPU per Ask than the
         # spans themselves once the mesh was lean (bench/tracing_cost.py).
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint, insecure=insecure)))
+        provider.add_span_processor(BatchSpanProcessor(WireSpanExporter(endpoint=endpoint, insecure=insecure)))
     trace.set_tracer_provider(provider)
     _provider = provider
     return provider
