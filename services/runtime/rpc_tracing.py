@@ -12,7 +12,7 @@ server, for callers from outside the mesh, net.peer.ip and rpc.user_agent. Not t
 net.peer.name (it only said "localhost" for loopback), and for a method only the mesh's own services may call neither
 the peer's address nor its user agent: the guard names the calling service (ragfleet.caller), the caller's span is
 this span's parent, and its process's resource names the replica (host.name, services.runtime.telemetry). Each
-attribute costs every span a few microseconds to record and to export. The server spans are recorded as
+attribute costs every span a few microseconds to record and to export. Both kinds are recorded as
 services.runtime.lean_span's LeanSpans: the SDK's own span cost ~180 Python calls each.
 
     channel = TracedChannel(grpc.aio.insecure_channel(target), traced=lambda method: True,
@@ -117,7 +117,7 @@ class _ClientSpans:
         self._traced = traced
         self._extra = extra_metadata
         self._client_spans = client_spans
-        self._tracer: trace.Tracer | None = None
+        self._tracer = LeanTracer(_SCOPE)
 
     def method(self, method: str) -> tuple[str, Mapping[str, Any]] | None:
         """What a method's spans carry, decided once per multicallable (None: not traced)."""
@@ -133,9 +133,7 @@ class _ClientSpans:
         if known is not None:
             context = None  # the current one
             if self._client_spans:
-                if self._tracer is None:
-                    self._tracer = trace.get_tracer(_SCOPE)  # on first call: after setup_tracing installed it
-                span = self._tracer.start_span(known[0], kind=SpanKind.CLIENT, attributes=known[1])
+                span = self._tracer.start_span(known[0], None, SpanKind.CLIENT, known[1])
                 context = trace.set_span_in_context(span)
             carrier: dict[str, str] = {}
             propagate.inject(carrier, context=context)
