@@ -10,7 +10,9 @@ It still goes through the SDK where the SDK decides something: the provider's sa
 based by default) and id generator, its resource, and its span processors (``on_start``, then ``on_end`` with the
 span: the BatchSpanProcessor and its exporter, or a test's in-memory exporter, see an ordinary span). Span limits
 are SpanLimits() from the environment (OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT, OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT...).
-Without an SDK provider (OTEL_SDK_DISABLED, tests without one) the API's tracer is used as it is.
+Without an SDK provider (OTEL_SDK_DISABLED, tests without one) the API's tracer is used as it is. Not carried over:
+the SDK's self-metrics of spans started and ended (opt-in, OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED), its
+experimental ``_on_ending`` processor hook, and its per-span lock: a span here lives in one event loop's task.
 
     tracer = LeanTracer("services.runtime.rpc_tracing")
     span = tracer.start_span("/ragfleet.v1.EmbeddingService/Embed", context=parent, kind=SpanKind.SERVER,
