@@ -30,10 +30,38 @@ from services.runtime.workers import die_with_parent
 SERVICES = ("embedding", "retrieval", "generation", "gateway")
 
 
+def _ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range for the source ports of outgoing connections (Linux; the usual default elsewhere)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+_LOW_PORT = 10000
+_next_port = [0]  # this process's cursor through [_LOW_PORT, the ephemeral range's start)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    """A port nothing listens on, for a service to bind later. Taken below the ephemeral range: a port from bind(0)
+    lies inside it, where any outgoing connection on the machine may take it as its source port before the service
+    binds it ("Address already in use", a CI failure on 2026-12-06). Handed out in turn from a random start, so one
+    process never hands out the same port twice in a row; bind(0) only when the range below is too small."""
+    low = _LOW_PORT
+    high = _ephemeral_ports()[0]
+    if high - low < 1000:
+        with socket.socket() as sock:
+            sock.bind((host, 0))
+            return sock.getsockname()[1]
+    if not _next_port[0]:
+        _next_port[0] = low + int.from_bytes(os.urandom(2), "big") % (high - low)
+    for _ in range(high - low):
+        port = _next_port[0]
+        _next_port[0] = port + 1 if port + 1 < high else low
+        if not port_in_use(host, port):
+            return port
+    raise OSError(f"no free port on {host} in {low}-{high - 1}")
 
 
 def port_in_use(host: str, port: int) -> bool:

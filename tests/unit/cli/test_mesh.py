@@ -19,7 +19,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.cli import demo, up
-from services.cli.mesh import SERVICES, MeshError
+from services.cli import mesh
+from services.cli.mesh import SERVICES, MeshError, free_port
 from tests.unit.cli._up_output import Lines, banner_pids
 
 pytestmark = pytest.mark.slow
@@ -39,6 +40,20 @@ def _free(port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def test_free_ports_lie_below_the_ephemeral_range_and_skip_ports_in_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A port from bind(0) lies in the ephemeral range, where an outgoing connection can take it as its source port
+    # before the service binds it: CI once saw "Address already in use" that way.
+    low, _ = mesh._ephemeral_ports()
+    ports = [free_port() for _ in range(50)]
+    assert len(set(ports)) == 50 and all(mesh._LOW_PORT <= port < low for port in ports)
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", ports[-1] + 1 if ports[-1] + 1 < low else mesh._LOW_PORT))
+        held.listen(1)
+        assert held.getsockname()[1] not in {free_port() for _ in range(3)}
+    monkeypatch.setattr(mesh, "_ephemeral_ports", lambda: (mesh._LOW_PORT + 10, 60999))  # no room below: bind(0)
+    assert free_port() >= mesh._LOW_PORT + 10
 
 
 def test_a_taken_port_fails_before_anything_starts(tmp_path: Path) -> None:
