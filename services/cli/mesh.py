@@ -30,6 +30,10 @@ from services.runtime.workers import die_with_parent
 SERVICES = ("embedding", "retrieval", "generation", "gateway")
 
 
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
 def _ephemeral_ports() -> tuple[int, int]:
     """The kernel's range for the source ports of outgoing connections (Linux; the usual default elsewhere)."""
     try:
@@ -51,7 +55,7 @@ def free_port(host: str = "127.0.0.1") -> int:
     low = _LOW_PORT
     high = _ephemeral_ports()[0]
     if high - low < 1000:
-        with socket.socket() as sock:
+        with socket.socket(_family(host)) as sock:
             sock.bind((host, 0))
             return sock.getsockname()[1]
     if not _next_port[0]:
@@ -67,7 +71,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 def port_in_use(host: str, port: int) -> bool:
     """Whether a gRPC server could not listen on host:port. Binds as the server does (SO_REUSEADDR, no SO_REUSEPORT):
     a listening socket there still counts, the TIME_WAIT leftovers of connections it closed (~60 s) do not."""
-    with socket.socket() as sock:
+    with socket.socket(_family(host)) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))

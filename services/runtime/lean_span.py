@@ -8,8 +8,8 @@ BoundedList per span for events and links, and a second ReadableSpan copied from
 A ``LeanSpan`` is the ReadableSpan itself (as the SDK's span is), with a plain dict of attributes checked by type.
 It still goes through the SDK where the SDK decides something: the provider's sampler (OTEL_TRACES_SAMPLER, parent
 based by default) and id generator, its resource, and its span processors (``on_start``, then ``on_end`` with the
-span: the BatchSpanProcessor and its exporter, or a test's in-memory exporter, see an ordinary span). Span limits
-are SpanLimits() from the environment (OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT, OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT...).
+span: the BatchSpanProcessor and its exporter, or a test's in-memory exporter, see an ordinary span), and its span
+limits (OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT, OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT..., or the provider's span_limits).
 Without an SDK provider (OTEL_SDK_DISABLED, tests without one) the API's tracer is used as it is. Not carried over:
 the SDK's self-metrics of spans started and ended (opt-in, OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED), its
 experimental ``_on_ending`` processor hook, and its per-span lock: a span here lives in one event loop's task.
@@ -25,6 +25,7 @@ import logging
 import traceback
 from collections.abc import Mapping, Sequence
 from time import time_ns
+from types import TracebackType
 from typing import Any
 
 from opentelemetry import trace
@@ -32,8 +33,9 @@ from opentelemetry.attributes import BoundedAttributes, _clean_attribute_value  
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import Event, ReadableSpan, SpanLimits
 from opentelemetry.sdk.trace import Tracer as SdkTracer
+from opentelemetry.sdk.util import BoundedList
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 _log = logging.getLogger(__name__)
 _SCALARS = (str, bool, int, float)
@@ -45,20 +47,17 @@ class LeanSpan(trace.Span, ReadableSpan):
     def __init__(self, name: str, context: SpanContext, parent: SpanContext | None, kind: SpanKind,
                  recorder: "_Recorder") -> None:
         ReadableSpan.__init__(self, name=name, context=context, parent=parent, resource=recorder.resource,
-                              attributes={}, events=[], kind=kind, start_time=time_ns(),
+                              attributes={}, events=(), links=(), kind=kind, start_time=time_ns(),
                               instrumentation_scope=recorder.scope)
         self._recorder = recorder
         self._dropped_attributes = 0
-        self._dropped_events = 0
+        # Events and links are rare on these spans: their BoundedLists (which count what the limits drop, for the
+        # exporters' dropped_events and dropped_links) are made on the first one.
 
     # -- ReadableSpan: what exporters read -------------------------------------------------------------------
     @property
     def dropped_attributes(self) -> int:
         return self._dropped_attributes
-
-    @property
-    def dropped_events(self) -> int:
-        return self._dropped_events
 
     # -- the API's Span --------------------------------------------------------------------------------------
     def get_span_context(self) -> SpanContext:
@@ -71,11 +70,14 @@ class LeanSpan(trace.Span, ReadableSpan):
         if self._end_time is not None:
             _log.warning("Setting attribute on ended span.")
             return
+        limits = self._recorder.limits
+        if limits.max_span_attributes == 0:  # as the SDK's BoundedAttributes: counted, not kept
+            self._dropped_attributes += 1
+            return
         if not key or not isinstance(key, str):
             _log.warning("invalid key `%s`. must be non-empty string. Dropping key from attributes.", key)
             self._dropped_attributes += 1
             return
-        limits = self._recorder.limits
         if type(value) not in _SCALARS or limits.max_span_attribute_length is not None:
             value = _clean_attribute_value(value, limits.max_span_attribute_length)  # as the SDK's span does
         attributes: dict[str, Any] = self._attributes  # type: ignore[assignment]
@@ -93,27 +95,39 @@ class LeanSpan(trace.Span, ReadableSpan):
     def add_event(self, name: str, attributes: Mapping[str, Any] | None = None,
                   timestamp: int | None = None) -> None:
         if self._end_time is not None:
-            _log.warning("Calling add_event on an ended span.")
+            _log.warning("Tried calling add_event on an ended span.")
             return
         limits = self._recorder.limits
-        events: list[Event] = self._events  # type: ignore[assignment]
-        if limits.max_events is not None and len(events) >= limits.max_events:
-            events.pop(0)
-            self._dropped_events += 1
-        cleaned = BoundedAttributes(limits.max_event_attributes, attributes, immutable=True,
-                                    max_value_len=limits.max_attribute_length)
-        events.append(Event(name, cleaned, timestamp))
+        if type(self._events) is tuple:
+            self._events = BoundedList(limits.max_events)
+        self._events.append(Event(name, BoundedAttributes(  # type: ignore[attr-defined]
+            limits.max_event_attributes, attributes, immutable=True, max_value_len=limits.max_attribute_length),
+            timestamp))
 
     def add_link(self, context: SpanContext, attributes: Mapping[str, Any] | None = None) -> None:
-        _log.warning("LeanSpan takes no links after it starts; %s not linked", context)
+        if not (context and (context.is_valid or attributes or context.trace_state)):
+            return  # as the SDK: a link to nothing is no link
+        if self._end_time is not None:
+            _log.warning("Tried calling add_link on an ended span.")
+            return
+        limits = self._recorder.limits
+        if type(self._links) is tuple:
+            self._links = BoundedList(limits.max_links)
+        self._links.append(Link(context, BoundedAttributes(  # type: ignore[attr-defined]
+            limits.max_link_attributes, attributes, immutable=True, max_value_len=limits.max_attribute_length)))
 
     def update_name(self, name: str) -> None:
-        if self._end_time is None:
-            self._name = name
+        if self._end_time is not None:
+            _log.warning("Tried calling update_name on an ended span.")
+            return
+        self._name = name
 
     def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
         """As the SDK's: UNSET is ignored, and so is anything after OK."""
-        if self._end_time is not None or self._status.status_code is StatusCode.OK:
+        if self._end_time is not None:
+            _log.warning("Tried calling set_status on an ended span.")
+            return
+        if self._status.status_code is StatusCode.OK:
             return
         if isinstance(status, StatusCode):
             status = Status(status, description)
@@ -129,6 +143,14 @@ class LeanSpan(trace.Span, ReadableSpan):
                  "exception.stacktrace": "".join(traceback.format_exception(exception)),
                  "exception.escaped": str(escaped)}
         self.add_event("exception", {**event, **(attributes or {})}, timestamp)
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc_val: BaseException | None,
+                 exc_tb: TracebackType | None) -> None:
+        """As the SDK's span used as a context manager: an exception leaving the block is recorded, and is an ERROR."""
+        if exc_val is not None and self.is_recording():
+            self.record_exception(exc_val, escaped=True)
+            self.set_status(Status(StatusCode.ERROR, f"{type(exc_val).__name__}: {exc_val}"))
+        super().__exit__(exc_type, exc_val, exc_tb)
 
     def end(self, end_time: int | None = None) -> None:
         if self._end_time is not None:
@@ -147,7 +169,7 @@ class _Recorder:
         self.resource = tracer.resource
         self.processor = tracer.span_processor
         self.scope = InstrumentationScope(scope)
-        self.limits = SpanLimits()
+        self.limits: SpanLimits = getattr(tracer, "_span_limits", None) or SpanLimits()  # the provider's limits
 
 
 class LeanTracer:

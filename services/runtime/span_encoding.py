@@ -24,6 +24,7 @@ _PACK_FIXED64 = struct.Struct("<Q").pack
 _PACK_FIXED32 = struct.Struct("<I").pack
 _ONE_BYTE = [bytes((n,)) for n in range(128)]
 _CACHE_LIMIT = 4096  # distinct (key, value) pairs and names kept encoded; cleared when full
+_CACHED_STRING_LIMIT = 256  # longer string values (a stack trace, a user agent) are one-offs: not kept
 
 # SpanFlags (opentelemetry/proto/trace/v1/trace.proto): the parent's is_remote is known, and whether it is remote.
 _FLAGS_HAS_IS_REMOTE = 0x100
@@ -105,7 +106,7 @@ class _Encoder:
                     prefix = self._keys[key] = _string(b"\x0a", key) + b"\x12\x09\x21"
                 out.append(tag + _varint(len(prefix) + 8) + prefix + _PACK_DOUBLE(value))
                 continue
-            cacheable = kind is str or kind is int or kind is bool
+            cacheable = kind is int or kind is bool or (kind is str and len(value) <= _CACHED_STRING_LIMIT)
             if cacheable:
                 found = cache.get((tag, key, kind, value))
                 if found is not None:

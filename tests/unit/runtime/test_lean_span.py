@@ -13,17 +13,20 @@ from hypothesis import strategies as st
 from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import SpanLimits, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
-from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace import INVALID_SPAN_CONTEXT, NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode
+from opentelemetry.trace import TraceFlags
 
 from services.runtime.lean_span import LeanSpan, LeanTracer
 
 SCOPE = "services.runtime.rpc_tracing"
 NAME = "/ragfleet.v1.EmbeddingService/Embed"
 _PARENT = SpanContext(0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331, is_remote=True,
+                      trace_flags=TraceFlags(TraceFlags.SAMPLED))
+_LINKED = SpanContext(0x1AF7651916CD43DD8448EB211C80319C, 0xC7AD6B7169203331, is_remote=True,
                       trace_flags=TraceFlags(TraceFlags.SAMPLED))
 
 
@@ -47,10 +50,13 @@ _ops = st.lists(st.one_of(
     st.tuples(st.just("event"), st.text(max_size=8), st.dictionaries(_keys, _values, max_size=3)),
     st.tuples(st.just("status"), st.sampled_from(list(StatusCode)), st.none() | st.text(max_size=8)),
     st.tuples(st.just("name"), st.text(max_size=8)),
+    st.tuples(st.just("link"), st.sampled_from([_LINKED, INVALID_SPAN_CONTEXT]), st.dictionaries(_keys, _values,
+                                                                                              max_size=2)),
     st.tuples(st.just("exception"))), max_size=12)
 
 
-def _apply(span: trace.Span, ops: list[tuple]) -> None:
+def _apply(span: trace.Span, ops: list[tuple], raise_in_block: bool) -> None:
+    """`ops` on the span, which then ends: by end(), or by an exception leaving a `with span:` block."""
     error = _Boom("the downstream said no")
     for op in ops:
         if op[0] == "attribute":
@@ -63,9 +69,18 @@ def _apply(span: trace.Span, ops: list[tuple]) -> None:
             span.set_status(Status(op[1], op[2]))
         elif op[0] == "name":
             span.update_name(op[1])
+        elif op[0] == "link":
+            span.add_link(op[1], op[2])
         else:
             span.record_exception(error, timestamp=2)
-    span.end()
+    if raise_in_block:
+        try:
+            with span:
+                raise _Boom("left the block")
+        except _Boom:
+            pass
+    else:
+        span.end()
     span.set_attribute("after.end", 1)  # ignored by both
 
 
@@ -77,26 +92,38 @@ def _comparable(exporter: InMemorySpanExporter) -> Any:
             for span in scope_spans.spans:
                 for field in ("span_id", "start_time_unix_nano", "end_time_unix_nano"):
                     span.ClearField(field)
+                for event in span.events:
+                    if event.name == "exception" and event.time_unix_nano != 2:  # recorded at the block's exit
+                        event.ClearField("time_unix_nano")
     return request
 
 
-@pytest.mark.parametrize("limits", [{}, {"OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT": "3", "OTEL_SPAN_EVENT_COUNT_LIMIT": "2",
-                                         "OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT": "5"}])
+@pytest.mark.parametrize("limits", [
+    {},
+    {"OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT": "3", "OTEL_SPAN_EVENT_COUNT_LIMIT": "2", "OTEL_SPAN_LINK_COUNT_LIMIT": "1",
+     "OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT": "5"},
+    {"OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT": "0", "OTEL_SPAN_EVENT_COUNT_LIMIT": "0", "OTEL_SPAN_LINK_COUNT_LIMIT": "0"},
+    "the provider's span_limits"], ids=["defaults", "small limits", "zero limits", "provider limits"])
 @settings(max_examples=60, deadline=None)
-@given(ops=_ops, initial=st.dictionaries(st.sampled_from(["rpc.system", "rpc.method"]), st.text(max_size=6)))
-def test_a_lean_span_exports_what_the_sdk_span_does(limits: dict[str, str], ops: list[tuple],
-                                                    initial: dict[str, str]) -> None:
+@given(ops=_ops, initial=st.dictionaries(st.sampled_from(["rpc.system", "rpc.method"]), st.text(max_size=6)),
+       raise_in_block=st.booleans())
+def test_a_lean_span_exports_what_the_sdk_span_does(limits: dict[str, str] | str, ops: list[tuple],
+                                                    initial: dict[str, str], raise_in_block: bool) -> None:
     with pytest.MonkeyPatch.context() as patch:
-        for key, value in limits.items():
-            patch.setenv(key, value)
-        sdk_provider, sdk_spans = _provider()
-        lean_provider, lean_spans = _provider()
+        options: dict[str, Any] = {}
+        if isinstance(limits, str):
+            options["span_limits"] = SpanLimits(max_span_attributes=1, max_attribute_length=3, max_events=1)
+        else:
+            for key, value in limits.items():
+                patch.setenv(key, value)
+        sdk_provider, sdk_spans = _provider(**options)
+        lean_provider, lean_spans = _provider(**options)
         parent = trace.set_span_in_context(NonRecordingSpan(_PARENT))
         _apply(sdk_provider.get_tracer(SCOPE).start_span(NAME, context=parent, kind=SpanKind.SERVER,
-                                                          attributes=initial), ops)
+                                                          attributes=initial), ops, raise_in_block)
         lean = LeanTracer(SCOPE, lean_provider).start_span(NAME, parent, SpanKind.SERVER, initial)
         assert isinstance(lean, LeanSpan)
-        _apply(lean, ops)
+        _apply(lean, ops, raise_in_block)
     assert _comparable(lean_spans) == _comparable(sdk_spans)
 
 

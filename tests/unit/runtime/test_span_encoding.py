@@ -162,3 +162,16 @@ def test_the_exporter_reports_failure_when_no_collector_answers() -> None:
         assert exporter.export(spans) is SpanExportResult.FAILURE
     finally:
         exporter.shutdown()
+
+
+def test_long_string_values_are_written_each_time_not_kept() -> None:
+    from services.runtime import span_encoding
+
+    trace_text = "Traceback (most recent call last):\n" + "  File x, line 1\n" * 40
+    spec = {"name": "s", "kind": SpanKind.SERVER, "events": [], "links": [], "parent": None, "trace_state": None,
+            "status": None, "resource": 0, "scope": ("a", None, None),
+            "attributes": {"error.stack": trace_text, "rpc.system": "grpc"}, "later": {}}
+    spans = _record([spec])
+    assert Request.FromString(encode_request(spans)) == encode_spans(spans)
+    kept = {key[1:3] for key in span_encoding._ENCODER._attributes}
+    assert ("rpc.system", str) in kept and ("error.stack", str) not in kept
