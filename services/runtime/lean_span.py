@@ -94,40 +94,43 @@ class LeanSpan(trace.Span, ReadableSpan):
 
     def add_event(self, name: str, attributes: Mapping[str, Any] | None = None,
                   timestamp: int | None = None) -> None:
-        if self._end_time is not None:
-            _log.warning("Tried calling add_event on an ended span.")
+        if self._ended("add_event"):
             return
         limits = self._recorder.limits
         if type(self._events) is tuple:
             self._events = BoundedList(limits.max_events)
-        self._events.append(Event(name, BoundedAttributes(  # type: ignore[attr-defined]
-            limits.max_event_attributes, attributes, immutable=True, max_value_len=limits.max_attribute_length),
-            timestamp))
+        event = Event(name, self._frozen(attributes, limits.max_event_attributes), timestamp)
+        self._events.append(event)  # type: ignore[attr-defined]
 
     def add_link(self, context: SpanContext, attributes: Mapping[str, Any] | None = None) -> None:
         if not (context and (context.is_valid or attributes or context.trace_state)):
             return  # as the SDK: a link to nothing is no link
-        if self._end_time is not None:
-            _log.warning("Tried calling add_link on an ended span.")
+        if self._ended("add_link"):
             return
         limits = self._recorder.limits
         if type(self._links) is tuple:
             self._links = BoundedList(limits.max_links)
-        self._links.append(Link(context, BoundedAttributes(  # type: ignore[attr-defined]
-            limits.max_link_attributes, attributes, immutable=True, max_value_len=limits.max_attribute_length)))
+        link = Link(context, self._frozen(attributes, limits.max_link_attributes))
+        self._links.append(link)  # type: ignore[attr-defined]
+
+    def _frozen(self, attributes: Mapping[str, Any] | None, most: int | None) -> BoundedAttributes:
+        """An event's or a link's attributes, cleaned and limited as the SDK's span does."""
+        return BoundedAttributes(most, attributes, immutable=True,
+                                 max_value_len=self._recorder.limits.max_attribute_length)
+
+    def _ended(self, call: str) -> bool:
+        if self._end_time is None:
+            return False
+        _log.warning("Tried calling %s on an ended span.", call)
+        return True
 
     def update_name(self, name: str) -> None:
-        if self._end_time is not None:
-            _log.warning("Tried calling update_name on an ended span.")
-            return
-        self._name = name
+        if not self._ended("update_name"):
+            self._name = name
 
     def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
         """As the SDK's: UNSET is ignored, and so is anything after OK."""
-        if self._end_time is not None:
-            _log.warning("Tried calling set_status on an ended span.")
-            return
-        if self._status.status_code is StatusCode.OK:
+        if self._ended("set_status") or self._status.status_code is StatusCode.OK:
             return
         if isinstance(status, StatusCode):
             status = Status(status, description)
