@@ -250,8 +250,8 @@ TRACE_CLIENT_SPANS = declare("RAGFLEET_TRACE_CLIENT_SPANS", bool, False,
                              "also record a CLIENT span for every call between the services and for generation's "
                              "call to the LLM (`chat <model>`); off, each hop's "
                              "SERVER span hangs straight under its caller's span (still one trace per Ask) and "
-                             "the gateway's `ragfleet.stage.*_ms` time the hops from its side: in the mesh a span costs "
-                             "~0.1-0.15 ms of CPU to record and export (bench/tracing_cost.py)")
+                             "the gateway's `ragfleet.stage.*_ms` time the hops from its side: in the mesh a span "
+                             "costs ~0.1-0.15 ms of CPU to record and export (bench/tracing_cost.py)")
 OTEL_BSP_SCHEDULE_DELAY = declare("OTEL_BSP_SCHEDULE_DELAY", int, 5000,
                                   "ms between span exports (the SDK's batch span processor; each export is one "
                                   "gRPC call, so shorter costs more CPU)")

@@ -1,4 +1,4 @@
-"""The RPC server spans, recorded with a fraction of the SDK span's work, ending as the SDK's own ReadableSpan.
+"""The RPC spans, recorded with a fraction of the SDK span's work, ending as the SDK's own ReadableSpan.
 
 Every Ask opens one server span in each of the four services, and at 100 % sampling the SDK's span was most of what
 tracing cost the mesh: ~180 Python calls to start, annotate and end one server span here (cProfile call counts, off
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from time import time_ns
 from types import TracebackType
 from typing import Any
@@ -67,8 +67,7 @@ class LeanSpan(trace.Span, ReadableSpan):
         return self._end_time is None
 
     def set_attribute(self, key: str, value: Any) -> None:
-        if self._end_time is not None:
-            _log.warning("Setting attribute on ended span.")
+        if self._ended("set_attribute"):
             return
         limits = self._recorder.limits
         if limits.max_span_attributes == 0:  # as the SDK's BoundedAttributes: counted, not kept
@@ -156,8 +155,7 @@ class LeanSpan(trace.Span, ReadableSpan):
         super().__exit__(exc_type, exc_val, exc_tb)
 
     def end(self, end_time: int | None = None) -> None:
-        if self._end_time is not None:
-            _log.warning("Calling end() on an ended span.")
+        if self._ended("end"):
             return
         self._end_time = end_time if end_time is not None else time_ns()
         self._recorder.processor.on_end(self)
@@ -226,4 +224,4 @@ class LeanTracer:
         return span
 
 
-__all__: Sequence[str] = ("LeanSpan", "LeanTracer")
+__all__ = ("LeanSpan", "LeanTracer")

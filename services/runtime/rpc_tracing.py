@@ -36,6 +36,7 @@ from services.runtime.lean_span import LeanTracer
 Pairs = Sequence[tuple[str, str]]
 
 _SCOPE = "services.runtime.rpc_tracing"
+_TRACER = LeanTracer(_SCOPE)  # every RPC span of the process, server and client
 # Server spans: the codes that mean the server failed (semantic conventions); a client's mistake leaves it UNSET.
 _SERVER_ERRORS = frozenset({grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED,
                             grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE,
@@ -72,7 +73,6 @@ class ServerSpan:
         self.name = method
         self._attributes = _rpc_attributes(method)
         self._external = external
-        self._tracer = LeanTracer(_SCOPE)
 
     def begin(self, context: grpc.aio.ServicerContext) -> tuple[trace.Span, object]:
         carrier = dict(context.invocation_metadata() or ())
@@ -83,7 +83,7 @@ class ServerSpan:
             agent = carrier.get("user-agent")
             if agent is not None:
                 attributes["rpc.user_agent"] = agent
-        span = self._tracer.start_span(self.name, parent, SpanKind.SERVER, attributes)
+        span = _TRACER.start_span(self.name, parent, SpanKind.SERVER, attributes)
         return span, otel_context.attach(trace.set_span_in_context(span, parent))
 
     def _peer(self, peer: str) -> dict[str, str]:
@@ -117,7 +117,6 @@ class _ClientSpans:
         self._traced = traced
         self._extra = extra_metadata
         self._client_spans = client_spans
-        self._tracer = LeanTracer(_SCOPE)
 
     def method(self, method: str) -> tuple[str, Mapping[str, Any]] | None:
         """What a method's spans carry, decided once per multicallable (None: not traced)."""
@@ -133,7 +132,7 @@ class _ClientSpans:
         if known is not None:
             context = None  # the current one
             if self._client_spans:
-                span = self._tracer.start_span(known[0], None, SpanKind.CLIENT, known[1])
+                span = _TRACER.start_span(known[0], None, SpanKind.CLIENT, known[1])
                 context = trace.set_span_in_context(span)
             carrier: dict[str, str] = {}
             propagate.inject(carrier, context=context)

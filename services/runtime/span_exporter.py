@@ -1,9 +1,9 @@
 """The OTLP/gRPC span exporter, sending requests encoded by services.runtime.span_encoding.
 
-It is the SDK's OTLPSpanExporter (its endpoint, headers, TLS, compression and timeout settings from OTEL_EXPORTER_OTLP_*,
-its retries with backoff, its reconnection on UNAVAILABLE) with one difference: the request goes out as the bytes
-span_encoding wrote, through a stub whose serializer passes them as they are, instead of as protobuf objects built
-and serialised per span.
+It is the SDK's OTLPSpanExporter (its endpoint, headers, TLS, compression and timeout settings from
+OTEL_EXPORTER_OTLP_*, its retries with backoff, its reconnection on UNAVAILABLE) with one difference: the request
+goes out as the bytes span_encoding wrote, through a stub whose serializer passes them as they are, instead of as
+protobuf objects built and serialised per span.
 """
 
 from __future__ import annotations

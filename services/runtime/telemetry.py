@@ -2,9 +2,9 @@
 
 Spans are exported over OTLP/gRPC only when OTEL_EXPORTER_OTLP_ENDPOINT (or ..._TRACES_ENDPOINT) is set. Without an
 exporter the trace context still runs (trace ids appear in logs, in AskFinished.trace_id, and propagate downstream)
-but a trace that starts here is not sampled, so no service records spans nobody can see: recording them costs 3-5 %
-of the mesh's CPU per Ask (bench/tracing_cost.py, "sampled"). A sampled parent from outside is still followed, and OTEL_TRACES_SAMPLER, when set, is
-honoured as-is.
+but a trace that starts here is not sampled, so no service records spans nobody can see: recording them costs 1-5 %
+of the mesh's CPU per Ask (bench/tracing_cost.py, "sampled"). A sampled parent from outside is still followed, and
+OTEL_TRACES_SAMPLER, when set, is honoured as-is.
 Health checks and reflection are never traced: they would drown the real traffic.
 """
 
@@ -57,10 +57,10 @@ def setup_tracing(component: str, *, client_spans: bool = False) -> TracerProvid
         from services.runtime.span_exporter import WireSpanExporter
 
         insecure = endpoint.startswith("http://") or os.environ.get("OTEL_EXPORTER_OTLP_INSECURE", "").lower() == "true"
-        # The SDK's own batching settings (OTEL_BSP_SCHEDULE_DELAY, default 5 s; OTEL_BSP_MAX_EXPORT_BATCH_SIZE...);
-        # the request is written by services.runtime.span_encoding, ~4x cheaper than the SDK's encoder.
+        # The SDK's own batching settings (OTEL_BSP_SCHEDULE_DELAY, default 5 s; OTEL_BSP_MAX_EXPORT_BATCH_SIZE...):
         # each export is a gRPC call with a fixed cost, and exporting every 500 ms cost more CPU per Ask than the
-        # spans themselves once the mesh was lean (bench/tracing_cost.py).
+        # spans themselves once the mesh was lean (bench/tracing_cost.py). The request is written by
+        # services.runtime.span_encoding, ~4x cheaper than the SDK's encoder.
         provider.add_span_processor(BatchSpanProcessor(WireSpanExporter(endpoint=endpoint, insecure=insecure)))
     trace.set_tracer_provider(provider)
     _provider = provider
